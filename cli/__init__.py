@@ -1,0 +1,1 @@
+"""The ``sawquant`` command line (installed as ``sawquant.cli``): click + rich, nothing more."""

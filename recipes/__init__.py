@@ -1,0 +1,1 @@
+"""YAML calibration recipes shipped as package data (``sawquant.recipes``)."""

@@ -1,0 +1,284 @@
+"""The exported KV-cache config: what precision and rotation every layer's K and V use.
+
+Versioned and validated; JSON round-trip is exact (``KVConfig.from_json(c.to_json()) == c``).
+Every validation error is a one-line ``ConfigError`` naming the field and the fix.
+
+JSON shape (``sawquant_kv.json``)::
+
+    {"method": "sawquant", "format_version": 1, "layout": "sawquant-paged-v1",
+     "model": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "model_type": "llama"},
+     "values_folded": false,
+     "layers": [{"k": {"bits": 4, "rotation_block": 32, "sign_seed": null, "group_size": null,
+                       "fallback_heads": {"2": 8}},
+                 "v": {...}}, ...]}
+
+``fallback_heads`` maps a KV head index to 8 (INT8 per token) or 16 (BF16); the other heads use
+``bits``. ``values_folded`` says the V rotation was folded into v_proj/o_proj at export, so the
+runtime stores V as produced (no rotation at run time).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sawquant.errors import ConfigError
+from sawquant.format import FORMAT_VERSION, KVLayout
+from sawquant.quant.hadamard import SUPPORTED_BLOCKS
+
+__all__ = ["KVConfig", "LayerConfig", "ModelFacts", "SideConfig"]
+
+_BITS = (4, 8, 16)
+_FALLBACK_BITS = (8, 16)
+
+
+def _forbid_extra(obj: str, data: dict, allowed: set[str]) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{obj} must be a JSON object, got {type(data).__name__}")
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise ConfigError(
+            f"{obj}: unknown field(s) {extra}; remove them (allowed: {sorted(allowed)})"
+        )
+
+
+def _newer_version(version: int) -> str:
+    return (
+        f"format_version {version} is newer than this sawquant supports ({FORMAT_VERSION}); "
+        "upgrade sawquant (pip install -U sawquant)"
+    )
+
+
+def _int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    """How one side (K or V) of one layer is cached."""
+
+    bits: int = 4
+    rotation_block: int = 1  # 1 = no rotation
+    sign_seed: int | None = None  # random +-1 signs before the Hadamard when set
+    group_size: int | None = None  # None = head_dim: one scale/zero per token and head
+    fallback_heads: dict[int, int] = field(default_factory=dict)  # head -> 8 or 16
+
+    def head_bits(self, num_kv_heads: int) -> tuple[int, ...]:
+        """The precision of every KV head of this side."""
+        return tuple(self.fallback_heads.get(h, self.bits) for h in range(num_kv_heads))
+
+    def average_bits(self, num_kv_heads: int, head_dim: int) -> float:
+        """Bits per cached element, fp16 scale and zero included."""
+        g = self.group_size or head_dim
+        per_head = [b if b == 16 else b + 32 / g for b in self.head_bits(num_kv_heads)]
+        return sum(per_head) / num_kv_heads
+
+    def validate(self, where: str, num_kv_heads: int, head_dim: int) -> None:
+        if self.bits not in _BITS:
+            raise ConfigError(f"{where}.bits is {self.bits}; use one of {_BITS}")
+        if self.rotation_block not in SUPPORTED_BLOCKS:
+            raise ConfigError(
+                f"{where}.rotation_block is {self.rotation_block}; use one of {SUPPORTED_BLOCKS}"
+            )
+        if head_dim % self.rotation_block:
+            raise ConfigError(
+                f"{where}.rotation_block {self.rotation_block} does not divide head_dim "
+                f"{head_dim}; use a block that divides it"
+            )
+        if self.sign_seed is not None and (_int(f"{where}.sign_seed", self.sign_seed) < 0):
+            raise ConfigError(f"{where}.sign_seed must be >= 0 or null")
+        if self.group_size is not None:
+            g = _int(f"{where}.group_size", self.group_size)
+            if g <= 0 or head_dim % g or g % 2:
+                raise ConfigError(
+                    f"{where}.group_size {g} must be even and divide head_dim {head_dim}; "
+                    f"use null (whole head) or a divisor such as {head_dim // 2}"
+                )
+        for head, bits in self.fallback_heads.items():
+            _int(f"{where}.fallback_heads key", head)
+            if not 0 <= head < num_kv_heads:
+                raise ConfigError(
+                    f"{where}.fallback_heads has head {head}, out of range for {num_kv_heads} "
+                    f"KV heads; use 0..{num_kv_heads - 1}"
+                )
+            if bits not in _FALLBACK_BITS:
+                raise ConfigError(
+                    f"{where}.fallback_heads[{head}] is {bits} bits; use 8 (INT8) or 16 (BF16)"
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fallback_heads"] = {str(h): b for h, b in sorted(self.fallback_heads.items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "side") -> SideConfig:
+        _forbid_extra(where, data, {f for f in cls.__dataclass_fields__})
+        data = dict(data)
+        fb = data.get("fallback_heads") or {}
+        if not isinstance(fb, dict):
+            raise ConfigError(f'{where}.fallback_heads must be an object like {{"2": 8}}')
+        try:
+            data["fallback_heads"] = {int(h): b for h, b in fb.items()}
+        except ValueError as err:
+            raise ConfigError(f"{where}.fallback_heads keys must be head indices: {err}") from None
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    k: SideConfig = field(default_factory=SideConfig)
+    v: SideConfig = field(default_factory=SideConfig)
+
+    def to_dict(self) -> dict:
+        return {"k": self.k.to_dict(), "v": self.v.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "layer") -> LayerConfig:
+        _forbid_extra(where, data, {"k", "v"})
+        return cls(
+            k=SideConfig.from_dict(data.get("k", {}), f"{where}.k"),
+            v=SideConfig.from_dict(data.get("v", {}), f"{where}.v"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model shape a config was made for; loading refuses a config for another shape."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str = ""
+
+    def validate(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if _int(f"model.{name}", getattr(self, name)) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    model: ModelFacts
+    layers: tuple[LayerConfig, ...]
+    values_folded: bool = False
+    format_version: int = FORMAT_VERSION
+    layout: str = KVLayout.PAGED_V1.value
+    method: str = "sawquant"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        model: ModelFacts,
+        k: SideConfig | None = None,
+        v: SideConfig | None = None,
+        **kwargs: Any,
+    ) -> KVConfig:
+        """The same side configs on every layer (baselines: naive INT4, a fixed block)."""
+        layer = LayerConfig(k=k or SideConfig(), v=v or SideConfig())
+        return cls(model=model, layers=(layer,) * model.num_layers, **kwargs)
+
+    def with_layers(self, layers: list[LayerConfig] | tuple[LayerConfig, ...]) -> KVConfig:
+        return replace(self, layers=tuple(layers))
+
+    # -- checks -------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.method != "sawquant":
+            raise ConfigError(f"method is {self.method!r}; this file is not a sawquant KV config")
+        version = _int("format_version", self.format_version)
+        if version > FORMAT_VERSION:
+            raise ConfigError(_newer_version(version))
+        if version < 1:
+            raise ConfigError(f"format_version {version} is invalid; it starts at 1")
+        if self.layout not in {m.value for m in KVLayout}:
+            raise ConfigError(
+                f"layout {self.layout!r} is unknown; use one of {[m.value for m in KVLayout]}"
+            )
+        self.model.validate()
+        if len(self.layers) != self.model.num_layers:
+            raise ConfigError(
+                f"layers has {len(self.layers)} entries but model.num_layers is "
+                f"{self.model.num_layers}; give one entry per layer"
+            )
+        for i, layer in enumerate(self.layers):
+            for side in ("k", "v"):
+                getattr(layer, side).validate(
+                    f"layers[{i}].{side}", self.model.num_kv_heads, self.model.head_dim
+                )
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ConfigError if this config was made for a model of another shape."""
+        want = (self.model.num_layers, self.model.num_kv_heads, self.model.head_dim)
+        got = (num_layers, num_kv_heads, head_dim)
+        if want != got:
+            raise ConfigError(
+                "KV config was made for (layers, kv_heads, head_dim) = "
+                f"{want} but the model has {got}; calibrate this model (sawquant calibrate)"
+            )
+
+    def average_bits(self) -> float:
+        """Average bits per cached K/V element over all layers, scales and zeros included."""
+        m = self.model
+        per_side = [
+            getattr(layer, s).average_bits(m.num_kv_heads, m.head_dim)
+            for layer in self.layers
+            for s in ("k", "v")
+        ]
+        return sum(per_side) / len(per_side)
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "format_version": self.format_version,
+            "layout": self.layout,
+            "model": asdict(self.model),
+            "values_folded": self.values_folded,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVConfig:
+        allowed = {"method", "format_version", "layout", "model", "values_folded", "layers"}
+        _forbid_extra("config", data, allowed)
+        for key in ("model", "layers"):
+            if key not in data:
+                raise ConfigError(f"config is missing {key!r}; export it with sawquant calibrate")
+        version = _int("format_version", data.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            # Checked before the rest is parsed: a newer file may have fields we do not know.
+            raise ConfigError(_newer_version(version))
+        model = data["model"]
+        _forbid_extra("model", model, set(ModelFacts.__dataclass_fields__))
+        if not isinstance(data["layers"], list):
+            raise ConfigError("layers must be a list with one entry per layer")
+        layers = tuple(
+            LayerConfig.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(data["layers"])
+        )
+        try:
+            facts = ModelFacts(**model)
+        except TypeError as err:
+            raise ConfigError(f"model: {err}; give num_layers, num_kv_heads, head_dim") from None
+        rest = {
+            k: data[k] for k in ("method", "format_version", "layout", "values_folded") if k in data
+        }
+        return cls(model=facts, layers=layers, **rest)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> KVConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"KV config is not valid JSON ({err}); re-export it") from None
+        return cls.from_dict(data)
