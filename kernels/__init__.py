@@ -1,1 +1,4 @@
-"""Fused Triton kernels (installed as ``sawquant.kernels``); each has a pure-torch ``*_ref`` twin."""
+"""Fused Triton kernels (installed as ``sawquant.kernels``).
+
+Each kernel has a pure-torch ``*_ref`` twin with the same signature.
+"""
