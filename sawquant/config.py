@@ -247,15 +247,17 @@ class KVConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> KVConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("KV config must be a JSON object; re-export it")
+        version = _int("format_version", data.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            # Checked first: a newer file may carry fields this version does not know.
+            raise ConfigError(_newer_version(version))
         allowed = {"method", "format_version", "layout", "model", "values_folded", "layers"}
         _forbid_extra("config", data, allowed)
         for key in ("model", "layers"):
             if key not in data:
                 raise ConfigError(f"config is missing {key!r}; export it with sawquant calibrate")
-        version = _int("format_version", data.get("format_version", FORMAT_VERSION))
-        if version > FORMAT_VERSION:
-            # Checked before the rest is parsed: a newer file may have fields we do not know.
-            raise ConfigError(_newer_version(version))
         model = data["model"]
         _forbid_extra("model", model, set(ModelFacts.__dataclass_fields__))
         if not isinstance(data["layers"], list):
