@@ -1,0 +1,468 @@
+"""Fused write path: rotate (block Hadamard) -> quantize -> store into paged-cache slots.
+
+One launch per layer step writes the INT4 pools of K and V together (grid axis 1 = side). Heads
+that a calibration moved to an INT8 or 16-bit fallback pool are written by one extra launch per
+precision, issued only when such pools exist (the same kernel, other constexprs).
+
+Bit-exact with :func:`rotate_quantize_paged_ref` (codes, scales, zeros): the butterfly adds in
+the same stages and order as ``sawquant.quant.hadamard``, and the quantization does the float32
+operations of ``sawquant.quant.int4`` in the same order, with IEEE division (``div_rn``) and FMA
+contraction disabled (a fused ``a * b + c`` rounds once, the reference rounds twice).
+
+Register layout: each thread owns whole rows (one token of one head) as a ``[C, R, VEC]`` tile
+(``d = c * VEC + e``, VEC elements = one 16-byte load), so every butterfly stage, min/max and
+nibble packing stays in registers; only the packed codes change layout before the store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sawquant.errors import InputError
+from sawquant.format import SideStore
+from sawquant.quant import SUPPORTED_BLOCKS, paged_write_ref
+from sawquant.quant.hadamard import hadamard_scale
+
+__all__ = ["rotate_quantize_paged", "rotate_quantize_paged_ref"]
+
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ROWS_PER_WARP = 32  # one row (token, head) per thread
+_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Reference twin
+# --------------------------------------------------------------------------------------------
+
+
+def rotate_quantize_paged_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+) -> None:
+    """Rotate, quantize and store K and V of T new tokens into their page slots, in place.
+
+    k, v: [T, H_kv, D] post-RoPE (bf16/fp16/fp32); slot_mapping: [T] int64
+    (``page * page_size + offset``, -1 skips the token). Each KV head goes to its pool in the
+    store: INT4/INT8 pools get rotated quantized codes + fp16 scale/zero, a 16-bit pool the
+    rotated vectors in its dtype. Pure torch (``sawquant.quant.paged_write_ref`` per pool).
+    """
+    _check_inputs(k, v, slot_mapping, k_store, v_store)
+    for x, store in ((k, k_store), (v, v_store)):
+        for bits, pool in store.pools.items():
+            heads = store.heads[bits].to(device=x.device, dtype=torch.long)
+            paged_write_ref(x[:, heads], slot_mapping, pool, block=store.block, signs=store.signs)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fp16_round_down(v):
+    """Largest fp16 <= v (v float32), as ``sawquant.quant.int4.fp16_round_down``."""
+    h = v.to(tl.float16)
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32)
+    # One fp16 step toward -inf: positive values lose one unit, negative ones (and -0) gain
+    # one; +0 becomes the smallest negative subnormal (0x8001 = -32767 as int16).
+    step = tl.where(bits > 0, bits - 1, tl.where(bits == 0, bits - 32767, bits + 1))
+    bits = tl.where(h.to(tl.float32) > v, step, bits)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _fp16_round_up(v):
+    """Smallest fp16 >= v (v float32, >= 0), as ``sawquant.quant.int4.fp16_round_up``."""
+    h = v.to(tl.float16)
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32)
+    bits = tl.where(h.to(tl.float32) < v, bits + 1, bits)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _bf16_rne(v):
+    """float32 -> bf16 rounded to nearest even (finite v), as torch's ``.to(torch.bfloat16)``.
+
+    Done on the bits because the interpreter's own float32 -> bf16 cast truncates; on the GPU
+    this equals the hardware conversion.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _butterfly(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each BLOCK-chunk of the rows of x.
+
+    x: [C, R, VEC] float32 (element d = c * VEC + e). Stage h pairs d with d + h inside aligned
+    groups of 2h: (a, b) -> (a + b, a - b), as ``sawquant.quant.hadamard._butterfly``.
+    """
+    for s in tl.static_range(LOG_BLOCK):
+        h: tl.constexpr = 1 << s
+        if h < VEC:
+            # Partners inside one 16-byte chunk: [C, R, VEC/2h, 2, h], pair axis moved last.
+            y = tl.permute(tl.reshape(x, [C, R, VEC // (2 * h), 2, h]), (0, 1, 2, 4, 3))
+            a, b = tl.split(y)
+            y = tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3))
+        else:
+            # Partners in chunks c and c + h/VEC: [C/2k, 2, k, R, VEC] with k = h / VEC.
+            k: tl.constexpr = h // VEC
+            y = tl.permute(tl.reshape(x, [C // (2 * k), 2, k, R, VEC]), (0, 2, 3, 4, 1))
+            a, b = tl.split(y)
+            y = tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3))
+        x = tl.reshape(y, [C, R, VEC])
+    return x
+
+
+@triton.jit
+def _write_rows(
+    pid,
+    # pointers
+    x_ptr,  # [T, H_kv, D] (last dim contiguous)
+    slot_ptr,  # [T] int64
+    heads_ptr,  # [Hp] int32: KV head of each pool head
+    signs_ptr,  # [D] float32 (unused unless HAS_SIGNS)
+    codes_ptr,  # [P, Hp, page, D/2 | D] uint8, or [P, Hp, page, D] 16-bit
+    scale_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
+    zero_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
+    # sizes
+    num_rows,  # T * Hp
+    num_pool_heads,  # Hp
+    page_size,
+    # strides (elements)
+    stride_xt,
+    stride_xh,
+    # constexpr
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,  # next power of two >= D
+    VEC: tl.constexpr,  # elements per 16-byte input chunk
+    ROWS: tl.constexpr,  # rows (token, pool head) per program
+    BITS: tl.constexpr,  # 4, 8 or 16
+    GROUP: tl.constexpr,  # group size (D when one group per row)
+    LOG_BLOCK: tl.constexpr,  # log2 of the rotation block (0: none)
+    HSCALE: tl.constexpr,  # hadamard_scale(block), already a float32 value
+    HAS_SIGNS: tl.constexpr,
+):
+    C: tl.constexpr = D_PAD // VEC
+    tl.static_assert(D_PAD % VEC == 0)
+    tl.static_assert(D % VEC == 0)
+    tl.static_assert(GROUP % VEC == 0)
+    tl.static_assert((1 << LOG_BLOCK) <= D_PAD)
+
+    # Rows of this program: r = t * Hp + i (token t, pool head i).
+    r = pid * ROWS + tl.arange(0, ROWS)  # [R]
+    t = r // num_pool_heads
+    i = r % num_pool_heads
+    slot = tl.load(slot_ptr + t, mask=r < num_rows, other=-1)  # [R] int64
+    live = slot >= 0
+    head = tl.load(heads_ptr + i, mask=live, other=0)  # tiny table, stays in L1
+    src = t.to(tl.int64) * stride_xt + head.to(tl.int64) * stride_xh  # [R]
+    page = slot // page_size
+    dst = (page * num_pool_heads + i) * page_size + slot % page_size  # [R] int64 pool row
+
+    c3 = tl.arange(0, C)[:, None, None]
+    e3 = tl.arange(0, VEC)[None, None, :]
+    d3 = c3 * VEC + e3  # [C, 1, VEC] element index
+    live3 = live[None, :, None]
+    if D == D_PAD:
+        in3 = live3
+    else:
+        in3 = live3 & (d3 < D)
+    x = tl.load(x_ptr + src[None, :, None] + d3, mask=in3, other=0.0).to(tl.float32)
+
+    # ---- rotation: signs, butterfly, then the float32 normalisation (reference order)
+    if HAS_SIGNS:
+        x = x * tl.load(signs_ptr + d3, mask=d3 < D, other=1.0)
+    if LOG_BLOCK > 0:
+        x = _butterfly(x, C, ROWS, VEC, LOG_BLOCK) * HSCALE
+
+    if BITS == 16:
+        if codes_ptr.dtype.element_ty == tl.bfloat16:
+            x = _bf16_rne(x)
+        tl.store(codes_ptr + dst[None, :, None] * D + d3, x.to(codes_ptr.dtype.element_ty), in3)
+    else:
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        if GROUP == D:
+            # One group per row: reduce over the whole (unpadded) row.
+            if D == D_PAD:
+                lo = tl.min(tl.min(x, axis=2), axis=0)
+                hi = tl.max(tl.max(x, axis=2), axis=0)
+            else:
+                lo = tl.min(tl.min(tl.where(d3 < D, x, float("inf")), axis=2), axis=0)
+                hi = tl.max(tl.max(tl.where(d3 < D, x, float("-inf")), axis=2), axis=0)
+            zero = _fp16_round_down(lo)  # [R] fp16
+            scale = _fp16_round_up(tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0))
+            s32 = scale.to(tl.float32)
+            inv = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)
+            q = (x - zero.to(tl.float32)[None, :, None]) * inv[None, :, None]
+            tl.store(scale_ptr + dst, scale, live)
+            tl.store(zero_ptr + dst, zero, live)
+        else:
+            # Groups of GROUP elements = GROUP / VEC consecutive chunks (whole groups only,
+            # since GROUP divides D: padding never shares a group with real elements).
+            NG: tl.constexpr = D_PAD // GROUP
+            xg = tl.reshape(x, [NG, GROUP // VEC, ROWS, VEC])
+            lo = tl.min(tl.min(xg, axis=3), axis=1)  # [NG, R]
+            hi = tl.max(tl.max(xg, axis=3), axis=1)
+            zero = _fp16_round_down(lo)
+            scale = _fp16_round_up(tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0))
+            s32 = scale.to(tl.float32)
+            inv = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)
+            q = (xg - zero.to(tl.float32)[:, None, :, None]) * inv[:, None, :, None]
+            q = tl.reshape(q, [C, ROWS, VEC])
+            g2 = tl.arange(0, NG)[:, None]
+            off2 = dst[None, :] * (D // GROUP) + g2  # [NG, R]
+            live2 = live[None, :] & (g2 < D // GROUP)
+            tl.store(scale_ptr + off2, scale, live2)
+            tl.store(zero_ptr + off2, zero, live2)
+        q = tl.minimum(tl.maximum(tl.floor(q + 0.5), 0.0), LEVELS * 1.0).to(tl.uint8)
+        if BITS == 8:
+            tl.store(codes_ptr + dst[None, :, None] * D + d3, q, in3)
+        else:
+            # Two codes a byte, element 2j in the low nibble; then one [R, D/2] tile so the
+            # store is 16 bytes wide per thread (the compiler regroups the bytes).
+            lo_n, hi_n = tl.split(tl.reshape(q, [C, ROWS, VEC // 2, 2]))
+            packed = (lo_n | (hi_n << 4)).to(tl.uint8)  # [C, R, VEC/2]
+            packed = tl.reshape(tl.permute(packed, (1, 0, 2)), [ROWS, D_PAD // 2])
+            j2 = tl.arange(0, D_PAD // 2)[None, :]
+            m2 = live[:, None]
+            if D != D_PAD:
+                m2 = m2 & (j2 < D // 2)
+            tl.store(codes_ptr + dst[:, None] * (D // 2) + j2, packed, m2)
+
+
+@triton.jit
+def _rotate_quantize_paged_kernel(
+    # pointers: job 0 (grid axis 1 == 0), job 1, shared slot mapping
+    x0_ptr,
+    heads0_ptr,
+    signs0_ptr,
+    codes0_ptr,
+    scale0_ptr,
+    zero0_ptr,
+    x1_ptr,
+    heads1_ptr,
+    signs1_ptr,
+    codes1_ptr,
+    scale1_ptr,
+    zero1_ptr,
+    slot_ptr,
+    # sizes
+    num_rows0,
+    num_pool_heads0,
+    num_rows1,
+    num_pool_heads1,
+    page_size,
+    # strides
+    stride_x0t,
+    stride_x0h,
+    stride_x1t,
+    stride_x1h,
+    # constexpr
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BITS: tl.constexpr,
+    VEC0: tl.constexpr,
+    GROUP0: tl.constexpr,
+    LOG_BLOCK0: tl.constexpr,
+    HSCALE0: tl.constexpr,
+    HAS_SIGNS0: tl.constexpr,
+    VEC1: tl.constexpr,
+    GROUP1: tl.constexpr,
+    LOG_BLOCK1: tl.constexpr,
+    HSCALE1: tl.constexpr,
+    HAS_SIGNS1: tl.constexpr,
+):
+    """Two write jobs (K and V pools of one precision) in one launch; see ``_write_rows``."""
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        if pid * ROWS < num_rows0:
+            _write_rows(
+                pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, codes0_ptr, scale0_ptr,
+                zero0_ptr, num_rows0, num_pool_heads0, page_size, stride_x0t, stride_x0h,
+                D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
+            )  # fmt: skip
+    else:
+        if pid * ROWS < num_rows1:
+            _write_rows(
+                pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, codes1_ptr, scale1_ptr,
+                zero1_ptr, num_rows1, num_pool_heads1, page_size, stride_x1t, stride_x1h,
+                D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
+            )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def rotate_quantize_paged(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+) -> None:
+    """Fused Triton write of K and V of T new tokens into their page slots, in place.
+
+    Equivalent to :func:`rotate_quantize_paged_ref` (same arguments, bit-exact codes, scales
+    and zeros). One launch for the INT4 pools of K and V; one more per other precision present
+    (INT8, 16-bit). Slots must be < ``num_pages * page_size`` (not checked: it would sync).
+    Non-finite inputs are stored as garbage instead of raising as the reference does.
+    """
+    _check_inputs(k, v, slot_mapping, k_store, v_store)
+    _check_kernel_limits(k, v, k_store, v_store)
+    num_tokens, _, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    jobs: dict[int, list[dict]] = {}
+    for x, store in ((k, k_store), (v, v_store)):
+        for bits in sorted(store.pools):
+            jobs.setdefault(bits, []).append(_job(x, store, bits))
+    d_pad = triton.next_power_of_2(head_dim)
+    rows = _ROWS_PER_WARP * _NUM_WARPS
+    for bits in sorted(jobs):
+        pair = jobs[bits]
+        j0, j1 = pair[0], pair[-1]
+        grid = (triton.cdiv(max(j["num_rows"] for j in pair), rows), len(pair))
+        _rotate_quantize_paged_kernel[grid](
+            j0["x"], j0["heads"], j0["signs"], j0["codes"], j0["scale"], j0["zero"],
+            j1["x"], j1["heads"], j1["signs"], j1["codes"], j1["scale"], j1["zero"],
+            slot_mapping,
+            j0["num_rows"], j0["num_pool_heads"], j1["num_rows"], j1["num_pool_heads"],
+            k_store.page_size,
+            j0["x"].stride(0), j0["x"].stride(1), j1["x"].stride(0), j1["x"].stride(1),
+            D=head_dim, D_PAD=d_pad, ROWS=rows, BITS=bits,
+            VEC0=j0["vec"], GROUP0=j0["group"], LOG_BLOCK0=j0["log_block"],
+            HSCALE0=j0["hscale"], HAS_SIGNS0=j0["has_signs"],
+            VEC1=j1["vec"], GROUP1=j1["group"], LOG_BLOCK1=j1["log_block"],
+            HSCALE1=j1["hscale"], HAS_SIGNS1=j1["has_signs"],
+            num_warps=_NUM_WARPS,
+            # Bit-exactness: the reference rounds every multiply and add separately.
+            enable_fp_fusion=False,
+        )  # fmt: skip
+
+
+
+def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
+    """Kernel arguments of one (side, pool) write."""
+    pool = store.pools[bits]
+    spec = pool.spec
+    heads = store.heads[bits]
+    head_dim = x.shape[2]
+    group = spec.groups_divisor
+    # 16-byte loads, but a chunk never straddles a group or the end of the row.
+    vec = min(16 // x.element_size(), head_dim & -head_dim, group & -group)
+    return {
+        "x": x,
+        "heads": heads,
+        "signs": store.signs if store.signs is not None else heads,
+        "codes": pool.codes,
+        "scale": pool.scale if pool.scale is not None else pool.codes,
+        "zero": pool.zero if pool.zero is not None else pool.codes,
+        "num_rows": x.shape[0] * spec.num_heads,
+        "num_pool_heads": spec.num_heads,
+        "vec": vec,
+        "group": group,
+        "log_block": store.block.bit_length() - 1,
+        "hscale": hadamard_scale(store.block),
+        "has_signs": store.signs is not None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (launcher only; the kernel trusts its arguments)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+) -> None:
+    for name, x, store in (("k", k, k_store), ("v", v, v_store)):
+        if x.dim() != 3:
+            raise InputError(f"{name} must be [T, H_kv, D], got shape {tuple(x.shape)}")
+        if x.dtype not in _INPUT_DTYPES:
+            raise InputError(f"{name} dtype {x.dtype} is not supported; pass bf16, fp16 or fp32")
+        if (x.shape[1], x.shape[2]) != (store.num_kv_heads, store.head_dim):
+            raise InputError(
+                f"{name} has {x.shape[1]} heads of dim {x.shape[2]} but its store holds "
+                f"{store.num_kv_heads} heads of dim {store.head_dim}; pass the matching store"
+            )
+        if store.block not in SUPPORTED_BLOCKS or store.head_dim % store.block:
+            raise InputError(
+                f"{name} store rotation block {store.block} must be one of {SUPPORTED_BLOCKS} "
+                f"and divide head_dim {store.head_dim}"
+            )
+        if store.signs is not None and tuple(store.signs.shape) != (store.head_dim,):
+            raise InputError(
+                f"{name} store signs must be [{store.head_dim}], got {tuple(store.signs.shape)}"
+            )
+    if k.shape[0] != v.shape[0]:
+        raise InputError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}; pass the same T")
+    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (k.shape[0],):
+        raise InputError(
+            f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
+            f"{tuple(slot_mapping.shape)}"
+        )
+    sizes = {p.spec.page_size for s in (k_store, v_store) for p in s.pools.values()}
+    if len(sizes) != 1:
+        raise InputError(f"k and v pools must share one page size, got {sorted(sizes)}")
+    device = k.device
+    for name, t in _tensors(k, v, slot_mapping, k_store, v_store):
+        if t.device != device:
+            raise InputError(f"{name} is on {t.device} but k is on {device}; move it to {device}")
+
+
+def _tensors(k, v, slot_mapping, k_store, v_store):
+    yield "v", v
+    yield "slot_mapping", slot_mapping
+    for side, store in (("k", k_store), ("v", v_store)):
+        if store.signs is not None:
+            yield f"{side}_store.signs", store.signs
+        for bits, pool in store.pools.items():
+            yield f"{side}_store.heads[{bits}]", store.heads[bits]
+            for field in ("codes", "scale", "zero"):
+                t = getattr(pool, field)
+                if t is not None:
+                    yield f"{side}_store.pools[{bits}].{field}", t
+
+
+def _check_kernel_limits(
+    k: torch.Tensor, v: torch.Tensor, k_store: SideStore, v_store: SideStore
+) -> None:
+    """What the Triton kernel needs beyond the reference: contiguity, dtypes, power-of-2 groups."""
+    for name, x in (("k", k), ("v", v)):
+        if x.stride(2) != 1:
+            raise InputError(f"{name} must have a contiguous last dim; pass {name}.contiguous()")
+    for side, store in (("k", k_store), ("v", v_store)):
+        if store.signs is not None and store.signs.dtype != torch.float32:
+            raise InputError(f"{side}_store.signs must be float32, got {store.signs.dtype}")
+        for bits, pool in store.pools.items():
+            where = f"{side}_store.pools[{bits}]"
+            g = pool.spec.groups_divisor
+            if g != pool.spec.head_dim and g & (g - 1):
+                raise InputError(
+                    f"{where} group size {g} is not a power of two; the Triton writer needs one "
+                    f"(or use rotate_quantize_paged_ref)"
+                )
+            if bits != 16 and pool.codes.dtype != torch.uint8:
+                raise InputError(f"{where}.codes must be uint8, got {pool.codes.dtype}")
+            if bits == 16 and pool.codes.dtype not in _INPUT_DTYPES:
+                raise InputError(f"{where}.codes dtype {pool.codes.dtype} is not 16/32-bit float")
+            if store.heads[bits].dtype != torch.int32:
+                raise InputError(f"{side}_store.heads[{bits}] must be int32")
+            for field in ("codes", "scale", "zero"):
+                t = getattr(pool, field)
+                if t is not None and not t.is_contiguous():
+                    raise InputError(f"{where}.{field} must be contiguous (allocate_side does)")
