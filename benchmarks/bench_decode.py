@@ -1,0 +1,345 @@
+"""GPU benchmark of the paged INT4 decode attention kernel (and the chunked-prefill read path).
+
+For each shape: kernel time (median of ``triton.testing.do_bench``, eager = host launch
+overhead included, and CUDA-graph replay = device time), the bytes the kernel must read
+(codes + scales + zeros of K and V, plus q and the output), achieved GB/s and its share of the
+measured device copy bandwidth, and torch ``scaled_dot_product_attention`` in bf16 on a
+contiguous cache with GQA, for the speedup. A correctness check against the pure-torch twin runs
+first. Usage: ``python benchmarks/bench_decode.py [--json PATH] [--sweep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+from torch.nn.functional import scaled_dot_product_attention
+
+from sawquant.format import allocate_side
+from sawquant.kernels import decode
+from sawquant.kernels.decode import paged_decode_attention, paged_decode_attention_ref
+from sawquant.kernels.prefill import paged_prefill_attention
+from sawquant.quant import paged_write_ref, random_signs
+
+__all__ = ["run"]
+
+QWEN3_8B = {"h_q": 32, "h_kv": 8, "d": 128, "block": 128}
+DEMO = {"h_q": 9, "h_kv": 3, "d": 64, "block": 32}
+
+
+def _bench(fn, graph: bool) -> float:
+    """Median microseconds of fn (eager, or replayed from a CUDA graph)."""
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.randn(1 << 28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    us = _bench(lambda: dst.copy_(src), graph=False)
+    return 2 * src.numel() * src.element_size() / us / 1e3
+
+
+def _random_stores(batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0):
+    """Stores filled with random codes/scales (valid data for timing), permuted block table."""
+    h_kv, d = spec["h_kv"], spec["d"]
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages_per_seq = math.ceil(ctx / page)
+    num_pages = batch * pages_per_seq + 1
+    table = torch.randperm(num_pages, device=device, generator=g)[: batch * pages_per_seq]
+    table = table.view(batch, pages_per_seq).to(torch.int32)
+    stores = []
+    for bits in (k_bits, v_bits):
+        st = allocate_side(
+            num_kv_heads=h_kv,
+            head_dim=d,
+            head_bits=bits or (4,) * h_kv,
+            num_pages=num_pages,
+            page_size=page,
+            block=spec["block"],
+            signs=random_signs(d, 1),
+            device=device,
+        )
+        for pool in st.pools.values():
+            if pool.scale is None:
+                pool.codes.normal_(generator=g)
+                continue
+            pool.codes.copy_(torch.randint(0, 256, pool.codes.shape, device=device, generator=g))
+            pool.scale.uniform_(0.05, 0.2, generator=g)
+            pool.zero.uniform_(-1.5, -0.5, generator=g)
+        stores.append(st)
+    return stores[0], stores[1], table
+
+
+def _decode_bytes(k_store, v_store, batch, ctx, q_bytes):
+    return (k_store.bytes_per_token() + v_store.bytes_per_token()) * batch * ctx + 2 * q_bytes
+
+
+def check_correctness(device: torch.device) -> list[dict]:
+    """Kernel vs the fp32 twin on real quantized data (paged_write_ref), several layouts."""
+    rows = []
+    cases = [
+        dict(h_q=32, h_kv=8, d=128, block=128, page=16, lens=[1, 999, 4096], bits=None),
+        dict(h_q=9, h_kv=3, d=64, block=32, page=64, lens=[77, 3000], bits=None),
+        dict(h_q=8, h_kv=2, d=128, block=64, page=16, lens=[513, 2000], bits=((8, 4), (4, 16))),
+        dict(h_q=12, h_kv=4, d=96, block=32, page=16, lens=[130, 1500], bits=None, gs=32),
+    ]
+    for case in cases:
+        for dtype, kw in (
+            (torch.bfloat16, {}),
+            (torch.float16, dict(softcap=30.0)),
+            (torch.bfloat16, dict(sliding_window=300, num_splits=3)),
+        ):
+            g = torch.Generator(device=device).manual_seed(len(rows))
+            lens, page, d, h_kv = case["lens"], case["page"], case["d"], case["h_kv"]
+            maxp = math.ceil(max(lens) / page)
+            table = torch.randperm(len(lens) * maxp + 2, device=device, generator=g)
+            table = table[: len(lens) * maxp].view(len(lens), maxp).to(torch.int32)
+            bits = case["bits"] or ((4,) * h_kv, (4,) * h_kv)
+            stores = []
+            for side, hb in enumerate(bits):
+                st = allocate_side(
+                    num_kv_heads=h_kv,
+                    head_dim=d,
+                    head_bits=hb,
+                    num_pages=table.numel() + 2,
+                    page_size=page,
+                    block=case["block"],
+                    group_size=case.get("gs"),
+                    signs=random_signs(d, side) if side == 0 else None,
+                    device=device,
+                    dtype=dtype,
+                )
+                for b, n in enumerate(lens):
+                    pos = torch.arange(n, device=device)
+                    slots = table[b].long()[pos // page] * page + pos % page
+                    x = torch.randn(n, h_kv, d, device=device, generator=g) * 2
+                    for pb, pool in st.pools.items():
+                        paged_write_ref(
+                            x[:, st.heads[pb].long()], slots, pool, block=st.block, signs=st.signs
+                        )
+                stores.append(st)
+            q = torch.randn(len(lens), case["h_q"], d, device=device, generator=g).to(dtype)
+            sl = torch.tensor(lens, dtype=torch.int32, device=device)
+            args = (q, stores[0], stores[1], table, sl)
+            out = paged_decode_attention(*args, softmax_scale=d**-0.5, **kw)
+            ref = paged_decode_attention_ref(*args, softmax_scale=d**-0.5, **kw).float()
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            rows.append(
+                {
+                    "case": f"h{case['h_q']}/{h_kv} d{d} page{page} bits{case['bits']} "
+                    f"gs{case.get('gs')} {str(dtype)[6:]} {kw}",
+                    "rel_err": rel,
+                    "finite": bool(torch.isfinite(out).all()),
+                }
+            )
+    return rows
+
+
+def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
+    k_store, v_store, table = _random_stores(batch, ctx, spec, page, device)
+    q = torch.randn(batch, spec["h_q"], spec["d"], device=device, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    scale = spec["d"] ** -0.5
+    nbytes = _decode_bytes(k_store, v_store, batch, ctx, q.numel() * 2)
+
+    def kern(**kw):
+        return lambda: paged_decode_attention(
+            q, k_store, v_store, table, lens, softmax_scale=scale, **kw
+        )
+
+    variants = []
+    if sweep:
+        for bn, nw, ns in (
+            (32, 4, 2),
+            (64, 4, 2),
+            (64, 4, 3),
+            (64, 8, 2),
+            (128, 4, 2),
+            (128, 8, 2),
+            (128, 8, 3),
+            (64, 4, 4),
+        ):
+            decode._TUNING.update(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+            try:
+                us = _bench(kern(), graph=True)
+            except Exception as err:  # a config that does not compile (shared memory)
+                us = float("nan")
+                print("variant failed", bn, nw, ns, type(err).__name__)
+            variants.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "graph_us": us})
+        best = min(
+            (v for v in variants if v["graph_us"] == v["graph_us"]), key=lambda v: v["graph_us"]
+        )
+        decode._TUNING.update(
+            BLOCK_N=best["BLOCK_N"], num_warps=best["num_warps"], num_stages=best["num_stages"]
+        )
+        auto = decode._default_splits(batch, spec["h_kv"], ctx, device)
+        for ns in sorted({1, 2, 4, 8, 16, 32, auto}):
+            variants.append({"num_splits": ns, "graph_us": _bench(kern(num_splits=ns), True)})
+    eager = _bench(kern(), graph=False)
+    graph = _bench(kern(), graph=True)
+    decode._TUNING.clear()
+
+    # Baseline: SDPA bf16 on a contiguous cache [B, H_kv, ctx, D], GQA.
+    kc = torch.randn(batch, spec["h_kv"], ctx, spec["d"], device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q4 = q[:, :, None]
+    try:
+        sdpa = lambda: scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)  # noqa: E731
+        sdpa()
+        gqa = "enable_gqa"
+    except TypeError:
+        grp = spec["h_q"] // spec["h_kv"]
+        kr, vr = kc.repeat_interleave(grp, 1), vc.repeat_interleave(grp, 1)
+        sdpa = lambda: scaled_dot_product_attention(q4, kr, vr, scale=scale)  # noqa: E731
+        gqa = "repeat_interleave"
+    sdpa_eager = _bench(sdpa, graph=False)
+    sdpa_graph = _bench(sdpa, graph=True)
+    best = min(eager, graph)
+    return {
+        "kind": "decode",
+        "layer": spec,
+        "batch": batch,
+        "context": ctx,
+        "page_size": page,
+        "kernel_us_eager": eager,
+        "kernel_us_graph": graph,
+        "bytes_read": nbytes,
+        "GBps_graph": nbytes / graph / 1e3,
+        "pct_copy_bw_graph": 100 * nbytes / graph / 1e3 / bw,
+        "GBps_eager": nbytes / eager / 1e3,
+        "pct_copy_bw_eager": 100 * nbytes / eager / 1e3 / bw,
+        "sdpa_bf16_us_eager": sdpa_eager,
+        "sdpa_bf16_us_graph": sdpa_graph,
+        "sdpa_gqa": gqa,
+        "speedup_eager": sdpa_eager / eager,
+        "speedup_graph": sdpa_graph / graph,
+        "best_us": best,
+        "num_splits_auto": decode._default_splits(batch, spec["h_kv"], ctx, device),
+        "variants": variants,
+    }
+
+
+def bench_prefill(device, spec, chunk, cached, page) -> dict:
+    """Batch 1: a chunk of new queries over `cached` quantized tokens vs SDPA on bf16."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    k_store, v_store, table = _random_stores(1, cached + chunk, spec, page, device)
+    h_q, h_kv, d = spec["h_q"], spec["h_kv"], spec["d"]
+    q = torch.randn(1, h_q, chunk, d, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, h_kv, chunk, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lens = torch.tensor([cached], dtype=torch.int32, device=device)
+    ours = _bench(
+        lambda: paged_prefill_attention(
+            q, k, v, k_store, v_store, table, lens, softmax_scale=d**-0.5
+        ),
+        graph=False,
+    )
+    kc = torch.randn(1, h_kv, cached + chunk, d, device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    grp = h_q // h_kv
+    mask = causal_lower_right(chunk, cached + chunk)
+    # torch's lower-right causal kernels take no GQA: time SDPA with the heads repeated
+    # inside the call, and (its lower bound) on a cache already stored per query head.
+    kr, vr = kc.repeat_interleave(grp, 1), vc.repeat_interleave(grp, 1)
+    base = _bench(
+        lambda: scaled_dot_product_attention(
+            q, kc.repeat_interleave(grp, 1), vc.repeat_interleave(grp, 1), attn_mask=mask
+        ),
+        False,
+    )
+    base_pre = _bench(lambda: scaled_dot_product_attention(q, kr, vr, attn_mask=mask), False)
+    return {
+        "kind": "prefill",
+        "layer": spec,
+        "chunk": chunk,
+        "cached": cached,
+        "page_size": page,
+        "kernel_us_eager": ours,
+        "sdpa_bf16_us_eager": base,
+        "sdpa_bf16_prerepeated_us_eager": base_pre,
+        "speedup_eager": base / ours,
+    }
+
+
+def run(device: torch.device | str, sweep: bool = False) -> list[dict]:
+    """All measurements on ``device`` (a CUDA device); returns one dict per row."""
+    device = torch.device(device)
+    rows: list[dict] = [
+        {
+            "kind": "env",
+            "device": torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        }
+    ]
+    rows += [{"kind": "correctness", **r} for r in check_correctness(device)]
+    bw = copy_bandwidth(device)
+    rows.append({"kind": "copy_bandwidth", "GBps": bw})
+    page = 16
+    jobs = [
+        (bench_decode_shape, (device, QWEN3_8B, b, n, page, bw, sweep))
+        for b, n in ((32, 16384), (8, 32768), (1, 4096))
+    ]
+    jobs += [
+        (bench_decode_shape, (device, QWEN3_8B, 32, 16384, 64, bw, False)),
+        (bench_decode_shape, (device, DEMO, 32, 4096, page, bw, sweep)),
+        (bench_prefill, (device, QWEN3_8B, 2048, 16384, page)),
+    ]
+    for fn, args in jobs:
+        try:
+            rows.append(fn(*args))
+        except Exception as err:  # keep measuring the other shapes; the error is reported
+            rows.append({"kind": "error", "job": fn.__name__, "error": repr(err)[:500]})
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["kind"] == "decode":
+            lines.append(
+                f"decode h{r['layer']['h_q']}/{r['layer']['h_kv']} d{r['layer']['d']} "
+                f"B{r['batch']}x{r['context']} page{r['page_size']}: "
+                f"eager {r['kernel_us_eager']:.1f} us, graph {r['kernel_us_graph']:.1f} us, "
+                f"{r['GBps_graph']:.0f} GB/s "
+                f"({r['pct_copy_bw_graph']:.0f}% copy), SDPA eager {r['sdpa_bf16_us_eager']:.1f} "
+                f"graph {r['sdpa_bf16_us_graph']:.1f} us, speedup eager "
+                f"{r['speedup_eager']:.2f}x graph {r['speedup_graph']:.2f}x"
+            )
+        elif r["kind"] == "prefill":
+            lines.append(
+                f"prefill B1 chunk {r['chunk']} over {r['cached']}: "
+                f"{r['kernel_us_eager']:.0f} us vs SDPA {r['sdpa_bf16_us_eager']:.0f} us"
+                f" (pre-repeated cache {r['sdpa_bf16_prerepeated_us_eager']:.0f} us)"
+            )
+        elif r["kind"] == "correctness":
+            lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")
+        else:
+            lines.append(str(r))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode needs a CUDA device")
+    rows = run(torch.device("cuda", torch.cuda.current_device()), sweep=args.sweep)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+"""Paged decode attention over the quantized KV cache: one new query token per sequence.
+
+One program serves every query head of a GQA group from ONE read of its KV head's pages
+(flash-decoding: the context is also split across programs, and a second kernel merges the
+splits by log-sum-exp). The query is rotated in the kernel with the K store's rotation; the
+output is un-rotated with the V store's rotation in the merge (the rotation is linear, so once
+at the end is enough).
+
+INT4 tiles are never interleaved back: with ``k = code * scale + zero`` per token,
+``q . k = scale * (q_even . code_lo + q_odd . code_hi) + zero * sum(q)``, so the even/odd query
+channels are dotted against the low/high nibbles directly on the tensor cores, and
+``P @ V`` is ``(P * scale) @ code_lo + P @ zero`` for the even output channels (the odd ones
+alike). Every tile in the kernel is therefore a half-width ``[.., D // 2]`` tile; INT8 and 16-bit
+fallback heads are read as even/odd column halves to share that shape.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from sawquant.errors import InputError
+from sawquant.format import SideStore
+from sawquant.quant import block_hadamard, paged_gather_ref, rotate, unrotate
+
+__all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_fp32(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    softmax_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Plain float32 softmax attention. q: [H_q, T, D]; k, v: [H_q, S, D]; allowed: [T, S]."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * softmax_scale  # [H_q, T, S]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v.float()
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Equivalent to float32 attention of the rotated query over the dequantized cache.
+
+    q: [B, H_q, D] (not rotated); block_table: [B, max_pages] int32; seq_lens: [B] (tokens in
+    the cache, the current one included). Returns [B, H_q, D] in q.dtype, un-rotated with the V
+    store's rotation. ``num_splits`` is accepted for signature parity and ignored.
+    """
+    del num_splits
+    b, h_q, _ = q.shape
+    group = h_q // k_store.num_kv_heads
+    keys = _gather_heads(k_store, block_table, seq_lens)  # B x [H_kv, L, D] rotated
+    values = _gather_heads(v_store, block_table, seq_lens)
+    qr = rotate(q, k_store.block, k_store.signs)  # [B, H_q, D] float32
+    out = torch.empty(b, h_q, q.shape[-1], dtype=torch.float32, device=q.device)
+    for i, length in enumerate(seq_lens.tolist()):
+        pos = torch.arange(length, device=q.device)
+        allowed = pos[None, :] >= length - (sliding_window or length)  # [1, L]
+        k = keys[i].repeat_interleave(group, dim=0)  # [H_q, L, D]
+        v = values[i].repeat_interleave(group, dim=0)
+        o = _attention_fp32(
+            qr[i][:, None], k, v, allowed, softmax_scale=softmax_scale, softcap=softcap
+        )
+        out[i] = o[:, 0]
+    return unrotate(out, v_store.block, v_store.signs).to(q.dtype)
+
+
+def _gather_heads(
+    store: SideStore, block_table: torch.Tensor, seq_lens: torch.Tensor
+) -> list[torch.Tensor]:
+    """Dequantize every pool and put its heads back in KV-head order: B x [H_kv, L, D] fp32."""
+    parts = {
+        bits: paged_gather_ref(pool, block_table, seq_lens) for bits, pool in store.pools.items()
+    }
+    out = []
+    for i, length in enumerate(seq_lens.tolist()):
+        x = torch.empty(store.num_kv_heads, length, store.head_dim, device=block_table.device)
+        for bits, heads in store.heads.items():
+            x[heads.long().to(x.device)] = parts[bits][i]
+        out.append(x)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no libdevice (runs in the interpreter).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
+    """Even/odd column halves of a [BLOCK_N, D] tile: ([BLOCK_N, DH], [BLOCK_N, DH]) raw."""
+    if BITS == 4:
+        c = tl.load(ptr + tok[:, None] + cols[None, :], mask=mask, other=0)
+        lo = c & 15
+        hi = c >> 4
+    else:
+        lo = tl.load(ptr + tok[:, None] + 2 * cols[None, :], mask=mask, other=0)
+        hi = tl.load(ptr + tok[:, None] + 2 * cols[None, :] + 1, mask=mask, other=0)
+    return lo, hi
+
+
+# fmt: off
+@triton.jit
+def _decode_split_kernel(
+    # pointers
+    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, SK, ML, ACC,
+    # sizes
+    qk_scale, softcap, window, num_splits, num_q_heads, max_len,
+    # strides (elements; the last dim of every tensor is contiguous)
+    stride_qb, stride_qh,
+    stride_kcp, stride_kch, stride_kct,
+    stride_ksp, stride_ksh, stride_kst,
+    stride_vcp, stride_vch, stride_vct,
+    stride_vsp, stride_vsh, stride_vst,
+    stride_btb,
+    # constexpr
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_DH: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
+    K_ROT: tl.constexpr, K_SIGNS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
+
+    Writes ML[b, h, split] = (running max in log2 units, sum of exp2) and ACC[b, h, split, :]
+    = the unnormalised weighted sum of V, still in V's rotated basis.
+    """
+    tl.static_assert(BLOCK_G >= 16)
+    tl.static_assert(2 * BLOCK_DH >= HEAD_DIM)
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = tl.load(HEADS + i)
+    kp = tl.load(KIDX + i).to(tl.int64)
+    vp = tl.load(VIDX + i).to(tl.int64)
+
+    # The context range of this split: [lo, hi) inside [start, L).
+    length = tl.minimum(tl.load(LENS + b), max_len)  # never read past the block table
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(length - window, 0)
+    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < GROUP
+    heads = kvh * GROUP + rows  # [BLOCK_G] query heads
+    cols = tl.arange(0, BLOCK_DH)  # half-width channel j <-> elements 2j, 2j+1
+    col_ok = cols < HEAD_DIM // 2
+    q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
+
+    # Rotate q in float32: q' = (q * signs) @ H, kept as even/odd halves [BLOCK_G, BLOCK_DH].
+    if K_ROT:
+        d = tl.arange(0, 2 * BLOCK_DH)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = q.to(tl.float32)
+        if K_SIGNS:
+            q = q * tl.load(SK + d, mask=d_ok, other=0.0)[None, :]
+        h_mask = d_ok[:, None] & col_ok[None, :]
+        h_even = tl.load(HK + d[:, None] * HEAD_DIM + 2 * cols[None, :], mask=h_mask, other=0.0)
+        h_odd = tl.load(HK + d[:, None] * HEAD_DIM + 2 * cols[None, :] + 1, mask=h_mask, other=0.0)
+        q_even = tl.dot(q, h_even, input_precision="ieee")
+        q_odd = tl.dot(q, h_odd, input_precision="ieee")
+    else:
+        q_mask = row_ok[:, None] & col_ok[None, :]
+        q_even = tl.load(q_row + 2 * cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q_odd = tl.load(q_row + 2 * cols[None, :] + 1, mask=q_mask, other=0.0).to(tl.float32)
+        if K_SIGNS:
+            q_even = q_even * tl.load(SK + 2 * cols, mask=col_ok, other=0.0)[None, :]
+            q_odd = q_odd * tl.load(SK + 2 * cols + 1, mask=col_ok, other=0.0)[None, :]
+    # Codes are exact in fp16 (0..255), so the dots below see the rotated q rounded once.
+    # 16-bit heads (fallbacks) dot in float32 (tf32 on the GPU): bf16 dots are wrong in the
+    # Triton interpreter, and tf32 keeps more of q than bf16 would.
+    if K_BITS != 16:
+        q_even = q_even.to(tl.float16)
+        q_odd = q_odd.to(tl.float16)
+    # sum(q) of the very values the dots use, so the zero-point term cancels exactly.
+    q_sum = tl.sum(q_even.to(tl.float32), 1) + tl.sum(q_odd.to(tl.float32), 1)  # [BLOCK_G]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_even = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
+    acc_odd = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = pos < hi
+        page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
+        off = (pos % PAGE).to(tl.int64)
+        tile_ok = tok_ok[:, None] & col_ok[None, :]
+
+        # ---- scores s = q' . k  [BLOCK_G, BLOCK_N]
+        k_tok = page * stride_kcp + kp * stride_kch + off * stride_kct
+        k_lo, k_hi = _load_halves(KC, k_tok, cols, tile_ok, K_BITS)
+        if K_BITS == 16:
+            s = tl.dot(q_even, tl.trans(k_lo.to(tl.float32)))
+            s += tl.dot(q_odd, tl.trans(k_hi.to(tl.float32)))
+        else:
+            ks_tok = page * stride_ksp + kp * stride_ksh + off * stride_kst
+            if K_GS == HEAD_DIM:
+                k_scale = tl.load(KS + ks_tok, mask=tok_ok, other=0.0).to(tl.float32)
+                k_zero = tl.load(KZ + ks_tok, mask=tok_ok, other=0.0).to(tl.float32)
+                s = tl.dot(q_even, tl.trans(k_lo.to(tl.float16)))
+                s += tl.dot(q_odd, tl.trans(k_hi.to(tl.float16)))
+                s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
+            else:
+                # Per-group scales: dequantize in registers (both halves share column groups).
+                g_off = ks_tok[:, None] + (2 * cols[None, :]) // K_GS
+                k_scale = tl.load(KS + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+                k_zero = tl.load(KZ + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+                k_even = (k_lo.to(tl.float32) * k_scale + k_zero).to(tl.float16)
+                k_odd = (k_hi.to(tl.float32) * k_scale + k_zero).to(tl.float16)
+                s = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
+
+        # ---- online softmax in float32, log2 units
+        s = s * qk_scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = tl.where(tok_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc_even = acc_even * alpha[:, None]
+        acc_odd = acc_odd * alpha[:, None]
+        m_i = m_new
+
+        # ---- acc += p @ v
+        v_tok = page * stride_vcp + vp * stride_vch + off * stride_vct
+        v_lo, v_hi = _load_halves(VC, v_tok, cols, tile_ok, V_BITS)
+        if V_BITS == 16:
+            acc_even += tl.dot(p, v_lo.to(tl.float32))
+            acc_odd += tl.dot(p, v_hi.to(tl.float32))
+        else:
+            vs_tok = page * stride_vsp + vp * stride_vsh + off * stride_vst
+            if V_GS == HEAD_DIM:
+                v_scale = tl.load(VS + vs_tok, mask=tok_ok, other=0.0).to(tl.float32)
+                v_zero = tl.load(VZ + vs_tok, mask=tok_ok, other=0.0).to(tl.float32)
+                pv = (p * v_scale[None, :]).to(tl.float16)
+                pz = tl.sum(p * v_zero[None, :], 1)[:, None]
+                acc_even += tl.dot(pv, v_lo.to(tl.float16)) + pz
+                acc_odd += tl.dot(pv, v_hi.to(tl.float16)) + pz
+            else:
+                g_off = vs_tok[:, None] + (2 * cols[None, :]) // V_GS
+                v_scale = tl.load(VS + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+                v_zero = tl.load(VZ + g_off, mask=tile_ok, other=0.0).to(tl.float32)
+                v_even = (v_lo.to(tl.float32) * v_scale + v_zero).to(tl.float16)
+                v_odd = (v_hi.to(tl.float32) * v_scale + v_zero).to(tl.float16)
+                pv = p.to(tl.float16)
+                acc_even += tl.dot(pv, v_even)
+                acc_odd += tl.dot(pv, v_odd)
+
+    # Partial state of this split; an empty split leaves m = -inf, l = 0 (weight 0 in the merge).
+    part = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # [BLOCK_G]
+    tl.store(ML + 2 * part, m_i, mask=row_ok)
+    tl.store(ML + 2 * part + 1, l_i, mask=row_ok)
+    a_ptr = ACC + part[:, None] * HEAD_DIM + 2 * cols[None, :]
+    a_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(a_ptr, acc_even, mask=a_mask)
+    tl.store(a_ptr + 1, acc_odd, mask=a_mask)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _decode_combine_kernel(
+    ML, ACC, HV, SV, OUT,
+    num_splits, num_q_heads,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    V_ROT: tl.constexpr, V_SIGNS: tl.constexpr,
+):
+    """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, write q.dtype."""
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_q_heads
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    base = (b.to(tl.int64) * num_q_heads + heads) * num_splits  # [BLOCK_H]
+
+    m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m_max = tl.maximum(m_max, tl.load(ML + 2 * (base + s), mask=h_ok, other=0.0))
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    mask = h_ok[:, None] & d_ok[None, :]
+    for s in range(num_splits):
+        m = tl.load(ML + 2 * (base + s), mask=h_ok, other=0.0)
+        w = tl.exp2(m - m_max)  # 0 for an empty split (m = -inf)
+        l_sum += w * tl.load(ML + 2 * (base + s) + 1, mask=h_ok, other=0.0)
+        a = tl.load(ACC + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        acc += w[:, None] * a
+    o = acc / tl.where(h_ok, l_sum, 1.0)[:, None]
+    # Un-rotate: o @ R.T = (o @ H) * signs (H symmetric).
+    if V_ROT:
+        h_ok = d_ok[:, None] & d_ok[None, :]
+        h_mat = tl.load(HV + d[:, None] * HEAD_DIM + d[None, :], mask=h_ok, other=0.0)
+        o = tl.dot(o, h_mat, input_precision="ieee")
+    if V_SIGNS:
+        o = o * tl.load(SV + d, mask=d_ok, other=0.0)[None, :]
+    out = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + d[None, :]
+    tl.store(out, o.to(OUT.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+# Launch plans and Hadamard matrices are cached: building them reads head lists back from the
+# device, a synchronisation that would otherwise cost every decode step.
+_PLANS: dict[tuple[int, int], tuple] = {}
+_HADAMARD: dict[tuple[int, int, str], torch.Tensor] = {}
+# Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
+_TUNING: dict[str, int] = {}
+
+
+def _hadamard(head_dim: int, block: int, device: torch.device) -> torch.Tensor:
+    """The unsigned block-Hadamard matrix (float32, [D, D]) on ``device``, cached."""
+    key = (head_dim, block, str(device))
+    if key not in _HADAMARD:
+        _HADAMARD[key] = block_hadamard(head_dim, block).to(device).contiguous()
+    return _HADAMARD[key]
+
+
+def _launch_groups(
+    k_store: SideStore, v_store: SideStore, device: torch.device
+) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One entry per (k_bits, v_bits) present: (k_bits, v_bits, kv heads, K pool idx, V pool idx).
+
+    The index lists are int32 tensors on ``device``; cached per store pair.
+    """
+    key = (id(k_store), id(v_store))
+    state = (
+        tuple((b, t.data_ptr(), t._version) for b, t in sorted(k_store.heads.items())),
+        tuple((b, t.data_ptr(), t._version) for b, t in sorted(v_store.heads.items())),
+    )
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is k_store and hit[1]() is v_store and hit[2] == state:
+        return hit[3]
+    k_where, v_where = k_store.pool_of(), v_store.pool_of()
+    by_bits: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for h, ((kb, ki), (vb, vi)) in enumerate(zip(k_where, v_where)):
+        by_bits.setdefault((kb, vb), []).append((h, ki, vi))
+    groups = []
+    for (kb, vb), rows in sorted(by_bits.items()):
+        t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
+        groups.append((kb, vb, t[0], t[1], t[2]))
+    if len(_PLANS) > 256:
+        _PLANS.clear()
+    _PLANS[key] = (weakref.ref(k_store), weakref.ref(v_store), state, groups)
+    return groups
+
+
+def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU about twice, but no split shorter than 256 tokens."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    want = triton.cdiv(2 * sms, max(batch * num_kv_heads, 1))
+    return int(max(1, min(want, triton.cdiv(max_context, 256), 128)))
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    if q.dim() != 3:
+        raise InputError(f"q must be [batch, q_heads, head_dim], got shape {tuple(q.shape)}")
+    b, h_q, d = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise InputError(f"q dtype {q.dtype} is not supported; pass fp16, bf16 or fp32")
+    for name, st in (("k_store", k_store), ("v_store", v_store)):
+        if st.head_dim != d:
+            raise InputError(f"{name} head_dim {st.head_dim} != q head_dim {d}; use its layer")
+        for pool in st.pools.values():
+            if pool.codes.device != q.device:
+                raise InputError(f"{name} lives on {pool.codes.device}, q on {q.device}")
+            gs = pool.spec.groups_divisor
+            if pool.spec.bits != 16 and gs % 2:
+                raise InputError(f"{name} group size {gs} is odd; use an even group size")
+    if k_store.num_kv_heads != v_store.num_kv_heads:
+        raise InputError("k_store and v_store have different KV head counts; pass one layer's")
+    if k_store.page_size != v_store.page_size or k_store.num_pages != v_store.num_pages:
+        raise InputError("k_store and v_store have different page layouts; pass one layer's")
+    if h_q % k_store.num_kv_heads:
+        raise InputError(
+            f"{h_q} query heads are not a multiple of {k_store.num_kv_heads} KV heads (GQA)"
+        )
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
+        raise InputError(
+            f"block_table must be int32 [{b}, max_pages], got "
+            f"{block_table.dtype} {tuple(block_table.shape)}"
+        )
+    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
+        raise InputError(
+            f"seq_lens must be int32 [{b}], got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+    if block_table.device != q.device or seq_lens.device != q.device:
+        raise InputError("block_table and seq_lens must be on q's device")
+    # Reading values back forces a device sync, so it is done only where they are on the CPU;
+    # on a GPU the kernel clamps lengths to the block table instead (no out-of-bounds reads).
+    if seq_lens.device.type == "cpu":
+        cap = block_table.shape[1] * k_store.page_size
+        if b and (int(seq_lens.min()) < 1 or int(seq_lens.max()) > cap):
+            raise InputError(
+                f"seq_lens must be in [1, {cap}] (block table pages x page size); "
+                "allocate more pages per sequence"
+            )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over the paged quantized cache (Triton).
+
+    Equivalent to :func:`paged_decode_attention_ref`: q [B, H_q, D] (not rotated), block_table
+    [B, max_pages] int32, seq_lens [B] int32 (the current token included). Query head h reads KV
+    head ``h // (H_q // H_kv)``; ``sliding_window`` keeps the last that many positions;
+    ``softcap`` maps logits s to ``softcap * tanh(s / softcap)``. Returns [B, H_q, D] in
+    q.dtype, in the original (un-rotated) basis.
+    """
+    _check_inputs(q, k_store, v_store, block_table, seq_lens)
+    b, h_q, d = q.shape
+    h_kv = k_store.num_kv_heads
+    group = h_q // h_kv
+    page = k_store.page_size
+    device = q.device
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_table = block_table.contiguous()
+    max_len = block_table.shape[1] * page
+    if num_splits is None:
+        num_splits = _default_splits(b, h_kv, max_len, device)
+    num_splits = int(max(1, num_splits))
+
+    ml = torch.empty(b, h_q, num_splits, 2, dtype=torch.float32, device=device)
+    acc = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=device)
+    out = torch.empty_like(q)
+    block_dh = triton.next_power_of_2(max(d // 2, 16))
+    block_g = max(16, triton.next_power_of_2(group))
+    cfg = {"BLOCK_N": 64 if d <= 128 else 32, "num_warps": 4, "num_stages": 2, **_TUNING}
+    hk = _hadamard(d, k_store.block, device)
+    sk = k_store.signs if k_store.signs is not None else hk
+    for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
+        kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
+        # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
+        ks = kpool.scale if kpool.scale is not None else kpool.codes
+        kz = kpool.zero if kpool.zero is not None else kpool.codes
+        vs = vpool.scale if vpool.scale is not None else vpool.codes
+        vz = vpool.zero if vpool.zero is not None else vpool.codes
+        grid = (b, heads.numel(), num_splits)
+        # fmt: off
+        _decode_split_kernel[grid](
+            q, kpool.codes, ks, kz, vpool.codes, vs, vz,
+            block_table, seq_lens, heads, k_idx, v_idx, hk, sk, ml, acc,
+            softmax_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q, max_len,
+            q.stride(0), q.stride(1),
+            *kpool.codes.stride()[:3], *ks.stride()[:3],
+            *vpool.codes.stride()[:3], *vs.stride()[:3],
+            block_table.stride(0),
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_DH=block_dh, PAGE=page,
+            K_BITS=k_bits, V_BITS=v_bits,
+            K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
+            K_ROT=k_store.block > 1, K_SIGNS=k_store.signs is not None,
+            HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+            **cfg,
+        )
+        # fmt: on
+    hv = _hadamard(d, v_store.block, device)
+    sv = v_store.signs if v_store.signs is not None else hv
+    block_h = 16
+    # fmt: off
+    _decode_combine_kernel[(b, triton.cdiv(h_q, block_h))](
+        ml, acc, hv, sv, out, num_splits, h_q, out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=2 * block_dh, BLOCK_H=block_h,
+        V_ROT=v_store.block > 1, V_SIGNS=v_store.signs is not None,
+        num_warps=4,
+    )
+    # fmt: on
+    return out
