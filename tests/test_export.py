@@ -1,0 +1,380 @@
+"""Export: layout, refusals, atomicity and the exactness of value-rotation folding.
+
+Tiny random Llama / Qwen3 / Qwen2 (bias) / Phi3 (fused qkv) checkpoints are built with
+``save_pretrained`` in a temporary directory; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sawquant.export as export_mod
+from sawquant.cli.main import cli
+from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
+from sawquant.errors import ConfigError, InputError, UnsupportedModelError
+from sawquant.export import CONFIG_FILE, CONFIG_KEY, export_checkpoint, read_kv_config
+from sawquant.quant.hadamard import block_hadamard
+
+LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, HIDDEN = 3, 2, 4, 32, 64
+# Layer 0: block 32 with signs; layer 1: block 16; layer 2: no V rotation (nothing to fold).
+V_SIDES = (
+    SideConfig(rotation_block=32, sign_seed=3),
+    SideConfig(rotation_block=16, fallback_heads={0: 8}),
+    SideConfig(rotation_block=1),
+)
+TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}"}
+
+
+def _hf_config(arch: str):
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=96,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+    )
+    if arch == "llama":
+        return LlamaConfig(head_dim=HEAD_DIM, **common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=HEAD_DIM, **common)
+    common["hidden_size"] = Q_HEADS * HEAD_DIM  # head_dim is hidden_size / heads below
+    if arch == "qwen2":  # q/k/v biases: the v bias must rotate too
+        return Qwen2Config(**common)
+    if arch == "phi3":  # fused qkv_proj: folding must refuse
+        return Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+    raise ValueError(arch)
+
+
+def _make_checkpoint(root: Path, arch: str, *, dtype=torch.float32, shard: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_hf_config(arch)).to(dtype)
+    if arch == "qwen2":
+        with torch.no_grad():  # random init leaves biases at zero; make them matter
+            for layer in model.model.layers:
+                layer.self_attn.v_proj.bias.normal_(0, 0.5)
+    path = root / f"{arch}-{str(dtype)[6:]}-{shard or 'single'}"
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    for name, text in TOKENIZER_FILES.items():
+        (path / name).write_text(text)
+    return path
+
+
+def _kv_config(model_type: str = "llama", **facts) -> KVConfig:
+    shape = dict(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM) | facts
+    k = SideConfig(rotation_block=16)
+    layers = [LayerConfig(k=k, v=V_SIDES[i % len(V_SIDES)]) for i in range(shape["num_layers"])]
+    return KVConfig(model=ModelFacts(model_type=model_type, **shape), layers=tuple(layers))
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    return {
+        "llama": _make_checkpoint(root, "llama"),
+        "llama_sharded": _make_checkpoint(root, "llama", shard="40KB"),
+        "llama_bf16": _make_checkpoint(root, "llama", dtype=torch.bfloat16),
+        "qwen3": _make_checkpoint(root, "qwen3"),
+        "qwen2": _make_checkpoint(root, "qwen2"),
+    }
+
+
+# -- layout --------------------------------------------------------------------------------------
+def test_layout_config_key_and_links(ckpts, tmp_path):
+    src = ckpts["llama"]
+    before = _hashes(src)
+    config = _kv_config()
+    result = export_checkpoint(src, config, tmp_path / "out")
+    out = tmp_path / "out"
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", CONFIG_FILE, "generation_config.json", "model.safetensors"]
+        + list(TOKENIZER_FILES)
+    )
+    hf = json.loads((out / "config.json").read_text())
+    assert hf[CONFIG_KEY] == {"method": "sawquant", "format_version": 1, "config_file": CONFIG_FILE}
+    src_hf = json.loads((src / "config.json").read_text())
+    assert {k: v for k, v in hf.items() if k != CONFIG_KEY} == src_hf
+    assert KVConfig.from_json((out / CONFIG_FILE).read_text()) == config == result.config
+    for name in ["model.safetensors", "generation_config.json", *TOKENIZER_FILES]:
+        assert os.path.samefile(out / name, src / name), name  # hard links, nothing copied
+    assert set(result.linked) == {"model.safetensors", "generation_config.json", *TOKENIZER_FILES}
+    assert result.rewritten == () and result.folded_layers == ()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+    assert _hashes(src) == before
+
+
+def test_quantization_config_untouched_and_fold_refused(ckpts, tmp_path):
+    import shutil
+
+    src = tmp_path / "quantized"
+    shutil.copytree(ckpts["llama"], src)
+    hf = json.loads((src / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(hf, indent=2))
+    before = _hashes(src)
+
+    export_checkpoint(src, _kv_config(), tmp_path / "out")
+    out_hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out_hf["quantization_config"] == hf["quantization_config"]
+    with pytest.raises(InputError, match="quantized .*export without --fold-values"):
+        export_checkpoint(src, _kv_config(), tmp_path / "out2", fold_values=True)
+    assert not (tmp_path / "out2").exists()
+    assert _hashes(src) == before
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def test_non_empty_out_needs_force(ckpts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(InputError, match="not empty; pass --force"):
+        export_checkpoint(ckpts["llama"], _kv_config(), out)
+    assert (out / "old.txt").read_text() == "old"
+
+    export_checkpoint(ckpts["llama"], _kv_config(), out, force=True)
+    assert not (out / "old.txt").exists() and (out / CONFIG_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old OUT was deleted
+
+
+def test_empty_out_is_accepted(ckpts, tmp_path):
+    (tmp_path / "out").mkdir()
+    export_checkpoint(ckpts["llama"], _kv_config(), tmp_path / "out")
+    assert (tmp_path / "out" / CONFIG_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    "facts", [{"num_layers": 4}, {"num_kv_heads": 1}, {"head_dim": 64}], ids=str
+)
+def test_mismatched_config_refused(ckpts, tmp_path, facts):
+    config = _kv_config(**facts)
+    with pytest.raises(ConfigError, match="was made for .* but the model has .*calibrate"):
+        export_checkpoint(ckpts["llama"], config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_or_containing_source_refused(ckpts, tmp_path):
+    src = ckpts["llama"]
+    before = _hashes(src)
+    for out in (src, src / "sub", src / "sub" / "deeper"):
+        with pytest.raises(InputError, match="inside the source"):
+            export_checkpoint(src, _kv_config(), out, force=True)
+    with pytest.raises(InputError, match="contains the source"):
+        export_checkpoint(src, _kv_config(), src.parent, force=True)
+    assert _hashes(src) == before and not (src / "sub").exists()
+
+
+def test_bad_inputs_refused(ckpts, tmp_path):
+    with pytest.raises(InputError, match="not a checkpoint directory"):
+        export_checkpoint(tmp_path / "missing", _kv_config(), tmp_path / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        export_checkpoint(ckpts["llama"], _kv_config(), tmp_path / "file", force=True)
+    folded = _kv_config().with_layers(_kv_config().layers)
+    folded = KVConfig(model=folded.model, layers=folded.layers, values_folded=True)
+    with pytest.raises(ConfigError, match="values_folded=true"):
+        export_checkpoint(ckpts["llama"], folded, tmp_path / "out")
+
+
+def test_fold_refused_for_fused_qkv(tmp_path):
+    src = _make_checkpoint(tmp_path, "phi3")
+    with pytest.raises(UnsupportedModelError, match="phi3.*export without --fold-values"):
+        export_checkpoint(src, _kv_config("phi3"), tmp_path / "out", fold_values=True)
+    assert not (tmp_path / "out").exists()
+    export_checkpoint(src, _kv_config("phi3"), tmp_path / "out")  # without folding it works
+
+
+def test_read_kv_config(tmp_path):
+    config = _kv_config()
+    (tmp_path / "bare.json").write_text(config.to_json())
+    assert read_kv_config(tmp_path / "bare.json") == config
+    with pytest.raises(InputError, match="not found"):
+        read_kv_config(tmp_path / "missing.json")
+
+
+# -- atomicity -----------------------------------------------------------------------------------
+def _boom(*args, **kwargs):
+    raise OSError("simulated disk failure")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "force-over-existing"])
+@pytest.mark.parametrize("step", ["config", "shard"])
+def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, existing, step):
+    src = ckpts["llama_sharded"]
+    before = _hashes(src)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("previous export")
+    if step == "config":  # every weight is linked/written, then config.json fails
+        monkeypatch.setattr(export_mod, "_write_text", _boom)
+    else:  # a folded shard fails after a partial file was written
+
+        def partial_save(tensors, filename, metadata=None):
+            Path(filename).write_bytes(b"partial")
+            raise OSError("simulated disk failure")
+
+        monkeypatch.setattr("safetensors.torch.save_file", partial_save)
+    with pytest.raises(OSError, match="simulated"):
+        export_checkpoint(src, _kv_config(), out, fold_values=True, force=True)
+
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert (out / "keep.txt").read_text() == "previous export"
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+    assert _hashes(src) == before
+
+
+def test_failed_rename_restores_old_out(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    real_rename = os.rename
+
+    def rename(a, b):
+        if ".sawquant-tmp-" in str(a):
+            raise OSError("simulated rename failure")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(export_mod.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated rename"):
+        export_checkpoint(ckpts["llama"], _kv_config(), out, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "previous export"
+
+
+# -- folding -------------------------------------------------------------------------------------
+def _forward(path: Path, dtype: torch.dtype, ids: torch.Tensor):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    values = [layer.values for layer in out.past_key_values.layers]  # [B, H_kv, S, D] each
+    return out.logits, values
+
+
+def _rotation(side: SideConfig) -> torch.Tensor:
+    return block_hadamard(HEAD_DIM, side.rotation_block, seed=side.sign_seed)
+
+
+@pytest.mark.parametrize("name", ["llama_sharded", "qwen3", "qwen2"])
+def test_fold_is_exact_fp32(ckpts, tmp_path, name):
+    src = ckpts[name]
+    before = _hashes(src)
+    model_type = name.split("_")[0]
+    config = _kv_config(model_type)
+    result = export_checkpoint(src, config, tmp_path / "out", fold_values=True)
+    out = tmp_path / "out"
+
+    written = KVConfig.from_json((out / CONFIG_FILE).read_text())
+    assert written.values_folded and written == result.config
+    assert all(
+        layer.v.rotation_block == 1 and layer.v.sign_seed is None for layer in written.layers
+    )
+    assert [layer.v.fallback_heads for layer in written.layers] == [
+        side.fallback_heads for side in V_SIDES
+    ]
+    assert [layer.k for layer in written.layers] == [layer.k for layer in config.layers]
+    assert result.folded_layers == (0, 1)
+
+    # Only the shards holding layer 0/1 v_proj/o_proj are rewritten; everything else is a link.
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        wmap = json.loads(index.read_text())["weight_map"]
+        want = {
+            wmap[f"model.layers.{i}.self_attn.{p}_proj.weight"] for i in (0, 1) for p in ("v", "o")
+        }
+    else:
+        want = {"model.safetensors"}
+    assert set(result.rewritten) == want
+    for rel in result.linked:
+        assert os.path.samefile(out / rel, src / rel), rel
+    for rel in result.rewritten:
+        assert not os.path.samefile(out / rel, src / rel)
+
+    ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_v = _forward(src, torch.float32, ids)
+    logits, v = _forward(out, torch.float32, ids)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    print(f"{name} fp32 folded-vs-original max |dlogit| / max |logit| = {err:.3e}")
+    assert err < 1e-5
+    for i, side in enumerate(V_SIDES):
+        v_err = (v[i] - ref_v[i] @ _rotation(side)).abs().max().item()
+        print(f"{name} layer {i} max |V_folded - V @ R| = {v_err:.3e}")
+        assert v_err < 1e-5 * ref_v[i].abs().max().item()
+    # Layer 2 has no V rotation: its weights are carried bit for bit.
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(p).model.layers[2].self_attn for p in (src, out))
+    assert torch.equal(a.v_proj.weight, b.v_proj.weight)
+    assert torch.equal(a.o_proj.weight, b.o_proj.weight)
+    assert _hashes(src) == before
+
+
+def test_fold_is_close_in_bf16(ckpts, tmp_path):
+    src = ckpts["llama_bf16"]
+    export_checkpoint(src, _kv_config(), tmp_path / "out", fold_values=True)
+    ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
+    # The fp32 run of the bf16 weights is the reference both bf16 runs are measured against.
+    ref, _ = _forward(src, torch.float32, ids)
+    orig, _ = _forward(src, torch.bfloat16, ids)
+    folded, _ = _forward(tmp_path / "out", torch.bfloat16, ids)
+    scale = ref.abs().max().item()
+    err_orig = (orig.float() - ref).abs().max().item() / scale
+    err_fold = (folded.float() - ref).abs().max().item() / scale
+    err_pair = (folded.float() - orig.float()).abs().max().item() / scale
+    print(
+        f"bf16 rel err vs fp32: original {err_orig:.3e}, folded {err_fold:.3e}, "
+        f"folded-vs-original {err_pair:.3e}"
+    )
+    # Folding rounds v_proj/o_proj once more to bf16: about as much error as bf16 itself.
+    assert err_fold <= 2 * err_orig + 1e-2
+    assert err_pair < 3e-2
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def test_cli(ckpts, tmp_path):
+    runner = CliRunner()
+    calib = tmp_path / "calibration.json"
+    calib.write_text(_kv_config().to_json())
+    args = ["export", str(ckpts["llama"]), "-c", str(calib), "-o", str(tmp_path / "out")]
+
+    ok = runner.invoke(cli, [*args, "--fold-values"])
+    assert ok.exit_code == 0, ok.output
+    assert "1 rewritten" in ok.output and "values folded" in ok.output
+
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 2 and "not empty; pass --force" in again.output
+    assert runner.invoke(cli, [*args, "--force"]).exit_code == 0
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(_kv_config(num_layers=5).to_json())
+    res = runner.invoke(cli, ["export", str(ckpts["llama"]), "-c", str(bad), "-o", "x"])
+    assert res.exit_code == 2 and "calibrate this model" in res.output
+    res = runner.invoke(cli, [*args[:2], "-c", str(tmp_path / "nope.json"), "-o", "x", "--force"])
+    assert res.exit_code == 2 and "not found" in res.output
+    missing = runner.invoke(cli, ["export", str(ckpts["llama"]), "-o", "x"])
+    assert missing.exit_code == 2 and "--calibration" in missing.output  # click usage error
