@@ -198,11 +198,11 @@ def layer_attention(config: Any, layer_idx: int) -> LayerAttention:
 
 def check_supported(config: Any) -> ModelFacts:
     """Raise UnsupportedModelError unless the config is a decoder-only causal LM we can serve."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", "") or ""
     archs = list(getattr(config, "architectures", None) or [])
-    known = type(config) in AutoModelForCausalLM._model_mapping
+    known = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     causal_arch = not archs or any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
     if getattr(config, "is_encoder_decoder", False) or not known or not causal_arch:
         shown = ", ".join(archs) or f"model_type {model_type!r}"
@@ -314,7 +314,8 @@ def load_model(
         device_map = "auto"
     if device_map is None:
         device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _resolve_dtype(dtype, on_cuda=_targets_cuda(device_map))
+    on_cuda = torch.cuda.is_available() and _targets_cuda(device_map)
+    dtype = _resolve_dtype(dtype, on_cuda=on_cuda)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -435,6 +436,7 @@ def demo_checkpoint_dir() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=root))
         try:
             _convert_gguf(gguf, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
             if target.exists():  # a stale, incomplete copy from an older layout
                 shutil.rmtree(target)
             os.replace(tmp, target)
