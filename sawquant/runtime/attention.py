@@ -1,0 +1,133 @@
+"""The attention function registered with ``transformers.AttentionInterface`` as "sawquant".
+
+Per step of a layer, after ``SawquantCache.update`` wrote the new K/V into the pages:
+
+* first chunk (nothing cached before it): full-precision attention of the chunk on itself
+  (transformers' SDPA path with the model's mask), so the prompt is served exactly as the
+  unquantized model would serve it;
+* one new token per sequence: ``paged_decode_attention`` over the INT4 pages;
+* a later multi-token chunk: ``paged_prefill_attention`` (the chunk's own K/V in full precision,
+  the earlier tokens from the pages).
+
+The mask registered with ``AttentionMaskInterface`` under the same name is transformers' SDPA
+mask (boolean, or None for a plain causal chunk); only the first-chunk path uses it, the paged
+kernels mask by ``seq_lens``. Sliding windows and logit soft-caps arrive as the keyword
+arguments ``sliding_window``/``softcap`` the models already pass and go to the kernels as is.
+Called with K/V that did not come from a sawquant cache (no cache, or another Cache class), it
+falls back to the plain full-precision computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from sawquant.runtime import dispatch
+from sawquant.runtime.cache import last_update
+
+__all__ = ["ATTN_NAME", "register", "sawquant_attention"]
+
+ATTN_NAME = "sawquant"
+
+
+def register() -> None:
+    """Register the attention function and its mask under ``ATTN_NAME`` (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, sawquant_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _dense_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float,
+    dropout: float,
+    softcap: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """Full-precision attention of ``query`` over ``key``/``value``: returns [B, T, H_q, D]."""
+    if softcap is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    # SDPA has no soft-cap: explicit float32 attention. q: [B, H_q, T, D]; k: [B, H_kv, S, D]
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1).float()
+    v = value.repeat_interleave(group, dim=1).float()
+    s = (query.float() @ k.transpose(-1, -2)) * scaling  # [B, H_q, T, S]
+    s = softcap * torch.tanh(s / softcap)
+    t, n = s.shape[-2], s.shape[-1]
+    if attention_mask is None:
+        allowed = torch.ones(t, n, dtype=torch.bool, device=s.device).tril(n - t)
+        s = s.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask[..., :n], float("-inf"))
+    else:
+        s = s + attention_mask[..., :n].float()
+    out = torch.softmax(s, dim=-1) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def sawquant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. query: [B, H_q, T, D] (post-RoPE), key/value:
+    [B, H_kv, T, D] as returned by the cache's ``update``. Returns ([B, T, H_q, D], None)."""
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    softcap = kwargs.pop("softcap", None)
+    window = kwargs.get("sliding_window")
+    last = last_update()
+    if last is None or last[2] is not key:
+        # K/V do not come from a sawquant cache in this step: plain attention on what we got.
+        return _dense_attention(
+            module, query, key, value, attention_mask,
+            scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
+        )  # fmt: skip
+    cache, layer_idx, _ = last
+    plan = cache.plan
+    if plan.past == 0:
+        # First chunk: it is the whole context, attend in full precision (pads masked).
+        return _dense_attention(
+            module, query, key, value, attention_mask,
+            scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
+        )  # fmt: skip
+    k_store, v_store = cache.stores(layer_idx)
+    if query.shape[2] == 1:
+        out = dispatch.decode_attention(
+            query[:, :, 0],  # [B, H_q, D]
+            k_store,
+            v_store,
+            plan.block_table,
+            plan.seq_lens,
+            softmax_scale=scale,
+            sliding_window=window,
+            softcap=softcap,
+        )
+        return out[:, None], None  # [B, 1, H_q, D]
+    out = dispatch.prefill_attention(
+        query,
+        key,
+        value,
+        k_store,
+        v_store,
+        plan.block_table,
+        plan.cached_lens,
+        softmax_scale=scale,
+        sliding_window=window,
+        softcap=softcap,
+    )  # [B, H_q, T, D]
+    return out.transpose(1, 2).contiguous(), None

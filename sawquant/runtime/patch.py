@@ -1,0 +1,193 @@
+"""Apply a KV config to a transformers causal LM at load time, and take it off again.
+
+``patch`` registers the "sawquant" attention function and mask (transformers'
+``AttentionInterface`` / ``AttentionMaskInterface``), switches the model to it with
+``set_attn_implementation``, and adds one forward pre-hook on the model that gives every
+cached forward a :class:`SawquantCache`: when ``use_cache`` is on and the call carries no cache,
+or the empty ``DynamicCache`` that ``generate`` creates, the hook passes a fresh paged cache
+instead (``generate`` keeps the cache the forward returns), and it plans each step's slots
+from the 2D attention mask so left padding is never stored. No modeling code is copied or
+replaced; ``unpatch`` restores the previous attention implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from sawquant.config import KVConfig
+from sawquant.errors import ConfigError, InputError
+from sawquant.runtime.attention import ATTN_NAME, register
+from sawquant.runtime.cache import SawquantCache
+from sawquant.runtime.memory import KVMemory, kv_memory
+
+__all__ = [
+    "CONFIG_KEY",
+    "KV_CONFIG_FILE",
+    "from_pretrained",
+    "is_patched",
+    "patch",
+    "read_kv_config",
+    "unpatch",
+]
+
+CONFIG_KEY = "kv_cache_quantization"  # the config.json key an exported checkpoint carries
+KV_CONFIG_FILE = "sawquant_kv.json"
+
+
+@dataclass
+class _PatchState:
+    config: KVConfig
+    page_size: int
+    original_attn: str | None
+    hook: Any  # torch.utils.hooks.RemovableHandle
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, "_sawquant_state", None) is not None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for name in ("input_ids", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    state: _PatchState = model._sawquant_state
+    if len(args) > 1:  # past_key_values passed positionally: leave the call alone
+        return args, kwargs
+    x = _first_tensor(args, kwargs)  # [B, T] ids or [B, T, hidden] embeddings
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", True)
+    if x is None or not use_cache:
+        return args, kwargs
+    cache = kwargs.get("past_key_values")
+    fresh_dynamic = type(cache) is DynamicCache and cache.get_seq_length() == 0
+    if cache is None or fresh_dynamic:
+        cache = SawquantCache(state.config, page_size=state.page_size)
+        kwargs["past_key_values"] = cache
+    if isinstance(cache, SawquantCache):
+        mask = kwargs.get("attention_mask")
+        cache.prepare_step(
+            x.shape[1],
+            batch_size=x.shape[0],
+            device=x.device,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+        )
+    return args, kwargs
+
+
+def _sawquant_memory(self: torch.nn.Module) -> KVMemory:
+    """KV bytes per token of this model's sawquant cache and the ratio to a BF16 cache."""
+    state: _PatchState = self._sawquant_state
+    return kv_memory(state.config, page_size=state.page_size)
+
+
+def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> torch.nn.Module:
+    """Serve ``model`` with the paged quantized KV cache described by ``config`` (in place).
+
+    Afterwards ``model.generate(...)`` and ``model(..., use_cache=True)`` use the cache (fused
+    Triton kernels on CUDA tensors, their torch twins elsewhere), and
+    ``model.sawquant_memory()`` reports the KV bytes per token. Raises ConfigError when the
+    config was made for another model shape. Returns the model.
+    """
+    from sawquant.models import model_facts
+
+    facts = model_facts(model.config)
+    config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    if is_patched(model):
+        unpatch(model)
+    register()
+    original = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    model._sawquant_state = _PatchState(config, page_size, original, hook)
+    model.sawquant_config = config
+    model.sawquant_memory = types.MethodType(_sawquant_memory, model)
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch`: the previous attention implementation and no cache hook."""
+    state: _PatchState | None = getattr(model, "_sawquant_state", None)
+    if state is None:
+        return model
+    state.hook.remove()
+    model.set_attn_implementation(state.original_attn or "sdpa")
+    for name in ("_sawquant_state", "sawquant_config", "sawquant_memory"):
+        if name in model.__dict__:
+            delattr(model, name)
+    return model
+
+
+def _read_text(path: str | Path, filename: str, **hub_kwargs: Any) -> str | None:
+    local = Path(path)
+    if local.is_dir():
+        f = local / filename
+        return f.read_text() if f.is_file() else None
+    from transformers.utils import cached_file
+
+    hub = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")}
+    resolved = cached_file(
+        str(path),
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        **hub,
+    )
+    return Path(resolved).read_text() if resolved else None
+
+
+def read_kv_config(path: str | Path, **hub_kwargs: Any) -> KVConfig | None:
+    """The KVConfig an exported checkpoint carries, or None when its config.json has no
+    ``kv_cache_quantization`` key. Raises ConfigError for a key that points nowhere valid."""
+    text = _read_text(path, "config.json", **hub_kwargs)
+    if text is None:
+        raise InputError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+    entry = json.loads(text).get(CONFIG_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("method") != "sawquant":
+        raise ConfigError(
+            f"config.json {CONFIG_KEY} is {entry!r}, not a sawquant entry; re-export the "
+            "checkpoint with sawquant export"
+        )
+    name = entry.get("config_file", KV_CONFIG_FILE)
+    body = _read_text(path, name, **hub_kwargs)
+    if body is None:
+        raise ConfigError(
+            f"config.json names {name!r} but {path} has no such file; re-export the checkpoint "
+            "with sawquant export"
+        )
+    return KVConfig.from_json(body)
+
+
+def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
+    """Load a causal LM with transformers and install the runtime its checkpoint describes.
+
+    ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...).
+    A checkpoint without a sawquant KV config loads as a normal model, with a warning.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = read_kv_config(path, **hf_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+    if config is None:
+        warnings.warn(
+            f"sawquant found no KV config in {path} (no {CONFIG_KEY!r} in config.json); "
+            "loaded it as a normal model with a full-precision cache. Export one with "
+            "`sawquant export` to serve it with the INT4 cache.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return model
+    return patch(model, config, page_size=page_size)
