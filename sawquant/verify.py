@@ -1,0 +1,483 @@
+"""Prove a quantized checkpoint's accuracy through the real runtime path.
+
+``verify`` measures, on held-out text:
+
+1. **Simulated** perplexity (the papers' convention: every cached K/V quantized during one
+   full-window forward) for full precision, naive INT4 (no rotation, no fallback), the paper's
+   fixed configuration (rotation block = head_dim on K only) and the checkpoint's own config.
+2. **Runtime** accuracy, what a deployment sees: each window's prefix is prefilled through the
+   installed runtime, then the rest is teacher-forced one token at a time through the paged INT4
+   cache and the decode kernel (its torch twin on CPU). Every scored position is a decode step:
+   perplexity, mean KL divergence of the next-token distribution against full precision, and
+   top-1 agreement.
+3. A **verdict**: the runtime perplexity increase must stay under ``max_ppl_increase`` percent
+   and the recovery (the share of naive INT4's simulated loss that the config wins back) must
+   reach ``min_recovery`` percent.
+
+The library never prints; ``progress(stage, done, total)`` reports progress to a caller.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sawquant.config import KVConfig, ModelFacts, SideConfig
+from sawquant.errors import InputError
+from sawquant.quant.hadamard import SUPPORTED_BLOCKS
+
+__all__ = [
+    "DEFAULT_MAX_PPL_INCREASE",
+    "DEFAULT_MIN_RECOVERY",
+    "DEFAULT_PREFIX",
+    "DEFAULT_SEQ_LEN",
+    "DEFAULT_TOKENS",
+    "RuntimeScores",
+    "VerifyReport",
+    "fixed_config",
+    "naive_config",
+    "recovery",
+    "runtime_scores",
+    "verify",
+]
+
+# Defaults measured on the demo (see docs/verify.md): 4 windows of 512 tokens, the last 128 of
+# each teacher-forced through the decode path, finish in well under 5 minutes on 2 CPU cores.
+DEFAULT_TOKENS = 2048
+DEFAULT_SEQ_LEN = 512
+DEFAULT_PREFIX = 384
+# Thresholds set from demo measurements (docs/verify.md): the calibrated demo passes with margin,
+# a config whose runtime rotation is broken or that is no better than naive INT4 fails.
+DEFAULT_MAX_PPL_INCREASE = 5.0  # percent, runtime sawquant vs runtime full precision
+DEFAULT_MIN_RECOVERY = 40.0  # percent of naive INT4's simulated loss won back
+
+Progress = Callable[[str, int, int], None]
+CONFIG_FILE = "sawquant_kv.json"
+
+
+# -- baselines ------------------------------------------------------------------------------
+def naive_config(facts: ModelFacts) -> KVConfig:
+    """INT4 on every head of K and V: no rotation, no fallback."""
+    return KVConfig.uniform(facts, SideConfig(bits=4), SideConfig(bits=4))
+
+
+def fixed_config(facts: ModelFacts) -> KVConfig:
+    """The paper's fixed configuration: K rotated with block = head_dim, V plain INT4.
+
+    For a head_dim that is not a supported block (80, 96, 192) the largest supported block that
+    divides it is used.
+    """
+    block = max(b for b in SUPPORTED_BLOCKS if facts.head_dim % b == 0)
+    return KVConfig.uniform(facts, SideConfig(bits=4, rotation_block=block), SideConfig(bits=4))
+
+
+def recovery(ppl_full: float, ppl_naive: float, ppl_config: float) -> float:
+    """Share of naive INT4's perplexity loss that a config wins back: 1 = all of it, 0 = none.
+
+    ``(ppl_naive - ppl_config) / (ppl_naive - ppl_full)``. When naive INT4 loses nothing
+    (difference below 1e-6 relative) there is nothing to recover: 1.0 unless the config is worse
+    than naive, then 0.0.
+    """
+    loss = ppl_naive - ppl_full
+    if loss <= 1e-6 * ppl_full:
+        return 1.0 if ppl_config <= ppl_naive + 1e-6 * ppl_full else 0.0
+    return (ppl_naive - ppl_config) / loss
+
+
+# -- runtime measurement --------------------------------------------------------------------
+@dataclass(frozen=True)
+class RuntimeScores:
+    """Runtime accuracy on the teacher-forced positions of every window."""
+
+    ppl_full: float  # full precision, same positions
+    ppl: float  # through the runtime
+    kl: float  # mean KL(full || runtime) of next-token distributions, nats
+    top1_agreement: float  # share of positions where both argmaxes agree
+    positions: int  # scored positions over all windows
+
+
+def _full_logprobs(model, windows: torch.Tensor, start: int) -> torch.Tensor:
+    """Full-precision next-token log-probs at positions start..L-2 of every window.
+
+    windows: [N, L] -> [N, L - 1 - start, V] float32 (position t predicts token t + 1).
+    """
+    out = []
+    for row in windows:
+        logits = model(input_ids=row[None], use_cache=False).logits  # [1, L, V]
+        out.append(torch.log_softmax(logits[0, start:-1].float(), dim=-1))
+    return torch.stack(out)
+
+
+def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progress | None):
+    """Log-probs of the runtime model: prefill ``prefix`` tokens, then one token per step.
+
+    windows: [N, L]. Step j feeds token prefix + j (j = 0..L-2-prefix) through the decode path
+    and scores its prediction of token prefix + j + 1. Returns [N, L - 1 - prefix, V] float32.
+    All windows decode together as one batch (one sequence each in the paged cache).
+    """
+    n, length = windows.shape
+    out = model(input_ids=windows[:, :prefix], use_cache=True)
+    past = out.past_key_values
+    steps = length - 1 - prefix
+    logps = []
+    for j in range(steps):
+        tok = windows[:, prefix + j : prefix + j + 1]  # [N, 1]
+        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # [N, V]
+        if progress is not None:
+            progress("runtime", j + 1, steps)
+    return torch.stack(logps, dim=1)
+
+
+def runtime_scores(
+    model,
+    windows: torch.Tensor,
+    *,
+    prefix: int,
+    patch: Callable[[Any], None],
+    unpatch: Callable[[Any], None],
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> RuntimeScores:
+    """Score the runtime installed by ``patch(model)`` against the unpatched model.
+
+    windows: [N, L] token ids on the model's device; ``0 < prefix < L - 1``. Windows are decoded
+    ``batch_size`` at a time (memory: ``batch_size * L * vocab`` floats for the reference). The
+    model is unpatched when this returns, also on error.
+    """
+    n, length = windows.shape
+    if not 0 < prefix < length - 1:
+        raise InputError(
+            f"prefix {prefix} must be between 1 and {length - 2} for windows of {length} tokens; "
+            "use a shorter prefix"
+        )
+    steps = length - 1 - prefix
+    sums = torch.zeros(4, dtype=torch.float64)  # nll full, nll runtime, kl, top-1 agreements
+
+    def step_progress(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, start // batch_size * steps + done, -(-n // batch_size) * steps)
+
+    for start in range(0, n, batch_size):
+        rows = windows[start : start + batch_size]  # [B, L]
+        targets = rows[:, prefix + 1 :, None]  # [B, C, 1] tokens predicted by the decode steps
+        with torch.inference_mode():
+            ref = _full_logprobs(model, rows, prefix)  # [B, C, V]
+            patch(model)
+            try:
+                got = _runtime_logprobs(model, rows, prefix, step_progress)  # [B, C, V]
+            finally:
+                unpatch(model)
+            kl = (ref.exp() * (ref - got)).sum(-1)  # [B, C]
+            sums += torch.tensor(
+                [
+                    -ref.gather(-1, targets).sum().item(),
+                    -got.gather(-1, targets).sum().item(),
+                    kl.sum().item(),
+                    (ref.argmax(-1) == got.argmax(-1)).sum().item(),
+                ],
+                dtype=torch.float64,
+            )
+    count = n * steps
+    nll_ref, nll_got, kl_sum, agree = (sums / count).tolist()
+    return RuntimeScores(
+        ppl_full=math.exp(nll_ref),
+        ppl=math.exp(nll_got),
+        kl=max(kl_sum, 0.0),  # >= 0 in exact arithmetic; float noise can dip below
+        top1_agreement=agree,
+        positions=count,
+    )
+
+
+# -- the report -----------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    """Everything ``verify`` measured. ``to_dict()`` is the JSON report."""
+
+    model: str
+    tokens: int
+    simulated: dict[str, dict[str, float]]  # full / naive_int4 / saw_fixed / sawquant
+    runtime: dict[str, dict[str, float]]  # full / sawquant
+    recovery: float
+    passed: bool
+    ppl_increase_pct: float  # runtime sawquant vs runtime full, percent
+    max_ppl_increase_pct: float
+    min_recovery_pct: float
+    windows: int
+    seq_len: int
+    prefix: int
+    scored_positions: int
+    data: str
+    config_source: str  # "checkpoint", a calibration file, or "fixed"
+    config_summary: dict[str, Any]
+    device: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The machine-readable report (stable keys first; extras after)."""
+        return {
+            "model": self.model,
+            "tokens": self.tokens,
+            "simulated": self.simulated,
+            "runtime": self.runtime,
+            "recovery": self.recovery,
+            "passed": self.passed,
+            "ppl_increase_pct": self.ppl_increase_pct,
+            "thresholds": {
+                "max_ppl_increase_pct": self.max_ppl_increase_pct,
+                "min_recovery_pct": self.min_recovery_pct,
+            },
+            "failures": list(self.failures),
+            "windows": self.windows,
+            "seq_len": self.seq_len,
+            "prefix": self.prefix,
+            "scored_positions": self.scored_positions,
+            "data": self.data,
+            "config_source": self.config_source,
+            "config": self.config_summary,
+            "device": self.device,
+            "timings_s": self.timings_s,
+        }
+
+
+def verdict(
+    *, ppl_increase_pct: float, recovery_: float, max_ppl_increase: float, min_recovery: float
+) -> list[str]:
+    """The failed checks, one sentence each (empty = pass)."""
+    failures = []
+    if not ppl_increase_pct <= max_ppl_increase:  # also catches NaN
+        failures.append(
+            f"runtime perplexity increase {ppl_increase_pct:.2f}% exceeds {max_ppl_increase:g}%"
+        )
+    if not recovery_ * 100 >= min_recovery:
+        failures.append(
+            f"recovery {recovery_ * 100:.1f}% of naive INT4's loss is below {min_recovery:g}%"
+        )
+    return failures
+
+
+def config_summary(config: KVConfig) -> dict[str, Any]:
+    """A short description of a config for the report."""
+    heads = config.model.num_kv_heads
+    fallback = sum(len(getattr(lc, s).fallback_heads) for lc in config.layers for s in "kv")
+    blocks: dict[str, int] = {}
+    for lc in config.layers:
+        key = str(lc.k.rotation_block)
+        blocks[key] = blocks.get(key, 0) + 1
+    return {
+        "avg_bits": config.average_bits(),
+        "values_folded": config.values_folded,
+        "k_rotation_blocks": blocks,  # block -> number of layers
+        "fallback_heads": fallback,
+        "kv_heads_total": 2 * heads * config.model.num_layers,
+    }
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def _check_thresholds(tokens: int, seq_len: int, prefix: int) -> None:
+    if tokens < seq_len:
+        raise InputError(
+            f"--tokens {tokens} is shorter than one window of {seq_len} tokens; "
+            f"use --tokens {seq_len} or more"
+        )
+    if not 0 < prefix < seq_len - 1:
+        raise InputError(
+            f"prefix {prefix} must be between 1 and {seq_len - 2} for windows of {seq_len} "
+            "tokens; use a shorter prefix"
+        )
+
+
+def _read_text(data: str | Path) -> tuple[str, str]:
+    """(text, description). ``"demo"`` is the demo's evaluation split, disjoint from calibration."""
+    from sawquant import data as text_data
+
+    if str(data) == "demo":
+        return text_data.evaluation_text(), "demo (evaluation split)"
+    return text_data.load_text(data), str(data)
+
+
+def _windows(tokenizer, text: str, *, tokens: int, seq_len: int) -> torch.Tensor:
+    from sawquant import data as text_data
+
+    num = tokens // seq_len
+    try:
+        return text_data.token_windows(tokenizer, text, num=num, seq_len=seq_len)
+    except InputError as err:
+        raise InputError(
+            f"{err} (verify asked for {num} windows of {seq_len} tokens = {num * seq_len}; "
+            "pass a smaller --tokens or longer text)"
+        ) from None
+
+
+def read_checkpoint_config(path: Path) -> KVConfig | None:
+    """The KV config a sawquant export stored in ``path``, or None when it has none."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    return KVConfig.from_json(file.read_text())
+
+
+def load_config_file(path: str | Path) -> KVConfig:
+    """A KV config from a calibration file or a bare ``sawquant_kv.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist; run sawquant calibrate first")
+    from sawquant.calibration import load_calibration
+
+    cal = load_calibration(path)
+    return cal if isinstance(cal, KVConfig) else cal.config
+
+
+def no_config_message(path: str | Path) -> str:
+    return (
+        f"{path} is not a sawquant export (no {CONFIG_FILE}), so there is no config to verify; "
+        f"compare on it with `sawquant verify {path} --config calibration.json` "
+        f"(or `--config fixed` for the plain full / naive INT4 / fixed-block comparison), "
+        f"or export it first with `sawquant export {path} -c calibration.json -o OUT`"
+    )
+
+
+# -- the entry point ------------------------------------------------------------------------
+def verify(
+    model_path: str | Path | None,
+    *,
+    data: str | Path = "demo",
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    prefix: int = DEFAULT_PREFIX,
+    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
+    min_recovery: float = DEFAULT_MIN_RECOVERY,
+    config: str | Path | KVConfig | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Measure a sawquant checkpoint's accuracy, simulated and through the runtime.
+
+    ``model_path`` is a checkpoint exported by sawquant (None: the demo model exported with its
+    calibrated config, built once into the user cache). ``config`` overrides the checkpoint's
+    config: a KVConfig, a calibration / ``sawquant_kv.json`` file, or ``"fixed"`` (the paper's
+    fixed configuration); with it, ``model_path`` may be any supported HF checkpoint.
+    ``tokens`` held-out tokens are cut into ``tokens // seq_len`` windows; the last
+    ``seq_len - prefix - 1`` positions of each are teacher-forced through the decode path.
+    Raises InputError / ConfigError for bad input.
+    """
+    from sawquant import models, runtime
+    from sawquant.simulate import simulated_perplexity
+
+    _check_thresholds(tokens, seq_len, prefix)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model_path is None:
+        from sawquant.verify_demo import demo_export
+
+        path = demo_export(progress=progress)
+        label = "demo"
+    else:
+        path = Path(model_path)
+        if not path.exists():
+            raise InputError(f"checkpoint {path} does not exist; pass a sawquant export directory")
+        label = str(model_path)
+    times["prepare"] = time.perf_counter() - t0
+
+    # The config: the checkpoint's own (what from_pretrained applies), or the override.
+    t0 = time.perf_counter()
+    stored = read_checkpoint_config(path) if path.is_dir() else None
+    model, tokenizer = models.load_model(str(path))
+    facts = models.model_facts(model.config)
+    if isinstance(config, KVConfig):
+        cfg, source = config, "given"
+    elif config is not None and str(config) == "fixed":
+        cfg, source = fixed_config(facts), "fixed"
+    elif config is not None:
+        cfg, source = load_config_file(config), str(config)
+    elif stored is not None:
+        cfg, source = stored, "checkpoint"
+    else:
+        raise InputError(no_config_message(model_path if model_path is not None else path))
+    cfg.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    device = next(model.parameters()).device
+    model.eval()
+    times["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    text, data_label = _read_text(data)
+    windows = _windows(tokenizer, text, tokens=tokens, seq_len=seq_len).to(device)
+    times["data"] = time.perf_counter() - t0
+
+    # 1. simulated
+    t0 = time.perf_counter()
+    cases = {
+        "full": None,
+        "naive_int4": naive_config(facts),
+        "saw_fixed": fixed_config(facts),
+        "sawquant": cfg,
+    }
+    simulated: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for i, (name, case) in enumerate(cases.items()):
+            if progress is not None:
+                progress("simulated", i, len(cases))
+            simulated[name] = {"ppl": float(simulated_perplexity(model, windows, case))}
+    if progress is not None:
+        progress("simulated", len(cases), len(cases))
+    simulated["sawquant"]["avg_bits"] = cfg.average_bits()
+    times["simulated"] = time.perf_counter() - t0
+
+    # 2. runtime
+    t0 = time.perf_counter()
+    scores = runtime_scores(
+        model,
+        windows,
+        prefix=prefix,
+        patch=lambda m: runtime.patch(m, cfg),
+        unpatch=runtime.unpatch,
+        progress=progress,
+    )
+    times["runtime"] = time.perf_counter() - t0
+
+    # 3. verdict
+    rec = recovery(
+        simulated["full"]["ppl"], simulated["naive_int4"]["ppl"], simulated["sawquant"]["ppl"]
+    )
+    increase = (scores.ppl / scores.ppl_full - 1.0) * 100.0
+    failures = verdict(
+        ppl_increase_pct=increase,
+        recovery_=rec,
+        max_ppl_increase=max_ppl_increase,
+        min_recovery=min_recovery,
+    )
+    return VerifyReport(
+        model=label,
+        tokens=int(windows.numel()),
+        simulated=simulated,
+        runtime={
+            "full": {"ppl": scores.ppl_full},
+            "sawquant": {
+                "ppl": scores.ppl,
+                "kl": scores.kl,
+                "top1_agreement": scores.top1_agreement,
+            },
+        },
+        recovery=rec,
+        passed=not failures,
+        ppl_increase_pct=increase,
+        max_ppl_increase_pct=float(max_ppl_increase),
+        min_recovery_pct=float(min_recovery),
+        windows=int(windows.shape[0]),
+        seq_len=seq_len,
+        prefix=prefix,
+        scored_positions=scores.positions,
+        data=data_label,
+        config_source=source,
+        config_summary=config_summary(cfg),
+        device=str(device),
+        timings_s={k: round(v, 2) for k, v in times.items()},
+        failures=failures,
+    )
