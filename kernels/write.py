@@ -97,26 +97,49 @@ def _bf16_rne(v):
 
 
 @triton.jit
-def _butterfly(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, LOG_BLOCK: tl.constexpr):
-    """Unnormalised Walsh-Hadamard transform of each BLOCK-chunk of the rows of x.
+def _butterfly_stage(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, H: tl.constexpr):
+    """One stage: pair element d with d + H inside aligned groups of 2H: (a, b) -> (a+b, a-b).
 
-    x: [C, R, VEC] float32 (element d = c * VEC + e). Stage h pairs d with d + h inside aligned
-    groups of 2h: (a, b) -> (a + b, a - b), as ``sawquant.quant.hadamard._butterfly``.
+    x: [C, R, VEC] float32, element d = c * VEC + e of each of the R rows.
     """
-    for s in tl.static_range(LOG_BLOCK):
-        h: tl.constexpr = 1 << s
-        if h < VEC:
-            # Partners inside one 16-byte chunk: [C, R, VEC/2h, 2, h], pair axis moved last.
-            y = tl.permute(tl.reshape(x, [C, R, VEC // (2 * h), 2, h]), (0, 1, 2, 4, 3))
-            a, b = tl.split(y)
-            y = tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3))
-        else:
-            # Partners in chunks c and c + h/VEC: [C/2k, 2, k, R, VEC] with k = h / VEC.
-            k: tl.constexpr = h // VEC
-            y = tl.permute(tl.reshape(x, [C // (2 * k), 2, k, R, VEC]), (0, 2, 3, 4, 1))
-            a, b = tl.split(y)
-            y = tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3))
-        x = tl.reshape(y, [C, R, VEC])
+    if H < VEC:
+        # Partners inside one 16-byte chunk: [C, R, VEC/2H, 2, H], pair axis moved last.
+        y = tl.permute(tl.reshape(x, [C, R, VEC // (2 * H), 2, H]), (0, 1, 2, 4, 3))
+        a, b = tl.split(y)
+        y = tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3))
+    else:
+        # Partners in chunks c and c + H/VEC: [C/2K, 2, K, R, VEC] with K = H / VEC.
+        K: tl.constexpr = H // VEC
+        y = tl.permute(tl.reshape(x, [C // (2 * K), 2, K, R, VEC]), (0, 2, 3, 4, 1))
+        a, b = tl.split(y)
+        y = tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3))
+    return tl.reshape(y, [C, R, VEC])
+
+
+@triton.jit
+def _butterfly(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each 2**LOG_BLOCK-chunk of the rows of x.
+
+    Stages h = 1, 2, 4, ... in this order, as ``sawquant.quant.hadamard._butterfly`` (unrolled
+    by hand: a static_range index cannot make the constexpr shapes of a reshape).
+    """
+    if LOG_BLOCK > 0:
+        x = _butterfly_stage(x, C, R, VEC, 1)
+    if LOG_BLOCK > 1:
+        x = _butterfly_stage(x, C, R, VEC, 2)
+    if LOG_BLOCK > 2:
+        x = _butterfly_stage(x, C, R, VEC, 4)
+    if LOG_BLOCK > 3:
+        x = _butterfly_stage(x, C, R, VEC, 8)
+    if LOG_BLOCK > 4:
+        x = _butterfly_stage(x, C, R, VEC, 16)
+    if LOG_BLOCK > 5:
+        x = _butterfly_stage(x, C, R, VEC, 32)
+    if LOG_BLOCK > 6:
+        x = _butterfly_stage(x, C, R, VEC, 64)
+    if LOG_BLOCK > 7:
+        x = _butterfly_stage(x, C, R, VEC, 128)
+    tl.static_assert(LOG_BLOCK <= 8)
     return x
 
 
@@ -132,6 +155,7 @@ def _write_rows(
     scale_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
     zero_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
     # sizes
+    num_tokens,  # T
     num_rows,  # T * Hp
     num_pool_heads,  # Hp
     page_size,
@@ -155,10 +179,11 @@ def _write_rows(
     tl.static_assert(GROUP % VEC == 0)
     tl.static_assert((1 << LOG_BLOCK) <= D_PAD)
 
-    # Rows of this program: r = t * Hp + i (token t, pool head i).
+    # Rows of this program: r = i * T + t (pool head i, token t). Head-major, so that a warp's
+    # scale/zero/code stores of consecutive tokens of one head land in consecutive slots.
     r = pid * ROWS + tl.arange(0, ROWS)  # [R]
-    t = r // num_pool_heads
-    i = r % num_pool_heads
+    i = r // num_tokens
+    t = r % num_tokens
     slot = tl.load(slot_ptr + t, mask=r < num_rows, other=-1)  # [R] int64
     live = slot >= 0
     head = tl.load(heads_ptr + i, mask=live, other=0)  # tiny table, stays in L1
@@ -254,6 +279,7 @@ def _rotate_quantize_paged_kernel(
     zero1_ptr,
     slot_ptr,
     # sizes
+    num_tokens,
     num_rows0,
     num_pool_heads0,
     num_rows1,
@@ -286,14 +312,16 @@ def _rotate_quantize_paged_kernel(
         if pid * ROWS < num_rows0:
             _write_rows(
                 pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, codes0_ptr, scale0_ptr,
-                zero0_ptr, num_rows0, num_pool_heads0, page_size, stride_x0t, stride_x0h,
+                zero0_ptr, num_tokens, num_rows0, num_pool_heads0, page_size,
+                stride_x0t, stride_x0h,
                 D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
             )  # fmt: skip
     else:
         if pid * ROWS < num_rows1:
             _write_rows(
                 pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, codes1_ptr, scale1_ptr,
-                zero1_ptr, num_rows1, num_pool_heads1, page_size, stride_x1t, stride_x1h,
+                zero1_ptr, num_tokens, num_rows1, num_pool_heads1, page_size,
+                stride_x1t, stride_x1h,
                 D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
             )  # fmt: skip
 
@@ -336,6 +364,7 @@ def rotate_quantize_paged(
             j0["x"], j0["heads"], j0["signs"], j0["codes"], j0["scale"], j0["zero"],
             j1["x"], j1["heads"], j1["signs"], j1["codes"], j1["scale"], j1["zero"],
             slot_mapping,
+            num_tokens,
             j0["num_rows"], j0["num_pool_heads"], j1["num_rows"], j1["num_pool_heads"],
             k_store.page_size,
             j0["x"].stride(0), j0["x"].stride(1), j1["x"].stride(0), j1["x"].stride(1),
@@ -348,7 +377,6 @@ def rotate_quantize_paged(
             # Bit-exactness: the reference rounds every multiply and add separately.
             enable_fp_fusion=False,
         )  # fmt: skip
-
 
 
 def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
