@@ -61,9 +61,12 @@ def export(model: str | None, calibration: Path, out: Path, fold_values: bool, f
     if result.rewritten:
         table.add_row("rewritten", ", ".join(result.rewritten))
     for side in ("k", "v"):
-        blocks = Counter(getattr(layer, side).rotation_block for layer in cfg.layers)
+        # The calibrated rotations (the written config has identity V rotations once folded).
+        blocks = Counter(getattr(layer, side).rotation_block for layer in config.layers)
         fallbacks = sum(len(getattr(layer, side).fallback_heads) for layer in cfg.layers)
         summary = ", ".join(f"block {b} x{n}" for b, n in sorted(blocks.items()))
+        if side == "v" and cfg.values_folded:
+            summary += " (folded into the weights)"
         table.add_row(f"{side.upper()} rotation", f"{summary}; {fallbacks} fallback head(s)")
     folded = (
         f"yes ({len(result.folded_layers)} layer(s) folded into v_proj/o_proj)"

@@ -115,7 +115,8 @@ def read_kv_config(path: str | Path) -> KVConfig:
     except ImportError:
         load_calibration = None
     if load_calibration is not None:
-        return load_calibration(path).config
+        result = load_calibration(path)
+        return result if isinstance(result, KVConfig) else result.config
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -152,28 +153,16 @@ def _model_facts(source: Path) -> tuple[ModelFacts, int]:
     """(facts the KV config must match, number of query heads) from the source's config.json."""
     from transformers import AutoConfig
 
+    from sawquant.models import model_facts, text_config
+
     try:
-        hf_config = AutoConfig.from_pretrained(str(source))
+        hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UnsupportedModelError(
-            f"transformers cannot read {source}/config.json ({err}); use a supported model"
+            f"transformers cannot read {source}/config.json ({first}); use a supported model"
         ) from None
-    text = hf_config.get_text_config()
-    num_heads = int(text.num_attention_heads)
-    try:
-        from sawquant.models import model_facts
-    except ImportError:
-        model_facts = None
-    if model_facts is not None:
-        return model_facts(hf_config), num_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    facts = ModelFacts(
-        num_layers=int(text.num_hidden_layers),
-        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or num_heads),
-        head_dim=int(head_dim),
-        model_type=str(text.model_type),
-    )
-    return facts, num_heads
+    return model_facts(hf_config), int(text_config(hf_config).num_attention_heads)
 
 
 def _check_paths(source: Path, out: Path, force: bool) -> None:
@@ -381,13 +370,16 @@ def _write_shard(src: Path, dst: Path, updates: dict[str, torch.Tensor]) -> None
             if tensors[name] is None:
                 tensors[name] = f.get_tensor(name)
     save_file(tensors, str(dst), metadata=metadata)
+    shutil.copymode(src, dst)  # same permissions as the linked files beside it
     _fsync(dst)
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:
     """Hard-link src (following symlinks, e.g. HF cache snapshots) to dst; copy if impossible."""
     try:
-        os.link(src, dst, follow_symlinks=True)
+        # realpath, not follow_symlinks=True: some platforms still link the symlink itself,
+        # and a hard link to a relative symlink would dangle in OUT.
+        os.link(os.path.realpath(src), dst)
         return True
     except OSError:
         shutil.copy2(src, dst)

@@ -204,6 +204,37 @@ def test_fold_refused_for_fused_qkv(tmp_path):
     export_checkpoint(src, _kv_config("phi3"), tmp_path / "out")  # without folding it works
 
 
+def test_default_source_is_the_demo_checkpoint(ckpts, tmp_path, monkeypatch):
+    import sawquant.models
+
+    monkeypatch.setattr(sawquant.models, "demo_checkpoint_dir", lambda: ckpts["llama"])
+    result = export_checkpoint(None, _kv_config(), tmp_path / "out")
+    assert result.source == ckpts["llama"].resolve()
+
+
+def test_hf_cache_symlinks_are_followed(ckpts, tmp_path):
+    # A hub cache snapshot holds symlinks to blobs; OUT must hold the files, not dangling links.
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snap.mkdir()
+    for f in ckpts["llama"].iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blobs / f.name)
+    export_checkpoint(snap, _kv_config(), tmp_path / "out")
+    weights = tmp_path / "out" / "model.safetensors"
+    assert not weights.is_symlink() and os.path.samefile(weights, blobs / "model.safetensors")
+
+
+def test_re_export_replaces_the_kv_config(ckpts, tmp_path):
+    first, second = _kv_config(), KVConfig.uniform(_kv_config().model, k=SideConfig(bits=8))
+    export_checkpoint(ckpts["llama"], first, tmp_path / "a", fold_values=True)
+    export_checkpoint(tmp_path / "a", second, tmp_path / "b")
+    assert KVConfig.from_json((tmp_path / "b" / CONFIG_FILE).read_text()) == second
+    assert json.loads((tmp_path / "b" / "config.json").read_text())[CONFIG_KEY]["config_file"] == (
+        CONFIG_FILE
+    )
+
+
 def test_read_kv_config(tmp_path):
     config = _kv_config()
     (tmp_path / "bare.json").write_text(config.to_json())
