@@ -1,0 +1,244 @@
+"""GPU benchmark of the fused rotate + quantize + paged write kernel.
+
+1. Checks the kernel bit-exact against the pure-torch twin on the GPU (INT4, fallback pools,
+   head_dim 96, signs, groups), untouched slots included.
+2. Measures the device copy bandwidth (1 GiB device-to-device copy, bytes read + written).
+3. Times the write (median of ``triton.testing.do_bench``, rotating input buffers so they do
+   not sit in L2) for a Qwen3-8B layer (8 KV heads, head_dim 128) and the demo layer (3 KV
+   heads, head_dim 64), at 65,536 tokens (prefill) and 32 tokens (one decode step of batch 32),
+   block 1 vs 64 vs 128: microseconds, GB/s (bytes read + written), share of copy bandwidth and
+   time over block 1.
+
+Usage: ``python benchmarks/bench_write.py [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import triton
+
+from sawquant.format import Pool, SideStore, allocate_side
+from sawquant.kernels import write
+from sawquant.kernels.write import rotate_quantize_paged, rotate_quantize_paged_ref
+from sawquant.quant import random_signs
+
+__all__ = ["run"]
+
+QWEN3_8B = {"name": "qwen3-8b", "h_kv": 8, "d": 128, "blocks": (1, 64, 128)}
+DEMO = {"name": "demo", "h_kv": 3, "d": 64, "blocks": (1, 32, 64)}
+PAGE = 16
+
+
+def _us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.randn(1 << 28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    us = _us(lambda: dst.copy_(src))
+    return 2 * (1 << 28) * 4 / us / 1e3
+
+
+def _side(h_kv, d, block, *, pages, device, bits=None, group=None, seed=None) -> SideStore:
+    store = allocate_side(
+        num_kv_heads=h_kv,
+        head_dim=d,
+        head_bits=bits or (4,) * h_kv,
+        num_pages=pages,
+        page_size=PAGE,
+        block=block,
+        signs=None if seed is None else random_signs(d, seed),
+        group_size=group,
+        device=device,
+    )
+    for pool in store.pools.values():  # poison: untouched slots must keep these bytes
+        for t in (pool.codes, pool.scale, pool.zero):
+            if t is not None:
+                t.view(torch.uint8).random_(0, 256)
+                if t.is_floating_point():
+                    t.nan_to_num_(0.0, 0.0, 0.0)
+    return store
+
+
+def _copy(store: SideStore) -> SideStore:
+    pools = {
+        b: Pool(p.spec, *(None if t is None else t.clone() for t in (p.codes, p.scale, p.zero)))
+        for b, p in store.pools.items()
+    }
+    return SideStore(
+        store.num_kv_heads, store.head_dim, store.block, store.signs, pools, dict(store.heads)
+    )
+
+
+def _slots(tokens: int, pages: int, device, gen) -> torch.Tensor:
+    """Prefill-like slots: consecutive positions through a permuted block table."""
+    table = torch.randperm(pages, device=device, generator=gen)
+    pos = torch.arange(tokens, device=device)
+    return table[pos // PAGE] * PAGE + pos % PAGE
+
+
+def _inputs(tokens, h_kv, d, device, gen, dtype=torch.bfloat16):
+    x = torch.randn(2, tokens, h_kv, d, device=device, generator=gen)
+    x[..., :4] *= 30.0  # outlier channels, as post-RoPE keys have
+    x = x.to(dtype)
+    return x[0], x[1]
+
+
+def check(device: torch.device) -> list[dict]:
+    """Kernel vs twin on the GPU, bit for bit; returns one row per case."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    cases = [
+        # name, h_kv, d, k block, k seed, v block, group, k bits, v bits, T, dtype
+        ("qwen b128 signs", 8, 128, 128, 1, 64, None, None, None, 4099, torch.bfloat16),
+        ("qwen b1 g32 fp32", 8, 128, 1, None, 128, 32, None, None, 517, torch.float32),
+        ("demo b64 fp16", 3, 64, 64, 2, 32, None, None, None, 2049, torch.float16),
+        ("mixed pools", 3, 64, 32, 3, 16, 32, (4, 8, 16), (16, 4, 4), 1001, torch.bfloat16),
+        ("d96 b32", 4, 96, 32, 4, 16, 32, (4, 4, 8, 4), None, 777, torch.bfloat16),
+        ("decode 32", 8, 128, 128, 5, 128, None, None, None, 32, torch.bfloat16),
+    ]
+    rows = []
+    for name, h_kv, d, kb, ks, vb, group, kbits, vbits, tokens, dtype in cases:
+        pages = 2 * (tokens // PAGE + 2)
+        k_store = _side(h_kv, d, kb, pages=pages, device=device, bits=kbits, group=group, seed=ks)
+        v_store = _side(h_kv, d, vb, pages=pages, device=device, bits=vbits, group=group)
+        k_ref, v_ref = _copy(k_store), _copy(v_store)
+        k, v = _inputs(tokens, h_kv, d, device, gen, dtype)
+        slots = _slots(tokens, pages, device, gen)
+        slots[torch.rand(tokens, device=device, generator=gen) < 0.1] = -1
+        rotate_quantize_paged(k, v, slots, k_store, v_store)
+        rotate_quantize_paged_ref(k, v, slots, k_ref, v_ref)
+        bad = 0
+        for a, b in ((k_store, k_ref), (v_store, v_ref)):
+            for bits in a.pools:
+                for field in ("codes", "scale", "zero"):
+                    x, y = getattr(a.pools[bits], field), getattr(b.pools[bits], field)
+                    if x is not None:
+                        bad += int((x.view(torch.uint8) != y.view(torch.uint8)).sum())
+        rows.append({"check": name, "tokens": tokens, "differing_bytes": bad})
+    return rows
+
+
+def _bytes(tokens, h_kv, d, in_bytes=2) -> int:
+    """Bytes the write must move: K and V read, slots read, codes + fp16 scale/zero written."""
+    return tokens * (2 * h_kv * (d * in_bytes + d // 2 + 4) + 8)
+
+
+def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
+    h_kv, d = spec["h_kv"], spec["d"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    pages = tokens // PAGE + 2
+    k_store = _side(h_kv, d, block, pages=pages, device=device, seed=7 if signs else None)
+    v_store = _side(h_kv, d, block, pages=pages, device=device)
+    slots = _slots(tokens, pages, device, gen)
+    in_set = 2 * tokens * h_kv * d * 2
+    n_sets = max(2, min(64, (200 << 20) // in_set + 1))  # > 200 MB of inputs: none stays in L2
+    sets = [_inputs(tokens, h_kv, d, device, gen) for _ in range(n_sets)]
+    state = {"i": 0}
+
+    def step():
+        k, v = sets[state["i"] % n_sets]
+        state["i"] += 1
+        rotate_quantize_paged(k, v, slots, k_store, v_store)
+
+    us = _us(step)
+    nbytes = _bytes(tokens, h_kv, d)
+    gbs = nbytes / us / 1e3
+    return {
+        "model": spec["name"], "h_kv": h_kv, "head_dim": d, "tokens": tokens, "block": block,
+        "signs": signs, "us": round(us, 2), "bytes": nbytes, "GB/s": round(gbs, 1),
+        "pct_copy": round(100 * gbs / copy_gbs, 1),
+    }  # fmt: skip
+
+
+def run(device: torch.device | str) -> list[dict]:
+    """All checks and timings on ``device``; one dict per row."""
+    device = torch.device(device)
+    rows: list[dict] = [
+        {
+            "device": torch.cuda.get_device_name(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        }
+    ]
+    rows += check(device)
+    copy_gbs = copy_bandwidth(device)
+    rows.append({"copy_GB/s": round(copy_gbs, 1)})
+    for spec in (QWEN3_8B, DEMO):
+        for tokens in (65536, 32):
+            base = None
+            for block in spec["blocks"]:
+                row = time_write(spec, tokens, block, device, copy_gbs)
+                base = base or row["us"]
+                row["vs_block1"] = round(row["us"] / base, 3)
+                rows.append(row)
+            if tokens == 65536:
+                row = time_write(spec, tokens, spec["blocks"][-1], device, copy_gbs, signs=True)
+                row["vs_block1"] = round(row["us"] / base, 3)
+                rows.append(row)
+    return rows
+
+
+def sweep(device: torch.device | str) -> list[dict]:
+    """Qwen3-8B layer at 65,536 tokens, block 1 and 128, for several warps per program."""
+    device = torch.device(device)
+    copy_gbs = copy_bandwidth(device)
+    rows, default = [], write._NUM_WARPS
+    try:
+        for warps in (2, 4, 8):
+            write._NUM_WARPS = warps
+            for block in (1, 128):
+                row = time_write(QWEN3_8B, 65536, block, device, copy_gbs)
+                row["model"] = f"w{warps}"
+                row["vs_block1"] = 0.0
+                rows.append(row)
+    finally:
+        write._NUM_WARPS = default
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if "check" in r:
+            ok = "ok" if r["differing_bytes"] == 0 else f"FAIL ({r['differing_bytes']} bytes)"
+            lines.append(f"check {r['check']:<18} T={r['tokens']:<6} bit-exact: {ok}")
+        elif "copy_GB/s" in r:
+            lines.append(f"device copy bandwidth: {r['copy_GB/s']:.0f} GB/s (read + write)")
+            lines.append(
+                f"{'layer':<9} {'T':>6} {'block':>5} {'signs':>5} {'us':>9} {'GB/s':>7} "
+                f"{'%copy':>6} {'/block1':>7}"
+            )
+        elif "us" in r:
+            lines.append(
+                f"{r['model']:<9} {r['tokens']:>6} {r['block']:>5} {str(r['signs']):>5} "
+                f"{r['us']:>9.2f} {r['GB/s']:>7.0f} {r['pct_copy']:>6.1f} {r['vs_block1']:>7.3f}"
+            )
+        else:
+            lines.append(" ".join(f"{k}={v}" for k, v in r.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--sweep", action="store_true", help="also time warps per program")
+    args = parser.parse_args()
+    device = triton.runtime.driver.active.get_active_torch_device()
+    rows = run(device)
+    if args.sweep:
+        rows += sweep(device)
+    print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
