@@ -77,7 +77,7 @@ _ATTENTION_PREFIXES: dict[str, tuple[str, ...]] = {
             "gemma",
             "gemma2",
             "gemma3_text",
-            "olmo2",
+            "mixtral",
         ),
         _LLAMA_STYLE,
     ),
@@ -387,6 +387,14 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
+def _is_weight_file(rel: Path) -> bool:
+    """Weights another loader might read (consolidated.safetensors, pytorch_model.bin...)."""
+    name = rel.name
+    return name.endswith(".safetensors") or (
+        name.startswith(("pytorch_model", "consolidated")) and name.endswith((".bin", ".pth"))
+    )
+
+
 def _source_files(source: Path) -> list[Path]:
     """Every file of the checkpoint, relative, skipping hidden entries (.git, .cache)."""
     files = []
@@ -431,16 +439,17 @@ def _swap_into_place(tmp: Path, out: Path) -> list[str]:
     """Rename the finished tmp dir to OUT; an existing OUT is deleted only once that succeeded."""
     warnings = []
     old = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.sawquant-old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-        else:
-            out.rmdir()
     try:
+        if out.exists():
+            if any(out.iterdir()):
+                aside = out.with_name(f".{out.name}.sawquant-old-{uuid.uuid4().hex[:8]}")
+                os.rename(out, aside)
+                old = aside
+            else:
+                out.rmdir()
         os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
+    except BaseException:  # includes Ctrl-C between the two renames: put the old OUT back
+        if old is not None and not out.exists():
             os.rename(old, out)
         raise
     _fsync(out.parent)
@@ -487,14 +496,9 @@ def export_checkpoint(
     if fold_values:
         updates, folded_layers = _plan_fold(src, config, hf_json, num_q_heads)
         config = _folded_config(config)
-        weight_map = _weight_map(src) or {}
-        stray = [
-            str(p)
-            for p in _source_files(src)
-            if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-            and str(p) not in set(weight_map.values())
-        ]
-        if stray:
+        indexed = set((_weight_map(src) or {}).values())
+        stray = [str(p) for p in _source_files(src) if _is_weight_file(p) and str(p) not in indexed]
+        if stray and folded_layers:
             warnings.append(
                 f"weight files outside the HF index were linked unfolded: {', '.join(stray)}; "
                 "delete them from the output if another engine would load them"

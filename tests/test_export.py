@@ -235,6 +235,17 @@ def test_re_export_replaces_the_kv_config(ckpts, tmp_path):
     )
 
 
+def test_unindexed_weight_files_warn_when_folding(ckpts, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["llama_sharded"], src)
+    shutil.copy(sorted(src.glob("model-*.safetensors"))[0], src / "consolidated.safetensors")
+    result = export_checkpoint(src, _kv_config(), tmp_path / "out", fold_values=True)
+    assert len(result.warnings) == 1 and "consolidated.safetensors" in result.warnings[0]
+    assert not export_checkpoint(src, _kv_config(), tmp_path / "out2").warnings
+
+
 def test_read_kv_config(tmp_path):
     config = _kv_config()
     (tmp_path / "bare.json").write_text(config.to_json())
