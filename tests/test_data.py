@@ -123,7 +123,7 @@ class _BosTokenizer:
 
     bos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True, **kwargs):
         ids = [10 + len(w) for w in text.split()]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 

@@ -39,6 +39,20 @@ def test_demo_model_facts(demo_model):
     assert attn == models.LayerAttention(softmax_scale=0.125, sliding_window=None, softcap=None)
 
 
+def test_demo_tokenizer(demo_tokenizer):
+    tok = demo_tokenizer
+    assert tok.bos_token == "<|im_start|>" and tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert (tok.bos_token_id, tok.eos_token_id, tok.model_max_length) == (1, 2, 8192)
+    text = "In the beginning God created 12 heavens  34 times, 日本語."
+    ids = tok(text).input_ids
+    assert ids[0] != tok.bos_token_id and tok.decode(ids) == text  # no BOS, lossless
+    # llama.cpp's "smollm" pre-tokenizer (as the original tokenizer): digits one by one.
+    assert tok.convert_ids_to_tokens(tok("x  34").input_ids) == ["x", "ĠĠ", "3", "4"]
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n")
+
+
 def test_demo_checkpoint_is_a_plain_hf_directory():
     path = models.demo_checkpoint_dir()
     assert models.demo_checkpoint_dir() == path  # cached: the same copy every call
@@ -47,7 +61,6 @@ def test_demo_checkpoint_is_a_plain_hf_directory():
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in config  # dense weights, no GGUF left
-    assert not list(path.parent.glob(".demo-tmp-*"))  # no leftover half copies
 
 
 def test_demo_cache_is_atomic(tmp_path, monkeypatch):
@@ -64,6 +77,8 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
         models.demo_checkpoint_dir()
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name != ".demo.lock"]
     assert leftovers == []
+    # A run killed outright (no cleanup) leaves a temp dir: the next conversion removes it.
+    (tmp_path / "cache" / ".demo-tmp-killed").mkdir()
 
     def fake(gguf, out):
         calls.append(out)
@@ -75,6 +90,7 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
     assert first.parent == tmp_path / "cache" and (first / "model.safetensors").is_file()
     assert models.demo_checkpoint_dir() == first
     assert len(calls) == 2  # the second call reused the converted copy
+    assert sorted(p.name for p in first.parent.iterdir()) == [".demo.lock", first.name]
 
 
 def test_cache_root_follows_environment(tmp_path, monkeypatch):
