@@ -21,7 +21,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from sawquant.format import allocate_side
 from sawquant.kernels import decode
 from sawquant.kernels.decode import paged_decode_attention, paged_decode_attention_ref
-from sawquant.kernels.prefill import paged_prefill_attention
+from sawquant.kernels.prefill import _dequant_into, paged_prefill_attention
 from sawquant.quant import paged_write_ref, random_signs
 
 __all__ = ["run"]
@@ -155,16 +155,8 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
 
     variants = []
     if sweep:
-        for bn, nw, ns in (
-            (32, 4, 2),
-            (64, 4, 2),
-            (64, 4, 3),
-            (64, 8, 2),
-            (128, 4, 2),
-            (128, 8, 2),
-            (128, 8, 3),
-            (64, 4, 4),
-        ):
+        configs = [(bn, nw, ns) for bn in (32, 64, 128) for nw in (4, 8) for ns in (1, 2, 3)]
+        for bn, nw, ns in configs:
             decode._TUNING.update(BLOCK_N=bn, num_warps=nw, num_stages=ns)
             try:
                 us = _bench(kern(), graph=True)
@@ -179,7 +171,7 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
             BLOCK_N=best["BLOCK_N"], num_warps=best["num_warps"], num_stages=best["num_stages"]
         )
         auto = decode._default_splits(batch, spec["h_kv"], ctx, device)
-        for ns in sorted({1, 2, 4, 8, 16, 32, auto}):
+        for ns in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, auto}):
             variants.append({"num_splits": ns, "graph_us": _bench(kern(num_splits=ns), True)})
     eager = _bench(kern(), graph=False)
     graph = _bench(kern(), graph=True)
@@ -241,9 +233,12 @@ def bench_prefill(device, spec, chunk, cached, page) -> dict:
         ),
         graph=False,
     )
+    grp = h_q // h_kv
+    buf = torch.empty(1, h_q, cached + chunk, d, device=device, dtype=torch.bfloat16)
+    gather = _bench(lambda: _dequant_into(buf, k_store, table, lens, cached, grp), graph=False)
+    del buf
     kc = torch.randn(1, h_kv, cached + chunk, d, device=device, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
-    grp = h_q // h_kv
     mask = causal_lower_right(chunk, cached + chunk)
     # torch's lower-right causal kernels take no GQA: time SDPA with the heads repeated
     # inside the call, and (its lower bound) on a cache already stored per query head.
@@ -262,6 +257,7 @@ def bench_prefill(device, spec, chunk, cached, page) -> dict:
         "cached": cached,
         "page_size": page,
         "kernel_us_eager": ours,
+        "gather_one_side_us_eager": gather,
         "sdpa_bf16_us_eager": base,
         "sdpa_bf16_prerepeated_us_eager": base_pre,
         "speedup_eager": base / ours,
@@ -288,7 +284,7 @@ def run(device: torch.device | str, sweep: bool = False) -> list[dict]:
         for b, n in ((32, 16384), (8, 32768), (1, 4096))
     ]
     jobs += [
-        (bench_decode_shape, (device, QWEN3_8B, 32, 16384, 64, bw, False)),
+        (bench_decode_shape, (device, QWEN3_8B, 32, 16384, 64, bw, sweep)),
         (bench_decode_shape, (device, DEMO, 32, 4096, page, bw, sweep)),
         (bench_prefill, (device, QWEN3_8B, 2048, 16384, page)),
     ]
@@ -318,7 +314,8 @@ def _table(rows: list[dict]) -> str:
             lines.append(
                 f"prefill B1 chunk {r['chunk']} over {r['cached']}: "
                 f"{r['kernel_us_eager']:.0f} us vs SDPA {r['sdpa_bf16_us_eager']:.0f} us"
-                f" (pre-repeated cache {r['sdpa_bf16_prerepeated_us_eager']:.0f} us)"
+                f" (pre-repeated cache {r['sdpa_bf16_prerepeated_us_eager']:.0f} us); "
+                f"dequant gather of one side {r['gather_one_side_us_eager']:.0f} us"
             )
         elif r["kind"] == "correctness":
             lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")

@@ -25,6 +25,7 @@ import triton.language as tl
 from sawquant.errors import InputError
 from sawquant.format import SideStore
 from sawquant.quant import block_hadamard, paged_gather_ref, rotate, unrotate
+from sawquant.quant.hadamard import hadamard_scale
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 
@@ -130,13 +131,82 @@ def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
     return lo, hi
 
 
+@triton.jit
+def _load_raw(ptr, tok, cols, mask, BITS: tl.constexpr):
+    """Raw codes of a [BLOCK_N, D] tile, kept packed (INT4: the bytes twice) to save registers."""
+    if BITS == 4:
+        a = tl.load(ptr + tok[:, None] + cols[None, :], mask=mask, other=0)
+        b = a
+    else:
+        a = tl.load(ptr + tok[:, None] + 2 * cols[None, :], mask=mask, other=0)
+        b = tl.load(ptr + tok[:, None] + 2 * cols[None, :] + 1, mask=mask, other=0)
+    return a, b
+
+
+@triton.jit
+def _codes_f16(c):
+    """uint8 codes (0..255) to fp16 without the slow int->float converter: the bit pattern
+    0x6400 | c is the fp16 number 1024 + c, and subtracting 1024 is exact."""
+    return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+
+
+@triton.jit
+def _split_raw(a, b, BITS: tl.constexpr):
+    """Raw codes -> even/odd halves: fp16 code values for INT4/INT8, the stored floats else."""
+    if BITS == 4:
+        return _codes_f16(a & 15), _codes_f16(a >> 4)
+    if BITS == 8:
+        return _codes_f16(a), _codes_f16(b)
+    return a, b
+
+
+@triton.jit
+def _load_params(
+    S,
+    Z,
+    tok,
+    cols,
+    tok_ok,
+    tile_ok,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Scale and zero of a tile: [BLOCK_N] per token, [BLOCK_N, DH] per group (fp16 raw)."""
+    if BITS == 16:
+        sc = tl.zeros([BLOCK_N], tl.float16)
+        zr = sc
+    elif GS == HEAD_DIM:
+        sc = tl.load(S + tok, mask=tok_ok, other=0.0)
+        zr = tl.load(Z + tok, mask=tok_ok, other=0.0)
+    else:
+        g_off = tok[:, None] + (2 * cols[None, :]) // GS
+        sc = tl.load(S + g_off, mask=tile_ok, other=0.0)
+        zr = tl.load(Z + g_off, mask=tile_ok, other=0.0)
+    return sc, zr
+
+
+@triton.jit
+def _rotate_rows(x, M, scale, rows_off, cols_off, mask):
+    """(x @ M[rows, cols]) * scale in ~float32 precision on the fp16 tensor cores.
+
+    M holds +-1 entries (exact in fp16); x is split as x_hi + x_lo, both fp16, so the two
+    fp32-accumulated dots lose only ~2**-22 relative (|x| must stay under the fp16 maximum).
+    """
+    m = tl.load(M + rows_off[:, None] + cols_off[None, :], mask=mask, other=0.0)
+    x_hi = x.to(tl.float16)
+    x_lo = (x - x_hi.to(tl.float32)).to(tl.float16)
+    return (tl.dot(x_hi, m) + tl.dot(x_lo, m)) * scale
+
+
 # fmt: off
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, SK, ML, ACC,
+    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, ML, ACC,
     # sizes
-    qk_scale, softcap, window, num_splits, num_q_heads, max_len,
+    qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len,
     # strides (elements; the last dim of every tensor is contiguous)
     stride_qb, stride_qh,
     stride_kcp, stride_kch, stride_kct,
@@ -148,8 +218,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_DH: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
-    K_ROT: tl.constexpr, K_SIGNS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    K_ROT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
 
@@ -181,26 +250,19 @@ def _decode_split_kernel(
     col_ok = cols < HEAD_DIM // 2
     q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
 
-    # Rotate q in float32: q' = (q * signs) @ H, kept as even/odd halves [BLOCK_G, BLOCK_DH].
+    # Rotate q: q' = q @ (diag(signs) H), kept as even/odd halves [BLOCK_G, BLOCK_DH].
     if K_ROT:
         d = tl.arange(0, 2 * BLOCK_DH)
         d_ok = d < HEAD_DIM
         q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q = q.to(tl.float32)
-        if K_SIGNS:
-            q = q * tl.load(SK + d, mask=d_ok, other=0.0)[None, :]
         h_mask = d_ok[:, None] & col_ok[None, :]
-        h_even = tl.load(HK + d[:, None] * HEAD_DIM + 2 * cols[None, :], mask=h_mask, other=0.0)
-        h_odd = tl.load(HK + d[:, None] * HEAD_DIM + 2 * cols[None, :] + 1, mask=h_mask, other=0.0)
-        q_even = tl.dot(q, h_even, input_precision="ieee")
-        q_odd = tl.dot(q, h_odd, input_precision="ieee")
+        q_even = _rotate_rows(q, HK, k_rot_scale, d * HEAD_DIM, 2 * cols, h_mask)
+        q_odd = _rotate_rows(q, HK, k_rot_scale, d * HEAD_DIM, 2 * cols + 1, h_mask)
     else:
         q_mask = row_ok[:, None] & col_ok[None, :]
         q_even = tl.load(q_row + 2 * cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
         q_odd = tl.load(q_row + 2 * cols[None, :] + 1, mask=q_mask, other=0.0).to(tl.float32)
-        if K_SIGNS:
-            q_even = q_even * tl.load(SK + 2 * cols, mask=col_ok, other=0.0)[None, :]
-            q_odd = q_odd * tl.load(SK + 2 * cols + 1, mask=col_ok, other=0.0)[None, :]
     # Codes are exact in fp16 (0..255), so the dots below see the rotated q rounded once.
     # 16-bit heads (fallbacks) dot in float32 (tf32 on the GPU): bf16 dots are wrong in the
     # Triton interpreter, and tf32 keeps more of q than bf16 would.
@@ -215,35 +277,68 @@ def _decode_split_kernel(
     acc_even = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
     acc_odd = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
     bt_row = BT + b.to(tl.int64) * stride_btb
+
+    # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
+    # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
+    # two memory latencies per tile; Triton's pipeliner does not cover the indirection here).
+    pos = lo + tl.arange(0, BLOCK_N)
+    tok_ok = pos < hi
+    page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
+    tile_ok = tok_ok[:, None] & col_ok[None, :]
+    k_tok = page * stride_kcp + kp * stride_kch + (pos % PAGE) * stride_kct
+    v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
+    ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
+    vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
+    nk_a, nk_b = _load_raw(KC, k_tok, cols, tile_ok, K_BITS)
+    nv_a, nv_b = _load_raw(VC, v_tok, cols, tile_ok, V_BITS)
+    nk_s, nk_z = _load_params(KS, KZ, ks_tok, cols, tok_ok, tile_ok, K_BITS, K_GS, HEAD_DIM,
+                              BLOCK_N)
+    nv_s, nv_z = _load_params(VS, VZ, vs_tok, cols, tok_ok, tile_ok, V_BITS, V_GS, HEAD_DIM,
+                              BLOCK_N)
+    pos2 = pos + BLOCK_N
+    page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
+
     for n0 in range(lo, hi, BLOCK_N):
+        k_a, k_b, k_s, k_z = nk_a, nk_b, nk_s, nk_z
+        v_a, v_b, v_s, v_z = nv_a, nv_b, nv_s, nv_z
         pos = n0 + tl.arange(0, BLOCK_N)
         tok_ok = pos < hi
-        page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
-        off = (pos % PAGE).to(tl.int64)
         tile_ok = tok_ok[:, None] & col_ok[None, :]
 
+        # ---- prefetch tile n0 + BLOCK_N (page ids already here) and page ids of n0 + 2 BLOCK_N
+        pos1 = pos + BLOCK_N
+        ok1 = pos1 < hi
+        ok1_tile = ok1[:, None] & col_ok[None, :]
+        off1 = pos1 % PAGE
+        k_tok = page2 * stride_kcp + kp * stride_kch + off1 * stride_kct
+        v_tok = page2 * stride_vcp + vp * stride_vch + off1 * stride_vct
+        ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
+        vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
+        nk_a, nk_b = _load_raw(KC, k_tok, cols, ok1_tile, K_BITS)
+        nk_s, nk_z = _load_params(KS, KZ, ks_tok, cols, ok1, ok1_tile, K_BITS, K_GS, HEAD_DIM,
+                                  BLOCK_N)
+        nv_a, nv_b = _load_raw(VC, v_tok, cols, ok1_tile, V_BITS)
+        nv_s, nv_z = _load_params(VS, VZ, vs_tok, cols, ok1, ok1_tile, V_BITS, V_GS, HEAD_DIM,
+                                  BLOCK_N)
+        pos2 = pos + 2 * BLOCK_N
+        page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
+
         # ---- scores s = q' . k  [BLOCK_G, BLOCK_N]
-        k_tok = page * stride_kcp + kp * stride_kch + off * stride_kct
-        k_lo, k_hi = _load_halves(KC, k_tok, cols, tile_ok, K_BITS)
+        k_lo, k_hi = _split_raw(k_a, k_b, K_BITS)
         if K_BITS == 16:
             s = tl.dot(q_even, tl.trans(k_lo.to(tl.float32)))
             s += tl.dot(q_odd, tl.trans(k_hi.to(tl.float32)))
+        elif K_GS == HEAD_DIM:
+            s = tl.dot(q_even, tl.trans(k_lo))
+            s += tl.dot(q_odd, tl.trans(k_hi))
+            s = s * k_s.to(tl.float32)[None, :] + q_sum[:, None] * k_z.to(tl.float32)[None, :]
         else:
-            ks_tok = page * stride_ksp + kp * stride_ksh + off * stride_kst
-            if K_GS == HEAD_DIM:
-                k_scale = tl.load(KS + ks_tok, mask=tok_ok, other=0.0).to(tl.float32)
-                k_zero = tl.load(KZ + ks_tok, mask=tok_ok, other=0.0).to(tl.float32)
-                s = tl.dot(q_even, tl.trans(k_lo.to(tl.float16)))
-                s += tl.dot(q_odd, tl.trans(k_hi.to(tl.float16)))
-                s = s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]
-            else:
-                # Per-group scales: dequantize in registers (both halves share column groups).
-                g_off = ks_tok[:, None] + (2 * cols[None, :]) // K_GS
-                k_scale = tl.load(KS + g_off, mask=tile_ok, other=0.0).to(tl.float32)
-                k_zero = tl.load(KZ + g_off, mask=tile_ok, other=0.0).to(tl.float32)
-                k_even = (k_lo.to(tl.float32) * k_scale + k_zero).to(tl.float16)
-                k_odd = (k_hi.to(tl.float32) * k_scale + k_zero).to(tl.float16)
-                s = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
+            # Per-group scales: dequantize in registers (both halves share column groups).
+            k_s32 = k_s.to(tl.float32)
+            k_z32 = k_z.to(tl.float32)
+            k_even = (k_lo.to(tl.float32) * k_s32 + k_z32).to(tl.float16)
+            k_odd = (k_hi.to(tl.float32) * k_s32 + k_z32).to(tl.float16)
+            s = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
 
         # ---- online softmax in float32, log2 units
         s = s * qk_scale
@@ -259,29 +354,23 @@ def _decode_split_kernel(
         m_i = m_new
 
         # ---- acc += p @ v
-        v_tok = page * stride_vcp + vp * stride_vch + off * stride_vct
-        v_lo, v_hi = _load_halves(VC, v_tok, cols, tile_ok, V_BITS)
+        v_lo, v_hi = _split_raw(v_a, v_b, V_BITS)
         if V_BITS == 16:
             acc_even += tl.dot(p, v_lo.to(tl.float32))
             acc_odd += tl.dot(p, v_hi.to(tl.float32))
+        elif V_GS == HEAD_DIM:
+            pv = (p * v_s.to(tl.float32)[None, :]).to(tl.float16)
+            pz = tl.sum(p * v_z.to(tl.float32)[None, :], 1)[:, None]
+            acc_even += tl.dot(pv, v_lo) + pz
+            acc_odd += tl.dot(pv, v_hi) + pz
         else:
-            vs_tok = page * stride_vsp + vp * stride_vsh + off * stride_vst
-            if V_GS == HEAD_DIM:
-                v_scale = tl.load(VS + vs_tok, mask=tok_ok, other=0.0).to(tl.float32)
-                v_zero = tl.load(VZ + vs_tok, mask=tok_ok, other=0.0).to(tl.float32)
-                pv = (p * v_scale[None, :]).to(tl.float16)
-                pz = tl.sum(p * v_zero[None, :], 1)[:, None]
-                acc_even += tl.dot(pv, v_lo.to(tl.float16)) + pz
-                acc_odd += tl.dot(pv, v_hi.to(tl.float16)) + pz
-            else:
-                g_off = vs_tok[:, None] + (2 * cols[None, :]) // V_GS
-                v_scale = tl.load(VS + g_off, mask=tile_ok, other=0.0).to(tl.float32)
-                v_zero = tl.load(VZ + g_off, mask=tile_ok, other=0.0).to(tl.float32)
-                v_even = (v_lo.to(tl.float32) * v_scale + v_zero).to(tl.float16)
-                v_odd = (v_hi.to(tl.float32) * v_scale + v_zero).to(tl.float16)
-                pv = p.to(tl.float16)
-                acc_even += tl.dot(pv, v_even)
-                acc_odd += tl.dot(pv, v_odd)
+            v_s32 = v_s.to(tl.float32)
+            v_z32 = v_z.to(tl.float32)
+            v_even = (v_lo.to(tl.float32) * v_s32 + v_z32).to(tl.float16)
+            v_odd = (v_hi.to(tl.float32) * v_s32 + v_z32).to(tl.float16)
+            pv = p.to(tl.float16)
+            acc_even += tl.dot(pv, v_even)
+            acc_odd += tl.dot(pv, v_odd)
 
     # Partial state of this split; an empty split leaves m = -inf, l = 0 (weight 0 in the merge).
     part = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # [BLOCK_G]
@@ -297,11 +386,10 @@ def _decode_split_kernel(
 # fmt: off
 @triton.jit
 def _decode_combine_kernel(
-    ML, ACC, HV, SV, OUT,
-    num_splits, num_q_heads,
+    ML, ACC, HV, OUT,
+    v_rot_scale, num_splits, num_q_heads,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    V_ROT: tl.constexpr, V_SIGNS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, V_ROT: tl.constexpr,
 ):
     """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, write q.dtype."""
     b = tl.program_id(0)
@@ -324,13 +412,9 @@ def _decode_combine_kernel(
         a = tl.load(ACC + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
         acc += w[:, None] * a
     o = acc / tl.where(h_ok, l_sum, 1.0)[:, None]
-    # Un-rotate: o @ R.T = (o @ H) * signs (H symmetric).
+    # Un-rotate: o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs).
     if V_ROT:
-        h_ok = d_ok[:, None] & d_ok[None, :]
-        h_mat = tl.load(HV + d[:, None] * HEAD_DIM + d[None, :], mask=h_ok, other=0.0)
-        o = tl.dot(o, h_mat, input_precision="ieee")
-    if V_SIGNS:
-        o = o * tl.load(SV + d, mask=d_ok, other=0.0)[None, :]
+        o = _rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
     out = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + d[None, :]
     tl.store(out, o.to(OUT.dtype.element_ty), mask=mask)
 # fmt: on
@@ -343,17 +427,37 @@ def _decode_combine_kernel(
 # Launch plans and Hadamard matrices are cached: building them reads head lists back from the
 # device, a synchronisation that would otherwise cost every decode step.
 _PLANS: dict[tuple[int, int], tuple] = {}
-_HADAMARD: dict[tuple[int, int, str], torch.Tensor] = {}
+_HADAMARD: dict[tuple, torch.Tensor] = {}
 # Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
 _TUNING: dict[str, int] = {}
 
 
-def _hadamard(head_dim: int, block: int, device: torch.device) -> torch.Tensor:
-    """The unsigned block-Hadamard matrix (float32, [D, D]) on ``device``, cached."""
-    key = (head_dim, block, str(device))
+def _rotation_matrix(
+    store: SideStore, device: torch.device, *, inverse: bool
+) -> tuple[torch.Tensor | None, float]:
+    """The store's rotation as an fp16 matrix of +-1 entries and its float scale, cached.
+
+    Forward (``x @ R``): ``diag(signs) @ H``; inverse (``x @ R.T``): ``H @ diag(signs)``, H the
+    unnormalised Sylvester block (exact in fp16). (None, 1.0) when there is no rotation.
+    """
+    if store.block == 1 and store.signs is None:
+        return None, 1.0
+    signs = store.signs
+    key = (
+        store.head_dim,
+        store.block,
+        str(device),
+        inverse,
+        None if signs is None else (signs.data_ptr(), signs._version),
+    )
     if key not in _HADAMARD:
-        _HADAMARD[key] = block_hadamard(head_dim, block).to(device).contiguous()
-    return _HADAMARD[key]
+        h = block_hadamard(store.head_dim, store.block, dtype=torch.float64).to(device)
+        h = h / hadamard_scale(store.block)
+        if signs is not None:
+            s = signs.to(device=device, dtype=torch.float64)
+            h = h * s[None, :] if inverse else s[:, None] * h
+        _HADAMARD[key] = h.round().to(torch.float16).contiguous()
+    return _HADAMARD[key], hadamard_scale(store.block)
 
 
 def _launch_groups(
@@ -485,8 +589,7 @@ def paged_decode_attention(
     block_dh = triton.next_power_of_2(max(d // 2, 16))
     block_g = max(16, triton.next_power_of_2(group))
     cfg = {"BLOCK_N": 64 if d <= 128 else 32, "num_warps": 4, "num_stages": 2, **_TUNING}
-    hk = _hadamard(d, k_store.block, device)
-    sk = k_store.signs if k_store.signs is not None else hk
+    hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
     for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
         kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
         # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
@@ -498,8 +601,9 @@ def paged_decode_attention(
         # fmt: off
         _decode_split_kernel[grid](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
-            block_table, seq_lens, heads, k_idx, v_idx, hk, sk, ml, acc,
-            softmax_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q, max_len,
+            block_table, seq_lens, heads, k_idx, v_idx, q if hk is None else hk, ml, acc,
+            softmax_scale, k_rot_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q,
+            max_len,
             q.stride(0), q.stride(1),
             *kpool.codes.stride()[:3], *ks.stride()[:3],
             *vpool.codes.stride()[:3], *vs.stride()[:3],
@@ -507,19 +611,18 @@ def paged_decode_attention(
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_DH=block_dh, PAGE=page,
             K_BITS=k_bits, V_BITS=v_bits,
             K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
-            K_ROT=k_store.block > 1, K_SIGNS=k_store.signs is not None,
-            HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+            K_ROT=hk is not None, HAS_WINDOW=sliding_window is not None,
+            HAS_SOFTCAP=softcap is not None,
             **cfg,
         )
         # fmt: on
-    hv = _hadamard(d, v_store.block, device)
-    sv = v_store.signs if v_store.signs is not None else hv
+    hv, v_rot_scale = _rotation_matrix(v_store, device, inverse=True)
     block_h = 16
     # fmt: off
     _decode_combine_kernel[(b, triton.cdiv(h_q, block_h))](
-        ml, acc, hv, sv, out, num_splits, h_q, out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=2 * block_dh, BLOCK_H=block_h,
-        V_ROT=v_store.block > 1, V_SIGNS=v_store.signs is not None,
+        ml, acc, out if hv is None else hv, out, v_rot_scale, num_splits, h_q,
+        out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=2 * block_dh, BLOCK_H=block_h, V_ROT=hv is not None,
         num_warps=4,
     )
     # fmt: on

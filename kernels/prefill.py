@@ -18,7 +18,13 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.errors import InputError
 from sawquant.format import SideStore
-from sawquant.kernels.decode import _attention_fp32, _gather_heads, _hadamard, _load_halves
+from sawquant.kernels.decode import (
+    _attention_fp32,
+    _gather_heads,
+    _load_halves,
+    _rotate_rows,
+    _rotation_matrix,
+)
 from sawquant.quant import unrotate
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
@@ -80,13 +86,13 @@ def paged_prefill_attention_ref(
 # fmt: off
 @triton.jit
 def _gather_dequant_kernel(
-    C, S, Z, BT, LENS, HEADS, H, SG, OUT,
-    buf_len,
+    C, S, Z, BT, LENS, HEADS, H, OUT,
+    buf_len, rot_scale,
     stride_cp, stride_ch, stride_ct,
     stride_sp, stride_sh, stride_st,
     stride_btb, stride_ob, stride_oh, stride_ot,
     HEAD_DIM: tl.constexpr, BLOCK_DH: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr, GS: tl.constexpr, ROT: tl.constexpr, SIGNS: tl.constexpr,
+    BITS: tl.constexpr, GS: tl.constexpr, ROT: tl.constexpr,
     REPEAT: tl.constexpr,
 ):
     """Tokens [n0, n0 + BLOCK_N) of one pool head: dequantize, un-rotate, write REPEAT copies.
@@ -125,24 +131,17 @@ def _gather_dequant_kernel(
     row = OUT + b.to(tl.int64) * stride_ob + pos.to(tl.int64)[:, None] * stride_ot
     keep = pos < buf_len
     if ROT:
-        # x = x' @ H * signs, with x' split into even/odd rows of H: no interleave needed.
+        # x = x' @ (H diag(signs)), x' split into even/odd rows of H: no interleave needed.
         d = tl.arange(0, 2 * BLOCK_DH)
         d_ok = d < HEAD_DIM
         h_mask = col_ok[:, None] & d_ok[None, :]
-        h_even = tl.load(H + (2 * cols)[:, None] * HEAD_DIM + d[None, :], mask=h_mask, other=0.0)
-        h_odd = tl.load(H + (2 * cols + 1)[:, None] * HEAD_DIM + d[None, :], mask=h_mask, other=0.0)
-        x = tl.dot(x_even, h_even, input_precision="ieee")
-        x += tl.dot(x_odd, h_odd, input_precision="ieee")
-        if SIGNS:
-            x = x * tl.load(SG + d, mask=d_ok, other=0.0)[None, :]
+        x = _rotate_rows(x_even, H, rot_scale, (2 * cols) * HEAD_DIM, d, h_mask)
+        x += _rotate_rows(x_odd, H, rot_scale, (2 * cols + 1) * HEAD_DIM, d, h_mask)
         x = x.to(OUT.dtype.element_ty)
         for r in tl.static_range(REPEAT):
             ptr = row + (kvh * REPEAT + r).to(tl.int64) * stride_oh + d[None, :]
             tl.store(ptr, x, mask=keep[:, None] & d_ok[None, :])
     else:
-        if SIGNS:
-            x_even = x_even * tl.load(SG + 2 * cols, mask=col_ok, other=0.0)[None, :]
-            x_odd = x_odd * tl.load(SG + 2 * cols + 1, mask=col_ok, other=0.0)[None, :]
         x_even = x_even.to(OUT.dtype.element_ty)
         x_odd = x_odd.to(OUT.dtype.element_ty)
         for r in tl.static_range(REPEAT):
@@ -164,8 +163,7 @@ def _dequant_into(
     b, _, _, d = buf.shape
     block_n = 32
     block_dh = triton.next_power_of_2(max(d // 2, 16))
-    hmat = _hadamard(d, store.block, buf.device)
-    signs = store.signs if store.signs is not None else hmat
+    hmat, rot_scale = _rotation_matrix(store, buf.device, inverse=True)
     for bits, pool in store.pools.items():
         heads = store.heads[bits]
         s = pool.scale if pool.scale is not None else pool.codes
@@ -173,13 +171,12 @@ def _dequant_into(
         grid = (b, heads.numel(), triton.cdiv(width, block_n))
         # fmt: off
         _gather_dequant_kernel[grid](
-            pool.codes, s, z, block_table, cached_lens, heads, hmat, signs, buf,
-            width,
+            pool.codes, s, z, block_table, cached_lens, heads, buf if hmat is None else hmat, buf,
+            width, rot_scale,
             *pool.codes.stride()[:3], *s.stride()[:3],
             block_table.stride(0), buf.stride(0), buf.stride(1), buf.stride(2),
             HEAD_DIM=d, BLOCK_DH=block_dh, PAGE=store.page_size, BLOCK_N=block_n,
-            BITS=bits, GS=pool.spec.groups_divisor, ROT=store.block > 1,
-            SIGNS=store.signs is not None, REPEAT=repeat,
+            BITS=bits, GS=pool.spec.groups_divisor, ROT=hmat is not None, REPEAT=repeat,
             num_warps=4,
         )
         # fmt: on
