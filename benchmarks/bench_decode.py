@@ -236,7 +236,6 @@ def bench_prefill(device, spec, chunk, cached, page) -> dict:
     grp = h_q // h_kv
     buf = torch.empty(1, h_q, cached + chunk, d, device=device, dtype=torch.bfloat16)
     gather = _bench(lambda: _dequant_into(buf, k_store, table, lens, cached, grp), graph=False)
-    del buf
     kc = torch.randn(1, h_kv, cached + chunk, d, device=device, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     mask = causal_lower_right(chunk, cached + chunk)
