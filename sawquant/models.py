@@ -120,11 +120,13 @@ def _check_attention(text: Any) -> None:
 
 
 def model_facts(config: Any) -> ModelFacts:
-    """The KV-cache shape of a transformers config (its text config for multimodal models).
+    """The KV-cache shape of a transformers config (or model; the text config if multimodal).
 
     Raises UnsupportedModelError for attention the runtime cannot serve (MLA, heads that do not
     group evenly, a config missing the standard attention attributes).
     """
+    if not hasattr(config, "to_dict") and hasattr(config, "config"):  # a model was passed
+        config = config.config
     text = text_config(config)
     _check_attention(text)
     model_type = getattr(text, "model_type", "") or ""
@@ -329,6 +331,11 @@ def load_model(
         raise InputError(
             f"cannot read the weights in {str(path)!r} ({_first_line(err)}); the directory needs "
             "model.safetensors (or sharded *.safetensors with their index)"
+        ) from err
+    except ImportError as err:  # e.g. a pre-quantized checkpoint whose backend is not installed
+        raise InputError(
+            f"loading {str(path)!r} needs a package that is missing ({_first_line(err)}); "
+            "install it, or use a checkpoint with plain bf16/fp16/fp32 weights"
         ) from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

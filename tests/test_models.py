@@ -35,6 +35,7 @@ def test_demo_model_facts(demo_model):
     model, _ = demo_model
     facts = models.model_facts(model.config)
     assert facts == ModelFacts(num_layers=30, num_kv_heads=3, head_dim=64, model_type="llama")
+    assert models.model_facts(model) == facts
     attn = models.layer_attention(model.config, 29)
     assert attn == models.LayerAttention(softmax_scale=0.125, sliding_window=None, softcap=None)
 
