@@ -187,6 +187,35 @@ def _needs_fold(side: SideConfig) -> bool:
     return side.rotation_block != 1 or side.sign_seed is not None
 
 
+# Each tensor folds on its own (W_v', b_v' and W_o' each depend only on their own tensor and R),
+# so shards stream one at a time: memory is one shard, never the whole model.
+def _fold_v_weight(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # w: [H_kv * D, hidden] -> per KV head R.T @ W_v[h], in float64
+    d = r.shape[0]
+    wv = w.to(torch.float64).reshape(-1, d, w.shape[-1])  # [H_kv, D, hidden]
+    return torch.einsum("de,hdi->hei", r.to(torch.float64), wv).reshape(w.shape)
+
+
+def _fold_v_bias(b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # b: [H_kv * D] -> per KV head b_v[h] @ R
+    d = r.shape[0]
+    return (b.to(torch.float64).reshape(-1, d) @ r.to(torch.float64)).reshape(b.shape)
+
+
+def _fold_o_weight(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # w: [hidden, H_q * D] -> per query head W_o[:, j] @ R
+    d = r.shape[0]
+    wo = w.to(torch.float64).reshape(w.shape[0], -1, d)  # [hidden, H_q, D]
+    return (wo @ r.to(torch.float64)).reshape(w.shape)
+
+
+_FOLDERS = {
+    "v_proj.weight": _fold_v_weight,
+    "v_proj.bias": _fold_v_bias,
+    "o_proj.weight": _fold_o_weight,
+}
+
+
 def fold_value_rotation(
     w_v: torch.Tensor,
     b_v: torch.Tensor | None,
@@ -201,32 +230,35 @@ def fold_value_rotation(
     Equivalent to ``W_v'[h] = R.T @ W_v[h]``, ``b_v'[h] = b_v[h] @ R`` per KV head h and
     ``W_o'[:, j] = W_o[:, j] @ R`` per query head j.
     """
-    r = r.to(torch.float64)
-    d = r.shape[0]
-    wv = w_v.to(torch.float64).reshape(-1, d, w_v.shape[-1])  # [H_kv, D, hidden]
-    wv_new = torch.einsum("de,hdi->hei", r, wv).reshape(w_v.shape)  # R.T @ W_v[h]
-    bv_new = None if b_v is None else (b_v.to(torch.float64).reshape(-1, d) @ r).reshape(-1)
-    wo = w_o.to(torch.float64).reshape(w_o.shape[0], -1, d)  # [hidden, H_q, D]
-    wo_new = (wo @ r).reshape(w_o.shape)
-    return wv_new, bv_new, wo_new
+    b_new = None if b_v is None else _fold_v_bias(b_v, r)
+    return _fold_v_weight(w_v, r), b_new, _fold_o_weight(w_o, r)
 
 
-def _probe_fold(w_v, b_v, w_o, folded, r: torch.Tensor, where: str) -> None:
-    """Check on random inputs that the folded layer computes what the rotation promises."""
-    wv_new, bv_new, wo_new = folded
+def _probe_fold(part: str, old: torch.Tensor, new: torch.Tensor, r: torch.Tensor, where: str):
+    """Check in float64 on random inputs that a folded tensor does what the rotation promises."""
     r = r.to(torch.float64)
     d = r.shape[0]
+    old, new = old.to(torch.float64), new.to(torch.float64)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, w_v.shape[-1], generator=gen, dtype=torch.float64)  # [4, hidden]
-    v = x @ w_v.to(torch.float64).T + (0 if b_v is None else b_v.to(torch.float64))
-    v_new = x @ wv_new.T + (0 if bv_new is None else bv_new)
-    want_v = (v.reshape(4, -1, d) @ r).reshape(4, -1)  # v @ R per KV head
-    a = torch.randn(4, w_o.shape[-1], generator=gen, dtype=torch.float64)  # head outputs
-    a_rot = (a.reshape(4, -1, d) @ r).reshape(4, -1)
-    y, y_new = a @ w_o.to(torch.float64).T, a_rot @ wo_new.T
-    for got, want in ((v_new, want_v), (y_new, y)):
-        if not torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max() + 1)):
-            raise RuntimeError(f"internal error: value folding check failed at {where}")
+    if part == "v_proj.bias":
+        got, want = new.reshape(-1, d), old.reshape(-1, d) @ r
+    else:
+        x = torch.randn(4, old.shape[-1], generator=gen, dtype=torch.float64)  # [4, in]
+        if part == "v_proj.weight":  # x @ W_v'.T == (x @ W_v.T) @ R per KV head
+            got, want = (x @ new.T).reshape(4, -1, d), (x @ old.T).reshape(4, -1, d) @ r
+        else:  # rotated head outputs through W_o' == plain ones through W_o
+            got = ((x.reshape(4, -1, d) @ r).reshape(4, -1)) @ new.T
+            want = x @ old.T
+    if not torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max() + 1)):
+        raise RuntimeError(f"internal error: value folding check failed for {where}")
+
+
+def _apply_fold(name: str, tensor: torch.Tensor, fold: tuple[str, torch.Tensor]) -> torch.Tensor:
+    """The folded tensor in the original dtype (float64 math, one final rounding)."""
+    part, r = fold
+    new = _FOLDERS[part](tensor, r)
+    _probe_fold(part, tensor, new, r, name)
+    return new.to(tensor.dtype).contiguous()
 
 
 def _attention_names(model_type: str, weight_names: set[str], num_layers: int) -> list[str]:
@@ -265,10 +297,16 @@ def _weight_map(source: Path) -> dict[str, str] | None:
     return None
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 def _plan_fold(
     source: Path, config: KVConfig, hf_json: dict, num_q_heads: int
-) -> tuple[dict[str, dict[str, torch.Tensor]], list[int]]:
-    """Read the tensors to fold and fold them: {shard file: {name: new tensor}}, folded layers."""
+) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], list[int]]:
+    """What to fold where: {shard file: {tensor name: (part, R)}}, and the folded layers.
+
+    Reads only tensor headers (shapes, dtypes), so every refusal happens before any write.
+    """
     from safetensors import safe_open
 
     for key in ("quantization_config", "compression_config"):
@@ -290,47 +328,34 @@ def _plan_fold(
     model_type = str(hf_json.get("model_type", ""))
     prefixes = _attention_names(model_type, set(weight_map), config.model.num_layers)
     d, h_kv = config.model.head_dim, config.model.num_kv_heads
-    updates: dict[str, dict[str, torch.Tensor]] = {}
+    want_shape = {
+        "v_proj.weight": lambda s: len(s) == 2 and s[0] == h_kv * d,
+        "v_proj.bias": lambda s: list(s) == [h_kv * d],
+        "o_proj.weight": lambda s: len(s) == 2 and s[1] == num_q_heads * d,
+    }
+    plan: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for i in layers:
         side = config.layers[i].v
-        names = {
-            part: f"{prefixes[i]}.{part}"
-            for part in ("v_proj.weight", "v_proj.bias", "o_proj.weight")
-        }
-        tensors: dict[str, torch.Tensor | None] = {}
-        for part, name in names.items():
-            if name not in weight_map:
-                tensors[part] = None
+        r = block_hadamard(d, side.rotation_block, seed=side.sign_seed, dtype=torch.float64)
+        for part, ok in want_shape.items():
+            name = f"{prefixes[i]}.{part}"
+            if name not in weight_map:  # only a bias may be absent (checked above for weights)
                 continue
             with safe_open(str(source / weight_map[name]), framework="pt") as f:
-                tensors[part] = f.get_tensor(name)
-        w_v, b_v, w_o = tensors["v_proj.weight"], tensors["v_proj.bias"], tensors["o_proj.weight"]
-        if (
-            w_v.ndim != 2
-            or w_v.shape[0] != h_kv * d
-            or w_o.ndim != 2
-            or w_o.shape[1] != num_q_heads * d
-        ):
-            raise UnsupportedModelError(
-                f"layer {i}: v_proj {tuple(w_v.shape)} / o_proj {tuple(w_o.shape)} do not match "
-                f"{h_kv} KV heads, {num_q_heads} query heads of head_dim {d}; "
-                "export without --fold-values"
-            )
-        if not all(t.is_floating_point() for t in (w_v, w_o) + ((b_v,) if b_v is not None else ())):
-            raise InputError(
-                f"layer {i}: v_proj/o_proj are not floating point (quantized weights?); "
-                "export without --fold-values"
-            )
-        r = block_hadamard(d, side.rotation_block, seed=side.sign_seed, dtype=torch.float64)
-        folded = fold_value_rotation(w_v, b_v, w_o, r)
-        _probe_fold(w_v, b_v, w_o, folded, r, f"layer {i}")
-        for part, new in zip(("v_proj.weight", "v_proj.bias", "o_proj.weight"), folded):
-            if new is None:
-                continue
-            name = names[part]
-            old = tensors[part]
-            updates.setdefault(weight_map[name], {})[name] = new.to(old.dtype).contiguous()
-    return updates, layers
+                info = f.get_slice(name)
+                shape, dtype = info.get_shape(), info.get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                raise InputError(
+                    f"{name} is {dtype}, not floating point (quantized weights?); "
+                    "export without --fold-values"
+                )
+            if not ok(shape):
+                raise UnsupportedModelError(
+                    f"{name} has shape {list(shape)}, which does not match {h_kv} KV heads / "
+                    f"{num_q_heads} query heads of head_dim {d}; export without --fold-values"
+                )
+            plan.setdefault(weight_map[name], {})[name] = (part, r)
+    return plan, layers
 
 
 def _folded_config(config: KVConfig) -> KVConfig:
@@ -358,17 +383,17 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _write_shard(src: Path, dst: Path, updates: dict[str, torch.Tensor]) -> None:
-    """Write a copy of safetensors file ``src`` to ``dst`` with ``updates`` replacing tensors."""
+def _write_shard(src: Path, dst: Path, folds: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Write a copy of safetensors file ``src`` to ``dst`` with the ``folds`` applied."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {name: updates.get(name, None) for name in f.keys()}
-        for name in tensors:
-            if tensors[name] is None:
-                tensors[name] = f.get_tensor(name)
+        tensors = {}
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            tensors[name] = _apply_fold(name, tensor, folds[name]) if name in folds else tensor
     save_file(tensors, str(dst), metadata=metadata)
     shutil.copymode(src, dst)  # same permissions as the linked files beside it
     _fsync(dst)
@@ -407,7 +432,7 @@ def _source_files(source: Path) -> list[Path]:
 
 
 def _build(
-    source: Path, tmp: Path, config: KVConfig, hf_json: dict, updates: dict
+    source: Path, tmp: Path, config: KVConfig, hf_json: dict, plan: dict
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     linked, copied, rewritten = [], [], []
     for rel in _source_files(source):
@@ -415,8 +440,8 @@ def _build(
             continue
         dst = tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if str(rel) in updates:
-            _write_shard(source / rel, dst, updates[str(rel)])
+        if str(rel) in plan:
+            _write_shard(source / rel, dst, plan[str(rel)])
             rewritten.append(str(rel))
         elif _link_or_copy(source / rel, dst):
             linked.append(str(rel))
@@ -492,9 +517,9 @@ def export_checkpoint(
             f"{facts.model_type!r} (same shape, so it is accepted)"
         )
     hf_json = _read_json(src / "config.json")
-    updates, folded_layers = {}, []
+    plan, folded_layers = {}, []
     if fold_values:
-        updates, folded_layers = _plan_fold(src, config, hf_json, num_q_heads)
+        plan, folded_layers = _plan_fold(src, config, hf_json, num_q_heads)
         config = _folded_config(config)
         indexed = set((_weight_map(src) or {}).values())
         stray = [str(p) for p in _source_files(src) if _is_weight_file(p) and str(p) not in indexed]
@@ -508,7 +533,7 @@ def export_checkpoint(
     tmp = out.with_name(f".{out.name}.sawquant-tmp-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
-        linked, copied, rewritten, written = _build(src, tmp, config, hf_json, updates)
+        linked, copied, rewritten, written = _build(src, tmp, config, hf_json, plan)
         warnings += _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

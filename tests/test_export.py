@@ -19,7 +19,13 @@ import sawquant.export as export_mod
 from sawquant.cli.main import cli
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.errors import ConfigError, InputError, UnsupportedModelError
-from sawquant.export import CONFIG_FILE, CONFIG_KEY, export_checkpoint, read_kv_config
+from sawquant.export import (
+    CONFIG_FILE,
+    CONFIG_KEY,
+    export_checkpoint,
+    fold_value_rotation,
+    read_kv_config,
+)
 from sawquant.quant.hadamard import block_hadamard
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, HIDDEN = 3, 2, 4, 32, 64
@@ -308,6 +314,31 @@ def test_failed_rename_restores_old_out(ckpts, tmp_path, monkeypatch):
 
 
 # -- folding -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block,seed", [(16, None), (32, 5), (1, 9)])
+def test_fold_value_rotation_on_mock_gqa_attention(block, seed):
+    # One GQA attention layer in float64: softmax(q k^T) @ (x W_v^T + b) -> o_proj.
+    gen = torch.Generator().manual_seed(0)
+    t, hidden, h_q, h_kv, d = 7, 48, 4, 2, HEAD_DIM
+    x = torch.randn(t, hidden, generator=gen, dtype=torch.float64)
+    w_v = torch.randn(h_kv * d, hidden, generator=gen, dtype=torch.float64)
+    b_v = torch.randn(h_kv * d, generator=gen, dtype=torch.float64)
+    w_o = torch.randn(hidden, h_q * d, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(h_q, t, t, generator=gen, dtype=torch.float64), -1)
+    r = block_hadamard(d, block, seed=seed, dtype=torch.float64)
+
+    def attention(w_v, b_v, w_o):
+        v = (x @ w_v.T + b_v).reshape(t, h_kv, d).transpose(0, 1)  # [H_kv, T, D]
+        v = v.repeat_interleave(h_q // h_kv, dim=0)  # [H_q, T, D]
+        o = (probs @ v).transpose(0, 1).reshape(t, h_q * d)  # [T, H_q * D]
+        return o @ w_o.T, v
+
+    y, v = attention(w_v, b_v, w_o)
+    y_f, v_f = attention(*fold_value_rotation(w_v, b_v, w_o, r))
+    err_y, err_v = (y_f - y).abs().max().item(), (v_f - v @ r).abs().max().item()
+    print(f"block {block} seed {seed}: max |dy| = {err_y:.2e}, max |V' - V R| = {err_v:.2e}")
+    assert err_y < 1e-10 * y.abs().max().item() and err_v < 1e-10 * v.abs().max().item()
+
+
 def _forward(path: Path, dtype: torch.dtype, ids: torch.Tensor):
     from transformers import AutoModelForCausalLM
 
