@@ -47,6 +47,8 @@ def export(model: str | None, calibration: Path, out: Path, fold_values: bool, f
     cfg = result.config
     m = cfg.model
     table = Table(title=f"exported {result.out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")  # long paths wrap instead of being cut
     table.add_row("source", str(result.source))
     table.add_row(
         "model",

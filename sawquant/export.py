@@ -341,6 +341,11 @@ def _plan_fold(
             name = f"{prefixes[i]}.{part}"
             if name not in weight_map:  # only a bias may be absent (checked above for weights)
                 continue
+            if not (source / weight_map[name]).is_file():
+                raise InputError(
+                    f"{source} index names {weight_map[name]} for {name}, but that file is "
+                    "missing; re-download the checkpoint"
+                )
             with safe_open(str(source / weight_map[name]), framework="pt") as f:
                 info = f.get_slice(name)
                 shape, dtype = info.get_shape(), info.get_dtype()
