@@ -153,7 +153,7 @@ def _model_facts(source: Path) -> tuple[ModelFacts, int]:
     """(facts the KV config must match, number of query heads) from the source's config.json."""
     from transformers import AutoConfig
 
-    from sawquant.models import model_facts, text_config
+    from sawquant.models import check_supported, text_config
 
     try:
         hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
@@ -162,7 +162,8 @@ def _model_facts(source: Path) -> tuple[ModelFacts, int]:
         raise UnsupportedModelError(
             f"transformers cannot read {source}/config.json ({first}); use a supported model"
         ) from None
-    return model_facts(hf_config), int(text_config(hf_config).num_attention_heads)
+    # check_supported: a KV config only makes sense for a decoder-only causal LM we can serve.
+    return check_supported(hf_config), int(text_config(hf_config).num_attention_heads)
 
 
 def _check_paths(source: Path, out: Path, force: bool) -> None:

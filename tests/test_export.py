@@ -200,6 +200,12 @@ def test_bad_inputs_refused(ckpts, tmp_path):
     folded = KVConfig(model=folded.model, layers=folded.layers, values_folded=True)
     with pytest.raises(ConfigError, match="values_folded=true"):
         export_checkpoint(ckpts["llama"], folded, tmp_path / "out")
+    from transformers import BertConfig
+
+    BertConfig(num_hidden_layers=LAYERS).save_pretrained(tmp_path / "bert")  # config.json only
+    with pytest.raises(UnsupportedModelError, match="not a decoder-only causal language model"):
+        export_checkpoint(tmp_path / "bert", _kv_config(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_fold_refused_for_fused_qkv(tmp_path):
