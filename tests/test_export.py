@@ -202,7 +202,8 @@ def test_bad_inputs_refused(ckpts, tmp_path):
         export_checkpoint(ckpts["llama"], folded, tmp_path / "out")
     from transformers import BertConfig
 
-    BertConfig(num_hidden_layers=LAYERS).save_pretrained(tmp_path / "bert")  # config.json only
+    bert = BertConfig(num_hidden_layers=LAYERS, architectures=["BertForMaskedLM"])
+    bert.save_pretrained(tmp_path / "bert")  # config.json only
     with pytest.raises(UnsupportedModelError, match="not a decoder-only causal language model"):
         export_checkpoint(tmp_path / "bert", _kv_config(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
