@@ -1,0 +1,394 @@
+"""Serving benchmark harness: BF16 vs plain INT4 vs sawquant KV caches under one KV memory budget.
+
+A benchmark harness, not a serving engine. What it measures on the device, per cache:
+
+1. ``prefill_s``: one real prefill of a ``--prompt``-token request through the patched model
+   (``model(ids, use_cache=True)``: full-precision SDPA on the chunk + the fused paged write),
+   after a short warm-up prompt. This is the time to first token of a request served alone.
+2. ``step_s[b]``: one real decode step of the whole model (``b`` sequences, one new token each,
+   the fused write + paged decode kernels in every layer) with every sequence's cache holding
+   ``prompt + gen/2`` tokens (the mean context of a request's decode phase). The caches are
+   filled with synthetic K/V through the same write path (``prepare_step`` + ``Cache.update``)
+   instead of running ``b`` 16k-token prefills, which the device budget does not allow.
+   Timed two ways: ``eager`` (the plain transformers forward, Python overhead included, the
+   median of several steps) and ``graph`` (the same step captured in a CUDA graph and replayed:
+   the GPU time of a step).
+
+A minimal scheduler (``simulate``) then serves ``c`` requests that arrive together: it admits a
+request while the KV budget holds its ``prompt + gen`` tokens, prefills admitted requests one at
+a time (prefill first, like common engines), and otherwise runs one decode step for every
+running request; a request leaves after ``gen`` tokens and frees its pages. Its clock advances by
+the measured ``prefill_s`` and ``step_s[b]`` (graph timings), so the reported tokens/s, time to
+first token and per-token decode latency are composed from measured step costs, not a
+wall-clock run of the whole workload. ``max_concurrency`` is how many requests the budget holds.
+
+    python benchmarks/serve.py --out results.json                  # Qwen3-8B shape on CUDA
+    python benchmarks/serve.py --shape tiny --device cpu --prompt 64 --gen 8 --budget-gib 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
+from sawquant.runtime import SawquantCache, kv_memory, patch, unpatch
+
+SHAPES = {
+    # Qwen3-8B: 36 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096.
+    "qwen3-8b": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
+    """The three caches. sawquant: a representative calibrated config (random weights cannot be
+    calibrated): K rotation blocks 32/64/128 cycling over layers with signs, V block 32 rotated
+    at run time (not folded: the decode kernel un-rotates), and two fallback K heads (an INT8
+    head in layer 0, a BF16 head in layer 1), so every code path of the kernels is timed."""
+    h = facts.num_kv_heads
+    layers = []
+    blocks = [b for b in (32, 64, 128) if facts.head_dim % b == 0] or [1]
+    for i in range(facts.num_layers):
+        fallback = {0: {h - 1: 8}, 1: {h - 1: 16}}.get(i, {})
+        k = SideConfig(rotation_block=blocks[i % len(blocks)], sign_seed=i, fallback_heads=fallback)
+        v = SideConfig(rotation_block=min(32, facts.head_dim))
+        layers.append(LayerConfig(k=k, v=v))
+    return {
+        "bf16": KVConfig.uniform(facts, k=SideConfig(bits=16), v=SideConfig(bits=16)),
+        "int4": KVConfig.uniform(facts),
+        "sawquant": KVConfig(model=facts, layers=tuple(layers)),
+    }
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(**SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_prefill(model, prompt: int, device: torch.device, repeats: int = 2) -> float:
+    """Median seconds of a real ``prompt``-token prefill (one request, fresh cache)."""
+    vocab = model.config.vocab_size
+    warm = torch.randint(0, vocab, (1, min(prompt, 512)), device=device)
+    ids = torch.randint(0, vocab, (1, prompt), device=device)
+    with torch.no_grad():
+        model(warm, use_cache=True, logits_to_keep=1)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+            del out
+    return statistics.median(times)
+
+
+def filled_cache(
+    config: KVConfig, batch: int, context: int, room: int, device, dtype, chunk: int = 2048
+) -> SawquantCache:
+    """A cache holding ``context`` synthetic tokens per sequence, with pages for ``room`` more,
+    written through the public write path (``prepare_step`` + ``update``) chunk by chunk."""
+    m = config.model
+    pages = batch * math.ceil((context + room) / 16)
+    cache = SawquantCache(config, page_size=16, num_pages=pages, grow=False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    kv = torch.randn(batch, m.num_kv_heads, chunk, m.head_dim, device=device, generator=gen)
+    kv = kv.to(dtype)
+    done = 0
+    while done < context:
+        t = min(chunk, context - done)
+        cache.prepare_step(t, batch_size=batch, device=device)
+        for layer in range(m.num_layers):
+            cache.update(kv[:, :, :t], kv[:, :, :t], layer)
+        done += t
+    return cache
+
+
+def time_decode(model, config, batch, context, device, dtype, steps: int, graph: bool) -> dict:
+    """Seconds per decode step at ``batch`` x ``context``: eager median, and CUDA-graph replay."""
+    cache = filled_cache(config, batch, context, steps + 8, device, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    res: dict = {}
+    with torch.no_grad():
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t = time.perf_counter()
+            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        res["eager_s"] = statistics.median(times[1:] or times)
+        if graph and device.type == "cuda":
+            try:
+                res["graph_s"] = _graph_step(model, cache, ids, device)
+            except Exception as err:  # report, keep the eager number
+                res["graph_error"] = f"{type(err).__name__}: {err}"[:300]
+            res.update(_attention_only(model, cache, device))
+    del cache
+    return res
+
+
+def _bench(fn, device, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000 / reps
+
+
+def _attention_only(model, cache: SawquantCache, device) -> dict:
+    """One layer's decode attention alone: the paged kernel on this cache, and torch SDPA on a
+    contiguous BF16 cache of the same lengths (the usual BF16 decode path) for reference."""
+    from sawquant.runtime import dispatch
+
+    plan = cache.plan
+    b = plan.seq_lens.shape[0]
+    cfg = model.config
+    h_q, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(b, h_q, d, device=device, dtype=torch.bfloat16)
+    k_store, v_store = cache.stores(0)
+
+    def paged():
+        dispatch.decode_attention(
+            q, k_store, v_store, plan.block_table, plan.seq_lens, softmax_scale=d**-0.5
+        )
+
+    out = {"attn_layer_s": _bench(paged, device)}
+    length = int(plan.seq_lens.max())
+    try:
+        k = torch.randn(b, h_kv, length, d, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q4 = q[:, :, None]  # [B, H_q, 1, D]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def dense():
+            sdpa(q4, k, v, enable_gqa=True)
+
+        out["sdpa_bf16_layer_s"] = _bench(dense, device)
+    except torch.OutOfMemoryError:
+        out["sdpa_bf16_layer_s"] = None  # the contiguous copy does not fit next to the cache
+    return out
+
+
+def _graph_step(model, cache: SawquantCache, ids, device, replays: int = 20) -> float:
+    """Capture one decode step (plan fixed: same slots every replay) and time its replays."""
+    cache.prepare_step(1, batch_size=ids.shape[0], device=device)
+    cache.reuse_plan = True
+    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.forward(**kw)  # forward, not __call__: no pre-hook, no host planning
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            model.forward(**kw)
+        g.replay()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000 / replays
+    finally:
+        cache.reuse_plan = False
+
+
+@dataclass
+class Served:
+    concurrency: int
+    max_concurrency: int
+    tokens_per_s: float
+    ttft_mean_s: float
+    ttft_max_s: float
+    decode_ms_per_token: float  # mean step time seen by a decoding request
+    makespan_s: float
+
+
+def simulate(requests: int, max_conc: int, prefill_s: float, step_s: dict, gen: int) -> Served:
+    """Serve ``requests`` simultaneous requests with at most ``max_conc`` in KV memory."""
+    if max_conc < 1:
+        raise ValueError("the KV budget does not hold a single request")
+    clock, waiting, running = 0.0, requests, []  # running: tokens still to generate
+    ttft, step_costs = [], []
+    while waiting or running:
+        if waiting and len(running) < max_conc:
+            clock += prefill_s  # the prefill produces the first token
+            ttft.append(clock)
+            waiting -= 1
+            running.append(gen - 1)
+            continue
+        cost = step_s[len(running)]
+        clock += cost
+        step_costs.extend([cost] * len(running))
+        running = [r - 1 for r in running if r > 1]
+    return Served(
+        concurrency=requests,
+        max_concurrency=max_conc,
+        tokens_per_s=requests * gen / clock,
+        ttft_mean_s=statistics.mean(ttft),
+        ttft_max_s=max(ttft),
+        decode_ms_per_token=1000 * statistics.mean(step_costs) if step_costs else 0.0,
+        makespan_s=clock,
+    )
+
+
+def batches_needed(concurrency: list[int], max_conc: int) -> list[int]:
+    """Batch sizes the scheduler runs decode steps at (full waves and the last partial one)."""
+    need = set()
+    for c in concurrency:
+        need.add(min(c, max_conc))
+        if c > max_conc and c % max_conc:
+            need.add(c % max_conc)
+    return sorted(need)
+
+
+def sanity_check(device: torch.device, dtype: torch.dtype) -> dict:
+    """The runtime on this device against the plain model, on the tiny shape: prefill 12 tokens,
+    decode 6 one at a time, then a 4-token chunk; relative logit error per cache config."""
+    model = build_model("tiny", device, dtype)
+    s = SHAPES["tiny"]
+    facts = ModelFacts(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"], "qwen3")
+    ids = torch.randint(0, s["vocab_size"], (3, 22), device=device)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits.float()
+        errors = {}
+        for name, config in cache_configs(facts).items():
+            patch(model, config)
+            out = model(ids[:, :12], use_cache=True)
+            cache, logits = out.past_key_values, [out.logits]
+            for t in range(12, 18):
+                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            logits.append(model(ids[:, 18:22], past_key_values=cache).logits)
+            got = torch.cat(logits, 1).float()
+            errors[name] = ((got - full).norm() / full.norm()).item()
+            unpatch(model)
+    return errors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget-gib", type=float, default=40.0, help="KV memory for every cache")
+    p.add_argument("--prompt", type=int, default=16384)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--concurrency", default="1,8,32,64,128")
+    p.add_argument("--steps", type=int, default=6, help="eager decode steps timed per point")
+    p.add_argument("--caches", default="bf16,int4,sawquant")
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--out", default=None, help="write every number as JSON here")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    conc = [int(c) for c in args.concurrency.split(",")]
+    model = build_model(args.shape, device, dtype)
+    s = SHAPES[args.shape]
+    facts = ModelFacts(s["num_hidden_layers"], s["num_key_value_heads"], s["head_dim"], "qwen3")
+    budget = int(args.budget_gib * 2**30)
+    per_request = math.ceil((args.prompt + args.gen) / 16) * 16  # whole pages
+    context = args.prompt + args.gen // 2
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": vars(args),
+        "caches": {},
+    }
+    report["sanity_rel_logit_error"] = sanity_check(device, dtype)
+    print("sanity (relative logit error vs the plain model):", report["sanity_rel_logit_error"])
+    configs = cache_configs(facts)
+    for name in args.caches.split(","):
+        config = configs[name]
+        mem = kv_memory(config)
+        max_conc = mem.tokens_in(budget) // per_request
+        patch(model, config)
+        t0 = time.perf_counter()
+        prefill = time_prefill(model, args.prompt, device)
+        steps = {}
+        for b in batches_needed(conc, max_conc):
+            steps[b] = time_decode(
+                model, config, b, context, device, dtype, args.steps, not args.no_graph
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        step_s = {b: r.get("graph_s", r["eager_s"]) for b, r in steps.items()}
+        served = [asdict(simulate(c, max_conc, prefill, step_s, args.gen)) for c in conc]
+        unpatch(model)
+        report["caches"][name] = {
+            "bytes_per_token": mem.bytes_per_token,
+            "ratio_to_bf16": mem.ratio,
+            "max_concurrency": max_conc,
+            "prefill_s": prefill,
+            "decode": {str(b): r for b, r in steps.items()},
+            "served": served,
+            "measure_s": time.perf_counter() - t0,
+        }
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.out:  # after every cache, so a run cut short still leaves its numbers
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    print(f"\n{report['device']}: KV {args.budget_gib} GiB, prompt {args.prompt}, gen {args.gen}")
+    head = f"{'cache':9}{'conc':>5}{'fits':>5}{'tok/s':>9}{'TTFT s':>9}{'ms/tok':>8}"
+    print(head + f"{'eager ms':>10}{'graph ms':>10}{'attn us':>9}{'sdpa us':>9}")
+    for name, r in report["caches"].items():
+        for sv in r["served"]:
+            b = min(sv["concurrency"], r["max_concurrency"])
+            d = r["decode"][str(b)]
+            g = f"{1000 * d['graph_s']:.2f}" if "graph_s" in d else "-"
+            a = f"{1e6 * d['attn_layer_s']:.0f}" if "attn_layer_s" in d else "-"
+            sd = f"{1e6 * d['sdpa_bf16_layer_s']:.0f}" if d.get("sdpa_bf16_layer_s") else "-"
+            print(
+                f"{name:9}{sv['concurrency']:>5}{r['max_concurrency']:>5}"
+                f"{sv['tokens_per_s']:>9.1f}{sv['ttft_mean_s']:>9.2f}"
+                f"{sv['decode_ms_per_token']:>8.2f}{1000 * d['eager_s']:>10.2f}{g:>10}{a:>9}{sd:>9}"
+            )
+
+
+if __name__ == "__main__":
+    main()
