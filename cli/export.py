@@ -35,10 +35,11 @@ from rich.table import Table
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT directory.")
 def export(model: str | None, calibration: Path, out: Path, fold_values: bool, force: bool) -> None:
     """Export MODEL (a checkpoint directory; default: the demo model) with its KV config to OUT."""
-    from sawquant.export import export_checkpoint, read_kv_config
+    from sawquant.calibration import load_calibration
+    from sawquant.export import export_checkpoint
 
     console = Console()
-    config = read_kv_config(calibration)
+    config = load_calibration(calibration).config
     with console.status("exporting..."):
         result = export_checkpoint(
             model, config=config, out=out, fold_values=fold_values, force=force

@@ -51,7 +51,6 @@ __all__ = [
     "ExportResult",
     "export_checkpoint",
     "fold_value_rotation",
-    "read_kv_config",
 ]
 
 CONFIG_FILE = "sawquant_kv.json"
@@ -105,27 +104,6 @@ class ExportResult:
 
 
 # -- reading inputs ------------------------------------------------------------------------------
-def read_kv_config(path: str | Path) -> KVConfig:
-    """The KV config in a calibration file (``sawquant calibrate`` output) or a bare config JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"calibration file {path} not found; run sawquant calibrate first")
-    try:
-        from sawquant.calibration import load_calibration  # the calibration engineer's reader
-    except ImportError:
-        load_calibration = None
-    if load_calibration is not None:
-        result = load_calibration(path)
-        return result if isinstance(result, KVConfig) else result.config
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not a readable JSON file ({err}); re-run calibrate") from None
-    if isinstance(data, dict) and "layers" not in data and isinstance(data.get("config"), dict):
-        data = data["config"]  # a calibration result wraps the chosen config
-    return KVConfig.from_dict(data)
-
-
 def _resolve_source(source: str | Path | None) -> Path:
     if source is None:
         from sawquant.models import demo_checkpoint_dir

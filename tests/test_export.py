@@ -24,7 +24,6 @@ from sawquant.export import (
     CONFIG_KEY,
     export_checkpoint,
     fold_value_rotation,
-    read_kv_config,
 )
 from sawquant.quant.hadamard import block_hadamard
 
@@ -259,12 +258,18 @@ def test_unindexed_weight_files_warn_when_folding(ckpts, tmp_path):
     assert not export_checkpoint(src, _kv_config(), tmp_path / "out2").warnings
 
 
-def test_read_kv_config(tmp_path):
+def test_cli_reads_calibration_results_and_bare_configs(ckpts, tmp_path):
+    from sawquant.calibration import CalibrationResult
+
     config = _kv_config()
     (tmp_path / "bare.json").write_text(config.to_json())
-    assert read_kv_config(tmp_path / "bare.json") == config
-    with pytest.raises(InputError, match="not found"):
-        read_kv_config(tmp_path / "missing.json")
+    CalibrationResult(config=config, model="tiny").save(tmp_path / "calibration.json")
+    for name in ("bare.json", "calibration.json"):
+        out = tmp_path / f"out-{name}"
+        args = ["export", str(ckpts["llama"]), "-c", str(tmp_path / name), "-o", str(out)]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert KVConfig.from_json((out / CONFIG_FILE).read_text()) == config
 
 
 # -- atomicity -----------------------------------------------------------------------------------
@@ -455,6 +460,6 @@ def test_cli(ckpts, tmp_path):
     res = runner.invoke(cli, ["export", str(ckpts["llama"]), "-c", str(bad), "-o", "x"])
     assert res.exit_code == 2 and "calibrate this model" in res.output
     res = runner.invoke(cli, [*args[:2], "-c", str(tmp_path / "nope.json"), "-o", "x", "--force"])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 2 and "does not exist" in res.output
     missing = runner.invoke(cli, ["export", str(ckpts["llama"]), "-o", "x"])
     assert missing.exit_code == 2 and "--calibration" in missing.output  # click usage error
