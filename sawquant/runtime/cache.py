@@ -188,6 +188,9 @@ class SawquantCache(Cache):
         self._table_dev: torch.Tensor | None = None  # device copy, refreshed when pages change
         self._planned = 0  # logical tokens covered by plans so far
         self._plan: StepPlan | None = None
+        # Set by a caller that replays one captured step (CUDA graphs): every update reuses the
+        # current plan, whose tensors the caller refreshes in place, and no host work is done.
+        self.reuse_plan = False
 
     # -- transformers Cache API --------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -368,7 +371,8 @@ class SawquantCache(Cache):
         # key_states, value_states: [B, H_kv, T, D] post-RoPE
         b, h, t, d = key_states.shape
         plan = self._plan
-        if plan is None or layer.layer_idx in plan.done or plan.length != t:
+        stale = plan is None or layer.layer_idx in plan.done or plan.length != t
+        if stale and not self.reuse_plan:
             # No pre-forward hook ran for this step (the cache was passed to a bare model).
             plan = self.prepare_step(t, batch_size=b, device=key_states.device)
         if layer.k_store is None:
@@ -376,8 +380,9 @@ class SawquantCache(Cache):
         k = key_states.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H_kv, D]
         v = value_states.transpose(1, 2).reshape(b * t, h, d)
         dispatch.write_kv(k, v, plan.slots, layer.k_store, layer.v_store)
-        layer.seen += t
-        plan.done.add(layer.layer_idx)
+        if not self.reuse_plan:
+            layer.seen += t
+            plan.done.add(layer.layer_idx)
         _LAST.value = (self, layer.layer_idx, key_states)
         return key_states, value_states
 
