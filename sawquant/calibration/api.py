@@ -1,0 +1,299 @@
+"""``calibrate``: measure a model's KV cache on calibration windows and choose its KV config.
+
+``calibration.json`` (written by :meth:`CalibrationResult.save`, read by :func:`load_calibration`)::
+
+    {"config":   <KVConfig.to_dict()>,            # what export/runtime consume
+     "avg_bits": 4.93,                            # per cached element, scales included
+     "model": "path or name", "data": "demo",
+     "recipe":   <Recipe.to_dict()>,
+     "stats": {"candidates": [{"bits", "block", "sign_seed", "group_size"}, ...],
+               "windows": 16, "seq_len": 512, "tokens": 8192, "query_samples": 128,
+               "wall_s": 95.1, "peak_memory": {"rss_bytes", "cuda_bytes", "stats_bytes"},
+               "layers": [{"k": {"absmax": [H], "outlier_ratio": [H], "kurtosis": [H],
+                                 "sqnr_db": [[H] per candidate], "attn_err": [[H] per candidate],
+                                 "naive_err": [H], "int4_err": [H], "chosen_err": [H]},
+                           "v": {...}}, ...]}}
+
+Errors are relative attention-output errors ``||O_hat - O|| / ||O||`` (not squared).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sawquant.calibration.capture import intercept_attention
+from sawquant.calibration.recipe import Recipe
+from sawquant.calibration.select import SideChoice, select
+from sawquant.calibration.stats import SIDES, Candidate, StatsAccumulator, make_candidates
+from sawquant.config import KVConfig, LayerConfig, SideConfig
+from sawquant.errors import ConfigError, InputError
+
+__all__ = ["CalibrationResult", "LayerSummary", "calibrate", "load_calibration"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One row of the summary table."""
+
+    layer: int
+    k_choice: str
+    v_choice: str
+    k_fallback: dict[int, int]
+    v_fallback: dict[int, int]
+    naive_err: float  # relative attention-output error, K and V errors combined (rms)
+    chosen_err: float
+
+
+@dataclass
+class CalibrationResult:
+    config: KVConfig
+    stats: dict = field(default_factory=dict)
+    recipe: Recipe | None = None
+    model: str = ""
+    data: str = ""
+
+    @property
+    def avg_bits(self) -> float:
+        return self.config.average_bits()
+
+    def layer_summaries(self) -> list[LayerSummary]:
+        rows = []
+        layer_stats = self.stats.get("layers") or [{} for _ in self.config.layers]
+        for i, (layer, st) in enumerate(zip(self.config.layers, layer_stats)):
+
+            def rms(key: str) -> float:
+                vals = [e * e for s in SIDES for e in st.get(s, {}).get(key, [])]
+                return math.sqrt(sum(vals) / len(vals)) if vals else float("nan")
+
+            rows.append(
+                LayerSummary(
+                    layer=i,
+                    k_choice=_describe(layer.k),
+                    v_choice=_describe(layer.v),
+                    k_fallback=dict(layer.k.fallback_heads),
+                    v_fallback=dict(layer.v.fallback_heads),
+                    naive_err=rms("naive_err"),
+                    chosen_err=rms("chosen_err"),
+                )
+            )
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "avg_bits": round(self.avg_bits, 6),
+            "model": self.model,
+            "data": self.data,
+            "recipe": self.recipe.to_dict() if self.recipe else None,
+            "stats": self.stats,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationResult:
+        if not isinstance(data, dict):
+            raise ConfigError("calibration file must hold a JSON object; re-run sawquant calibrate")
+        if "config" not in data:  # a bare KVConfig (sawquant_kv.json)
+            return cls(config=KVConfig.from_dict(data))
+        recipe = data.get("recipe")
+        return cls(
+            config=KVConfig.from_dict(data["config"]),
+            stats=data.get("stats") or {},
+            recipe=Recipe.from_dict(recipe, "calibration recipe") if recipe else None,
+            model=data.get("model") or "",
+            data=data.get("data") or "",
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> CalibrationResult:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"calibration file is not valid JSON ({err}); re-run sawquant calibrate"
+            ) from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file in the same directory, then rename)."""
+        path = Path(path).expanduser()
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise InputError(
+                f"output directory {str(parent)!r} does not exist; create it or choose another -o"
+            )
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self.to_json())
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+def load_calibration(path: str | os.PathLike) -> CalibrationResult:
+    """Read ``calibration.json`` (or a bare KV config JSON); ``result.config`` is the KVConfig."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"calibration file {str(path)!r} does not exist; create it with sawquant calibrate"
+        )
+    return CalibrationResult.from_json(path.read_text(encoding="utf-8"))
+
+
+def _describe(side: SideConfig) -> str:
+    seed = "" if side.sign_seed is None else f"+signs({side.sign_seed})"
+    group = "" if side.group_size is None else f" g{side.group_size}"
+    return f"b{side.rotation_block}{seed}{group}"
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _forward(model: Any, ids: torch.Tensor) -> None:
+    try:
+        # Only the attention inputs matter: skip the vocabulary projection of all positions.
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    except TypeError:
+        model(input_ids=ids, use_cache=False)
+
+
+@torch.inference_mode()
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    windows: torch.Tensor,
+    recipe: Recipe,
+    progress: Progress | None = None,
+    *,
+    model_name: str = "",
+    data_name: str = "",
+) -> CalibrationResult:
+    """Capture K/V/Q over ``windows`` ([N, L] token ids), measure every candidate, choose a config.
+
+    ``progress(done, total)`` is called after each window. Memory stays bounded: statistics are
+    per-head sums, and windows run one at a time without a KV cache.
+    """
+    from sawquant.models import model_facts
+
+    del tokenizer  # the windows are already tokenized; kept for a uniform signature
+    facts = model_facts(model.config)
+    if windows.dim() != 2 or windows.shape[0] < 1:
+        raise InputError(
+            f"windows must be [num, seq_len] token ids, got shape {tuple(windows.shape)}"
+        )
+    candidates = make_candidates(
+        facts.head_dim, recipe.blocks, recipe.sign_seeds, recipe.group_sizes
+    )
+    acc = StatsAccumulator(
+        num_layers=facts.num_layers,
+        num_kv_heads=facts.num_kv_heads,
+        head_dim=facts.head_dim,
+        candidates=candidates,
+        query_samples=recipe.query_samples,
+        seed=recipe.seed,
+    )
+    device = model.get_input_embeddings().weight.device
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    total = windows.shape[0]
+    with intercept_attention(model, acc):
+        for i in range(total):
+            acc.new_window()
+            _forward(model, windows[i : i + 1].to(device))
+            if progress is not None:
+                progress(i + 1, total)
+    errs = [{s: acc.attn_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
+    choices = select(errs, candidates, recipe, head_dim=facts.head_dim)
+    config = KVConfig(model=facts, layers=tuple(_layer_config(c) for c in choices))
+    stats = _stats_dict(acc, candidates, choices, errs)
+    stats.update(
+        windows=int(total),
+        seq_len=int(windows.shape[1]),
+        wall_s=round(time.perf_counter() - start, 3),
+        peak_memory={
+            "rss_bytes": _peak_rss_bytes(),
+            "cuda_bytes": int(torch.cuda.max_memory_allocated())
+            if torch.cuda.is_available()
+            else 0,
+            "stats_bytes": acc.nbytes(),
+        },
+    )
+    return CalibrationResult(
+        config=config, stats=stats, recipe=recipe, model=model_name, data=data_name
+    )
+
+
+def _layer_config(choice: dict[str, SideChoice]) -> LayerConfig:
+    def side(c: SideChoice) -> SideConfig:
+        cand = c.candidate
+        return SideConfig(
+            bits=4,
+            rotation_block=cand.block,
+            sign_seed=cand.sign_seed,
+            group_size=cand.group_size,
+            fallback_heads=dict(c.fallback_heads),
+        )
+
+    return LayerConfig(k=side(choice["k"]), v=side(choice["v"]))
+
+
+def _round(values: Any, digits: int = 5) -> Any:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, list):
+        return [_round(v, digits) for v in values]
+    return round(float(values), digits) if math.isfinite(values) else None
+
+
+def _stats_dict(
+    acc: StatsAccumulator,
+    candidates: list[Candidate],
+    choices: list[dict[str, SideChoice]],
+    errs: list[dict[str, torch.Tensor]],
+) -> dict:
+    layers = []
+    for layer, choice in enumerate(choices):
+        entry = {}
+        for s in SIDES:
+            st, c = acc.sides[layer][s], choice[s]
+            entry[s] = {
+                "absmax": _round(st.absmax),
+                "outlier_ratio": _round(st.outlier_ratio()),
+                "kurtosis": _round(st.kurtosis()),
+                "sqnr_db": _round(st.sqnr_db(), 3),
+                "attn_err": _round(errs[layer][s].clamp(min=0).sqrt()),
+                "naive_err": _round([math.sqrt(e) for e in c.naive_err]),
+                "int4_err": _round([math.sqrt(e) for e in c.int4_err]),
+                "chosen_err": _round([math.sqrt(e) for e in c.head_err]),
+            }
+        layers.append(entry)
+    return {
+        "candidates": [c.to_dict() for c in candidates],
+        "tokens": int(acc.tokens),
+        "query_samples": acc.query_samples,
+        "layers": layers,
+    }

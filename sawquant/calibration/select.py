@@ -1,0 +1,187 @@
+"""Choose, per layer and side, the quantizer with the lowest attention-output error under a budget.
+
+Inputs are the measured ``attn_err[c, h]`` (relative squared attention-output error of candidate
+c on KV head h, see ``stats``). The choice runs in three steps:
+
+1. Rotation: for every group size, the (block, sign seed) with the lowest mean error over the
+   heads; among those within ``block_tolerance`` of the best, the smallest block (then no signs).
+2. Fallbacks: heads whose INT4 error stays above ``fallback_threshold`` (relative, not squared)
+   become INT8, or BF16 when even the measured INT8 error is above it; worst heads first, within
+   ``max_fallback_fraction`` of all heads and the bit budget.
+3. Budget: while bits remain under ``max_avg_bits``, apply the upgrade (a smaller group size
+   for a layer side, one head to INT8/BF16) with the largest error reduction per extra bit.
+
+The objective is the sum over layers and sides of the mean head error, so every layer's
+attention output counts alike. INT8 heads use the error measured for INT8 without rotation (an
+upper bound: a rotation only makes INT8 better); BF16 heads count as error-free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sawquant.calibration.recipe import Recipe
+from sawquant.calibration.stats import INT8, NAIVE, Candidate
+
+__all__ = ["SideChoice", "select"]
+
+
+@dataclass
+class SideChoice:
+    """What one layer side uses, with the errors that justified it (relative squared)."""
+
+    candidate: Candidate  # the INT4 quantizer (rotation, signs, group) of the side
+    fallback_heads: dict[int, int] = field(default_factory=dict)
+    head_err: list[float] = field(default_factory=list)  # per head, after the choice
+    naive_err: list[float] = field(default_factory=list)  # per head, naive INT4
+    int4_err: list[float] = field(default_factory=list)  # per head, chosen INT4 (no fallback)
+
+    def bits(self, num_heads: int, head_dim: int) -> float:
+        g = self.candidate.group_size or head_dim
+        per = [self.fallback_heads.get(h, 4) for h in range(num_heads)]
+        return sum(b if b == 16 else b + 32 / g for b in per)
+
+
+def _rel(x: float) -> float:
+    return math.sqrt(max(x, 0.0))
+
+
+class _Side:
+    """Mutable selection state of one layer side."""
+
+    def __init__(
+        self, err: torch.Tensor, candidates: list[Candidate], recipe: Recipe, head_dim: int
+    ):
+        self.err = err.double()  # [C, H]
+        self.cands = candidates
+        self.head_dim = head_dim
+        self.num_heads = err.shape[1]
+        self.int8 = self.err[candidates.index(INT8)] if INT8 in candidates else self.err[0] / 289
+        # One option per group size, cheapest (largest group) first.
+        groups = sorted(
+            {c.group_size for c in candidates if c.bits == 4}, key=lambda g: -(g or head_dim)
+        )
+        self.options = [self._best(g, recipe.block_tolerance) for g in groups]
+        self.opt = 0
+        self.fallback: dict[int, int] = {}
+
+    def _best(self, group: int | None, tol: float) -> int:
+        idx = [i for i, c in enumerate(self.cands) if c.bits == 4 and c.group_size == group]
+        score = {i: float(self.err[i].mean()) for i in idx}
+        best = min(score.values())
+        ok = [i for i in idx if score[i] <= best * (1 + tol) + 1e-12]
+        return min(
+            ok, key=lambda i: (self.cands[i].block, self.cands[i].sign_seed is not None, score[i])
+        )
+
+    def head_err(self, h: int, opt: int | None = None, bits: int | None = None) -> float:
+        opt = self.opt if opt is None else opt
+        bits = self.fallback.get(h, 4) if bits is None else bits
+        e4 = float(self.err[self.options[opt], h])
+        if bits == 16:
+            return 0.0
+        if bits == 8:
+            return min(float(self.int8[h]), e4)
+        return e4
+
+    def total_err(self, opt: int | None = None) -> float:
+        return sum(self.head_err(h, opt) for h in range(self.num_heads)) / self.num_heads
+
+    def group(self, opt: int | None = None) -> int:
+        c = self.cands[self.options[self.opt if opt is None else opt]]
+        return c.group_size or self.head_dim
+
+    def head_bits(self, bits: int, opt: int | None = None) -> float:
+        return 16.0 if bits == 16 else bits + 32 / self.group(opt)
+
+    def cost(self, opt: int | None = None) -> float:
+        return sum(self.head_bits(self.fallback.get(h, 4), opt) for h in range(self.num_heads))
+
+    def choice(self) -> SideChoice:
+        return SideChoice(
+            candidate=self.cands[self.options[self.opt]],
+            fallback_heads=dict(sorted(self.fallback.items())),
+            head_err=[self.head_err(h) for h in range(self.num_heads)],
+            naive_err=[float(self.err[self.cands.index(NAIVE), h]) for h in range(self.num_heads)],
+            int4_err=[float(self.err[self.options[self.opt], h]) for h in range(self.num_heads)],
+        )
+
+
+def select(
+    attn_err: list[dict[str, torch.Tensor]],
+    candidates: list[Candidate],
+    recipe: Recipe,
+    *,
+    head_dim: int,
+) -> list[dict[str, SideChoice]]:
+    """Per layer, ``{"k": SideChoice, "v": SideChoice}``; see the module docstring.
+
+    attn_err: per layer ``{"k": [C, H], "v": [C, H]}`` relative squared errors, candidates in
+    the order of ``candidates`` (which must contain naive INT4; INT8 is used when present).
+    """
+    if NAIVE not in candidates:
+        raise ValueError("candidates must include naive INT4 (block 1, no signs, no groups)")
+    sides = [
+        _Side(layer[s], candidates, recipe, head_dim) for layer in attn_err for s in ("k", "v")
+    ]
+    num_heads = sides[0].num_heads
+    budget = recipe.max_avg_bits * num_heads * len(sides)
+    max_fallback = int(math.floor(recipe.max_fallback_fraction * num_heads * len(sides)))
+    used = sum(s.cost() for s in sides)
+    n_fallback = 0
+    threshold_sq = recipe.fallback_threshold**2
+
+    # 2. Heads that INT4 cannot serve, worst first.
+    bad = sorted(
+        ((s.head_err(h), i, h) for i, s in enumerate(sides) for h in range(num_heads)),
+        reverse=True,
+    )
+    for err, i, h in bad:
+        if err <= threshold_sq or n_fallback >= max_fallback:
+            break
+        side = sides[i]
+        bits = 8 if side.head_err(h, bits=8) <= threshold_sq or not recipe.allow_bf16 else 16
+        extra = side.head_bits(bits) - side.head_bits(4)
+        if used + extra <= budget + 1e-9:
+            side.fallback[h] = bits
+            used += extra
+            n_fallback += 1
+
+    # 3. Spend what is left of the bit budget where it buys the most error per bit.
+    while True:
+        best = None  # (gain per bit, extra bits, apply)
+        for side in sides:
+            now = side.total_err()
+            for opt in range(side.opt + 1, len(side.options)):
+                extra = side.cost(opt) - side.cost()
+                gain = now - side.total_err(opt)
+                if gain > 0 and extra > 0 and used + extra <= budget + 1e-9:
+                    cand = (gain / extra, extra, ("group", side, opt))
+                    best = cand if best is None or cand[0] > best[0] else best
+            for h in range(num_heads):
+                cur = side.fallback.get(h, 4)
+                steps = [b for b in (8, 16) if b > cur and (b == 8 or recipe.allow_bf16)]
+                if cur == 4 and n_fallback >= max_fallback:
+                    steps = []
+                for bits in steps:
+                    extra = side.head_bits(bits) - side.head_bits(cur)
+                    gain = (side.head_err(h) - side.head_err(h, bits=bits)) / num_heads
+                    if gain > 0 and used + extra <= budget + 1e-9:
+                        cand = (gain / extra, extra, ("head", side, (h, bits)))
+                        best = cand if best is None or cand[0] > best[0] else best
+        if best is None:
+            break
+        _, extra, (kind, side, what) = best
+        if kind == "group":
+            side.opt = what
+        else:
+            h, bits = what
+            n_fallback += side.fallback.get(h, 4) == 4
+            side.fallback[h] = bits
+        used += extra
+
+    choices = [s.choice() for s in sides]
+    return [{"k": choices[2 * i], "v": choices[2 * i + 1]} for i in range(len(attn_err))]

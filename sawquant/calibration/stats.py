@@ -1,0 +1,251 @@
+"""Streaming KV statistics: outlier measures and, per candidate quantizer, the error it causes.
+
+Everything is accumulated as per-head sums while the windows stream through the model, so memory
+does not grow with the number of tokens: per layer and side a few ``[H]``/``[C, H]`` float64
+sums (C candidates) and one ``[H, D]`` channel maximum.
+
+The error that matters is the attention output's, not the cache's: for a sample of the captured
+queries we compute ``O = softmax(q K^T * scale) V`` in float32 and, for every candidate,
+``O_hat`` with only K (resp. only V) fake-quantized. ``attn_err = sum |O_hat - O|^2 / sum |O|^2``
+per KV head (summed over its GQA query heads), a relative squared error (noise-to-signal power).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sawquant.calibration.capture import AttentionCall
+from sawquant.config import SideConfig
+from sawquant.quant.hadamard import SUPPORTED_BLOCKS
+
+__all__ = ["Candidate", "SideStats", "StatsAccumulator", "make_candidates"]
+
+SIDES = ("k", "v")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to cache a side: precision, rotation block, sign seed, group size."""
+
+    bits: int = 4
+    block: int = 1
+    sign_seed: int | None = None
+    group_size: int | None = None  # None = head_dim
+
+    def side_config(self) -> SideConfig:
+        return SideConfig(
+            bits=self.bits,
+            rotation_block=self.block,
+            sign_seed=self.sign_seed,
+            group_size=self.group_size,
+        )
+
+    def label(self) -> str:
+        seed = "" if self.sign_seed is None else f" s{self.sign_seed}"
+        group = "" if self.group_size is None else f" g{self.group_size}"
+        return f"INT{self.bits} b{self.block}{seed}{group}"
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": self.bits,
+            "block": self.block,
+            "sign_seed": self.sign_seed,
+            "group_size": self.group_size,
+        }
+
+
+NAIVE = Candidate()
+INT8 = Candidate(bits=8)
+
+
+def make_candidates(
+    head_dim: int,
+    blocks: list[int] | tuple[int, ...],
+    sign_seeds: list[int | None] | tuple[int | None, ...],
+    group_sizes: list[int | None] | tuple[int | None, ...],
+) -> list[Candidate]:
+    """INT4 candidates for this head_dim (blocks that divide it), then the INT8 reference.
+
+    Signs without a Hadamard (block 1) only flip signs, so block 1 gets no seeds; a group size
+    equal to head_dim is the same as None. The first candidate is always naive INT4.
+    """
+    out = [NAIVE]
+    groups = sorted(
+        {None if g in (None, head_dim) else g for g in group_sizes}, key=lambda g: -(g or head_dim)
+    )
+    groups = [g for g in groups if g is None or (head_dim % g == 0 and g % 2 == 0)]
+    for group in groups:
+        for block in sorted(set(blocks)):
+            if block not in SUPPORTED_BLOCKS or head_dim % block or block > head_dim:
+                continue
+            for seed in dict.fromkeys(sign_seeds):
+                if block == 1 and seed is not None:
+                    continue
+                cand = Candidate(4, block, seed, group)
+                if cand not in out:
+                    out.append(cand)
+    out.append(INT8)
+    return out
+
+
+@dataclass
+class SideStats:
+    """Accumulated sums for one layer and side (K or V); ``H`` KV heads, ``C`` candidates."""
+
+    num_heads: int
+    head_dim: int
+    num_candidates: int
+    count: torch.Tensor = field(init=False)  # [H] elements seen
+    moments: torch.Tensor = field(init=False)  # [4, H] sums of x, x^2, x^3, x^4
+    absmax: torch.Tensor = field(init=False)  # [H]
+    channel_absmax: torch.Tensor = field(init=False)  # [H, D]
+    noise: torch.Tensor = field(init=False)  # [C, H] sum |x_hat - x|^2 (cache error)
+    attn_noise: torch.Tensor = field(init=False)  # [C, H] sum |O_hat - O|^2
+
+    def __post_init__(self) -> None:
+        h, d, c = self.num_heads, self.head_dim, self.num_candidates
+        f64 = dict(dtype=torch.float64)
+        self.count = torch.zeros(h, **f64)
+        self.moments = torch.zeros(4, h, **f64)
+        self.absmax = torch.zeros(h, **f64)
+        self.channel_absmax = torch.zeros(h, d, **f64)
+        self.noise = torch.zeros(c, h, **f64)
+        self.attn_noise = torch.zeros(c, h, **f64)
+
+    def observe(self, x: torch.Tensor) -> None:
+        """x: [B, H, S, D] float32 (any device): outlier statistics."""
+        xd = x.double()
+        h = x.shape[1]
+        flat = xd.transpose(0, 1).reshape(h, -1)  # [H, B*S*D]
+        self.count += torch.full((h,), flat.shape[1], dtype=torch.float64)
+        self.moments += torch.stack([(flat**p).sum(1) for p in (1, 2, 3, 4)]).cpu()
+        self.absmax = torch.maximum(self.absmax, flat.abs().amax(1).cpu())
+        ch = xd.abs().amax(dim=(0, 2)).cpu()  # [H, D]
+        self.channel_absmax = torch.maximum(self.channel_absmax, ch)
+
+    # -- derived statistics --------------------------------------------------------------------
+    @property
+    def signal(self) -> torch.Tensor:
+        """[H] sum of x^2."""
+        return self.moments[1]
+
+    def kurtosis(self) -> torch.Tensor:
+        """[H] kurtosis of all elements of a head (3 for a Gaussian; outliers make it large)."""
+        n = self.count.clamp(min=1)
+        m1, m2, m3, m4 = (self.moments[i] / n for i in range(4))
+        var = (m2 - m1**2).clamp(min=1e-30)
+        c4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4
+        return c4 / var**2
+
+    def outlier_ratio(self) -> torch.Tensor:
+        """[H] largest channel magnitude over the median channel's."""
+        med = self.channel_absmax.median(dim=1).values.clamp(min=1e-30)
+        return self.channel_absmax.amax(dim=1) / med
+
+    def sqnr_db(self) -> torch.Tensor:
+        """[C, H] signal-to-quantization-noise ratio of the cached vectors, in dB."""
+        return 10 * torch.log10(self.signal.clamp(min=1e-30) / self.noise.clamp(min=1e-30))
+
+
+class StatsAccumulator:
+    """Feed it every :class:`AttentionCall`; it keeps per layer/side :class:`SideStats`.
+
+    ``query_samples`` query positions per window (drawn once per sequence length, seeded) are
+    enough to estimate the attention-output error and keep its cost a small fraction of the
+    forward pass; 0 uses every position.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        candidates: list[Candidate],
+        query_samples: int = 128,
+        seed: int = 0,
+    ) -> None:
+        from sawquant.simulate import fake_quant_side
+
+        self._fake_quant = fake_quant_side
+        self.candidates = list(candidates)
+        self.query_samples = query_samples
+        self.seed = seed
+        c = len(self.candidates)
+        self.sides = [
+            {s: SideStats(num_kv_heads, head_dim, c) for s in SIDES} for _ in range(num_layers)
+        ]
+        self.attn_signal = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)  # sum |O|^2
+        self.tokens = 0
+        self._configs = [cand.side_config() for cand in self.candidates]
+        self._calls = 0
+
+    def nbytes(self) -> int:
+        """Memory held by the accumulators (what grows with the model, not with the data)."""
+        tensors = [self.attn_signal]
+        for layer in self.sides:
+            for st in layer.values():
+                tensors += [st.count, st.moments, st.absmax, st.channel_absmax, st.noise]
+                tensors.append(st.attn_noise)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _query_positions(self, s_q: int, device: torch.device) -> torch.Tensor:
+        n = self.query_samples
+        if n <= 0 or n >= s_q:
+            return torch.arange(s_q, device=device)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+        pos = torch.randperm(s_q, generator=gen)[:n].sort().values
+        return pos.to(device)
+
+    def new_window(self) -> None:
+        """Call once per forward pass, so each batch of windows samples fresh query positions."""
+        self._calls += 1
+
+    @torch.inference_mode()
+    def __call__(self, call: AttentionCall) -> None:
+        layer = call.layer_idx
+        q = call.query.float()  # [B, H_q, S_q, D]
+        k = call.key.float()  # [B, H_kv, S, D]
+        v = call.value.float()
+        b, h_q, s_q, d = q.shape
+        h_kv = k.shape[1]
+        g = h_q // h_kv
+        if layer == 0:
+            self.tokens += b * s_q
+        pos = self._query_positions(s_q, q.device)
+        # Query heads grouped by their KV head: [B, H_kv, G*Q, D].
+        qs = q[:, :, pos].reshape(b, h_kv, g * len(pos), d)
+        allowed = call.mask[:, pos]  # [B, Q, S]
+        allowed = allowed[:, None, None].expand(b, 1, g, len(pos), k.shape[2])
+        allowed = allowed.reshape(b, 1, g * len(pos), k.shape[2])
+
+        def probs(keys: torch.Tensor) -> torch.Tensor:
+            logits = (qs @ keys.transpose(-1, -2)) * call.scaling  # [B, H_kv, G*Q, S]
+            if call.softcap:
+                logits = torch.tanh(logits / call.softcap) * call.softcap
+            return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+        p = probs(k)
+        out = p @ v  # [B, H_kv, G*Q, D]
+        self.attn_signal[layer] += out.double().pow(2).sum(dim=(0, 2, 3)).cpu()
+        for side, x in (("k", k), ("v", v)):
+            st = self.sides[layer][side]
+            st.observe(x)
+            for c, cfg in enumerate(self._configs):
+                xq = self._fake_quant(x, cfg)  # [B, H_kv, S, D]
+                st.noise[c] += (xq - x).double().pow(2).sum(dim=(0, 2, 3)).cpu()
+                o_hat = probs(xq) @ v if side == "k" else p @ xq
+                st.attn_noise[c] += (o_hat - out).double().pow(2).sum(dim=(0, 2, 3)).cpu()
+
+    # -- results -------------------------------------------------------------------------------
+    def attn_err(self, layer: int, side: str) -> torch.Tensor:
+        """[C, H] relative squared attention-output error of every candidate."""
+        return self.sides[layer][side].attn_noise / self.attn_signal[layer].clamp(min=1e-30)
+
+
+def rel(err_sq: float) -> float:
+    """Relative (not squared) error, for reports: sqrt of the noise-to-signal power."""
+    return math.sqrt(max(err_sq, 0.0))

@@ -1,0 +1,96 @@
+"""Simulated KV quantization: what the paged INT4 cache does to K/V, applied in a plain forward.
+
+``fake_quant_side`` is the cache round trip of one side (rotate -> quantize each head at its
+precision -> dequantize -> unrotate); ``simulated_perplexity`` runs a model with every layer's K
+and V replaced by that round trip, through the model's own attention path. Both run on any
+device and need no kernels, so calibration and verification can measure a config anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sawquant.config import KVConfig, SideConfig
+from sawquant.quant.hadamard import random_signs, rotate, unrotate
+from sawquant.quant.int4 import dequantize, quantize
+
+__all__ = ["fake_quant_side", "simulated_perplexity"]
+
+
+def fake_quant_side(x: torch.Tensor, side: SideConfig) -> torch.Tensor:
+    """Round-trip x through the cache format of ``side``; returns float32, same shape.
+
+    x: [..., H_kv, S, D] (dim -3 indexes KV heads, so ``side.fallback_heads`` applies per head).
+    Equivalent to ``paged_write_ref`` followed by ``paged_gather_ref`` and the un-rotation: INT4/
+    INT8 heads are quantized per token (or per group), BF16 heads are rounded to bfloat16.
+    """
+    d, h = x.shape[-1], x.shape[-3]
+    signs = random_signs(d, side.sign_seed).to(x.device) if side.sign_seed is not None else None
+    xr = rotate(x, side.rotation_block, signs)  # float32
+    head_bits = side.head_bits(h)
+    if len(set(head_bits)) == 1:
+        out = _round_trip(xr, head_bits[0], side.group_size)
+    else:
+        out = torch.empty_like(xr)
+        for bits in sorted(set(head_bits)):
+            idx = torch.tensor([i for i, b in enumerate(head_bits) if b == bits], device=x.device)
+            out.index_copy_(-3, idx, _round_trip(xr.index_select(-3, idx), bits, side.group_size))
+    return unrotate(out, side.rotation_block, signs)
+
+
+def _round_trip(x: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    if bits == 16:
+        return x.to(torch.bfloat16).float()
+    q, scale, zero = quantize(x, bits=bits, group_size=group_size)
+    return dequantize(q, scale, zero, group_size=group_size)
+
+
+@torch.inference_mode()
+def simulated_perplexity(
+    model: Any,
+    windows: torch.Tensor,
+    config: KVConfig | None,
+    *,
+    batch_size: int = 1,
+) -> float:
+    """Perplexity over ``windows`` ([N, L] token ids) with every cached K/V quantized.
+
+    Each window is one full forward in which every layer attends to fake-quantized K and V
+    (``config`` None = full precision): the cache a decoder would read after a prefill. Tokens
+    are weighted equally (mean negative log-likelihood over all N * (L - 1) predictions).
+    """
+    from sawquant.calibration.capture import intercept_attention
+
+    sides = None
+    if config is not None:
+        sides = [(layer.k, layer.v) for layer in config.layers]
+
+    def quantize_kv(call):
+        k_side, v_side = sides[call.layer_idx]
+        k = fake_quant_side(call.key, k_side).to(call.key.dtype)
+        v = fake_quant_side(call.value, v_side).to(call.value.dtype)
+        return k, v
+
+    device = _input_device(model)
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        if sides is None:
+            logits = model(input_ids=ids, use_cache=False).logits
+        else:
+            with intercept_attention(model, quantize_kv):
+                logits = model(input_ids=ids, use_cache=False).logits
+        # Predict token t+1 from the prefix up to t, in float32 for a stable log-softmax.
+        logp = logits[:, :-1].float().log_softmax(-1)
+        target = ids[:, 1:].to(logp.device)
+        nll -= logp.gather(-1, target[..., None]).sum().item()
+        count += target.numel()
+    return math.exp(nll / count)
+
+
+def _input_device(model: Any) -> torch.device:
+    emb = model.get_input_embeddings()
+    return emb.weight.device
