@@ -35,6 +35,9 @@ def _register() -> None:
     from sawquant.cli import info
 
     cli.add_command(info.info)
+    from sawquant.cli.calibrate import calibrate as calibrate_cmd
+
+    cli.add_command(calibrate_cmd)
     from sawquant.cli.export import export as export_cmd
 
     cli.add_command(export_cmd)
