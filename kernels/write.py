@@ -16,6 +16,8 @@ nibble packing stays in registers; only the packed codes change layout before th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -97,50 +99,80 @@ def _bf16_rne(v):
 
 
 @triton.jit
-def _butterfly_stage(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, H: tl.constexpr):
-    """One stage: pair element d with d + H inside aligned groups of 2H: (a, b) -> (a+b, a-b).
+def _load_rows(
+    x_ptrs, s_ptrs, mask, C0: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr,
+    D: tl.constexpr, HAS_SIGNS: tl.constexpr,
+):  # fmt: skip
+    """Chunks C0 .. C0 + C - 1 (VEC elements each) of every row, as float32 [R, C * VEC].
 
-    x: [C, R, VEC] float32, element d = c * VEC + e of each of the R rows.
+    x_ptrs: [R, VEC] pointers to chunk 0 of each row; s_ptrs: [R, VEC] pointers to the signs'
+    chunk 0 (every row the same). Each chunk is its own [R, VEC] load, which every Triton
+    version lays out one row per thread (a single [R, C, VEC] load is split across threads
+    along C or R depending on the version); joining the chunks keeps the row in one thread's
+    registers, so the butterfly and the min/max need no data exchange between threads.
     """
-    if H < VEC:
-        # Partners inside one 16-byte chunk: [C, R, VEC/2H, 2, H], pair axis moved last.
-        y = tl.permute(tl.reshape(x, [C, R, VEC // (2 * H), 2, H]), (0, 1, 2, 4, 3))
-        a, b = tl.split(y)
-        y = tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3))
+    if C == 1:
+        if C0 * VEC < D:
+            x = tl.load(x_ptrs + C0 * VEC, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SIGNS:
+                x = x * tl.load(s_ptrs + C0 * VEC)
+        else:  # padding up to a power of two: whole chunks, never loaded or stored
+            x = tl.zeros(x_ptrs.shape, tl.float32)
     else:
-        # Partners in chunks c and c + H/VEC: [C/2K, 2, K, R, VEC] with K = H / VEC.
-        K: tl.constexpr = H // VEC
-        y = tl.permute(tl.reshape(x, [C // (2 * K), 2, K, R, VEC]), (0, 2, 3, 4, 1))
-        a, b = tl.split(y)
-        y = tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3))
-    return tl.reshape(y, [C, R, VEC])
+        HALF: tl.constexpr = C // 2
+        lo = _load_rows(x_ptrs, s_ptrs, mask, C0, HALF, VEC, D, HAS_SIGNS)
+        hi = _load_rows(x_ptrs, s_ptrs, mask, C0 + HALF, HALF, VEC, D, HAS_SIGNS)
+        x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [lo.shape[0], C * VEC])
+    return x
 
 
 @triton.jit
-def _butterfly(x, C: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr, LOG_BLOCK: tl.constexpr):
-    """Unnormalised Walsh-Hadamard transform of each 2**LOG_BLOCK-chunk of the rows of x.
+def _butterfly_stage(x, R: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
+    """One stage on x [R, D]: pair d with d + H inside aligned groups of 2H: (a, b) -> (a+b, a-b).
+
+    Same view as the reference: [R, D/2H, 2, H], the pair axis moved last for split/join.
+    """
+    y = tl.permute(tl.reshape(x, [R, D // (2 * H), 2, H]), (0, 1, 3, 2))
+    a, b = tl.split(y)
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(y, [R, D])
+
+
+@triton.jit
+def _butterfly(x, R: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Unnormalised Walsh-Hadamard transform of each 2**LOG_BLOCK-chunk of the rows of x [R, D].
 
     Stages h = 1, 2, 4, ... in this order, as ``sawquant.quant.hadamard._butterfly`` (unrolled
     by hand: a static_range index cannot make the constexpr shapes of a reshape).
     """
-    if LOG_BLOCK > 0:
-        x = _butterfly_stage(x, C, R, VEC, 1)
-    if LOG_BLOCK > 1:
-        x = _butterfly_stage(x, C, R, VEC, 2)
-    if LOG_BLOCK > 2:
-        x = _butterfly_stage(x, C, R, VEC, 4)
-    if LOG_BLOCK > 3:
-        x = _butterfly_stage(x, C, R, VEC, 8)
-    if LOG_BLOCK > 4:
-        x = _butterfly_stage(x, C, R, VEC, 16)
-    if LOG_BLOCK > 5:
-        x = _butterfly_stage(x, C, R, VEC, 32)
-    if LOG_BLOCK > 6:
-        x = _butterfly_stage(x, C, R, VEC, 64)
-    if LOG_BLOCK > 7:
-        x = _butterfly_stage(x, C, R, VEC, 128)
     tl.static_assert(LOG_BLOCK <= 8)
+    if LOG_BLOCK > 0:
+        x = _butterfly_stage(x, R, D, 1)
+    if LOG_BLOCK > 1:
+        x = _butterfly_stage(x, R, D, 2)
+    if LOG_BLOCK > 2:
+        x = _butterfly_stage(x, R, D, 4)
+    if LOG_BLOCK > 3:
+        x = _butterfly_stage(x, R, D, 8)
+    if LOG_BLOCK > 4:
+        x = _butterfly_stage(x, R, D, 16)
+    if LOG_BLOCK > 5:
+        x = _butterfly_stage(x, R, D, 32)
+    if LOG_BLOCK > 6:
+        x = _butterfly_stage(x, R, D, 64)
+    if LOG_BLOCK > 7:
+        x = _butterfly_stage(x, R, D, 128)
     return x
+
+
+@triton.jit
+def _quant_params(lo, hi, LEVELS: tl.constexpr):
+    """fp16 zero (rounded down), fp16 scale (rounded up) and float32 1/scale (0 if scale is 0)."""
+    zero = _fp16_round_down(lo)
+    scale = _fp16_round_up(tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0))
+    s32 = scale.to(tl.float32)
+    inv = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)
+    return zero, scale, inv
 
 
 @triton.jit
@@ -166,17 +198,15 @@ def _write_rows(
     D: tl.constexpr,
     D_PAD: tl.constexpr,  # next power of two >= D
     VEC: tl.constexpr,  # elements per 16-byte input chunk
-    ROWS: tl.constexpr,  # rows (token, pool head) per program
+    ROWS: tl.constexpr,  # rows (pool head, token) per program
     BITS: tl.constexpr,  # 4, 8 or 16
     GROUP: tl.constexpr,  # group size (D when one group per row)
     LOG_BLOCK: tl.constexpr,  # log2 of the rotation block (0: none)
     HSCALE: tl.constexpr,  # hadamard_scale(block), already a float32 value
     HAS_SIGNS: tl.constexpr,
 ):
-    C: tl.constexpr = D_PAD // VEC
-    tl.static_assert(D_PAD % VEC == 0)
     tl.static_assert(D % VEC == 0)
-    tl.static_assert(GROUP % VEC == 0)
+    tl.static_assert(D_PAD % GROUP == 0 or GROUP == D)
     tl.static_assert((1 << LOG_BLOCK) <= D_PAD)
 
     # Rows of this program: r = i * T + t (pool head i, token t). Head-major, so that a warp's
@@ -191,75 +221,61 @@ def _write_rows(
     page = slot // page_size
     dst = (page * num_pool_heads + i) * page_size + slot % page_size  # [R] int64 pool row
 
-    c3 = tl.arange(0, C)[:, None, None]
-    e3 = tl.arange(0, VEC)[None, None, :]
-    d3 = c3 * VEC + e3  # [C, 1, VEC] element index
-    live3 = live[None, :, None]
-    if D == D_PAD:
-        in3 = live3
-    else:
-        in3 = live3 & (d3 < D)
-    x = tl.load(x_ptr + src[None, :, None] + d3, mask=in3, other=0.0).to(tl.float32)
-
-    # ---- rotation: signs, butterfly, then the float32 normalisation (reference order)
-    if HAS_SIGNS:
-        x = x * tl.load(signs_ptr + d3, mask=d3 < D, other=1.0)
+    e = tl.arange(0, VEC)[None, :]
+    x = _load_rows(
+        x_ptr + src[:, None] + e, signs_ptr + e + 0 * r[:, None], live[:, None], 0,
+        D_PAD // VEC, VEC, D, HAS_SIGNS,
+    )  # [R, D_PAD] float32, signs applied  # fmt: skip
     if LOG_BLOCK > 0:
-        x = _butterfly(x, C, ROWS, VEC, LOG_BLOCK) * HSCALE
+        x = _butterfly(x, ROWS, D_PAD, LOG_BLOCK) * HSCALE
 
+    d = tl.arange(0, D_PAD)[None, :]
+    row_mask = live[:, None]
+    if D != D_PAD:
+        row_mask = row_mask & (d < D)
     if BITS == 16:
         if codes_ptr.dtype.element_ty == tl.bfloat16:
             x = _bf16_rne(x)
-        tl.store(codes_ptr + dst[None, :, None] * D + d3, x.to(codes_ptr.dtype.element_ty), in3)
+        tl.store(codes_ptr + dst[:, None] * D + d, x.to(codes_ptr.dtype.element_ty), row_mask)
     else:
         LEVELS: tl.constexpr = (1 << BITS) - 1
         if GROUP == D:
             # One group per row: reduce over the whole (unpadded) row.
             if D == D_PAD:
-                lo = tl.min(tl.min(x, axis=2), axis=0)
-                hi = tl.max(tl.max(x, axis=2), axis=0)
+                lo = tl.min(x, axis=1)
+                hi = tl.max(x, axis=1)
             else:
-                lo = tl.min(tl.min(tl.where(d3 < D, x, float("inf")), axis=2), axis=0)
-                hi = tl.max(tl.max(tl.where(d3 < D, x, float("-inf")), axis=2), axis=0)
-            zero = _fp16_round_down(lo)  # [R] fp16
-            scale = _fp16_round_up(tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0))
-            s32 = scale.to(tl.float32)
-            inv = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)
-            q = (x - zero.to(tl.float32)[None, :, None]) * inv[None, :, None]
+                lo = tl.min(tl.where(d < D, x, float("inf")), axis=1)
+                hi = tl.max(tl.where(d < D, x, float("-inf")), axis=1)
+            zero, scale, inv = _quant_params(lo, hi, LEVELS)  # [R]
+            q = (x - zero.to(tl.float32)[:, None]) * inv[:, None]
             tl.store(scale_ptr + dst, scale, live)
             tl.store(zero_ptr + dst, zero, live)
         else:
-            # Groups of GROUP elements = GROUP / VEC consecutive chunks (whole groups only,
-            # since GROUP divides D: padding never shares a group with real elements).
+            # Groups of GROUP elements (whole groups only, since GROUP divides D: padding never
+            # shares a group with real elements).
             NG: tl.constexpr = D_PAD // GROUP
-            xg = tl.reshape(x, [NG, GROUP // VEC, ROWS, VEC])
-            lo = tl.min(tl.min(xg, axis=3), axis=1)  # [NG, R]
-            hi = tl.max(tl.max(xg, axis=3), axis=1)
-            zero = _fp16_round_down(lo)
-            scale = _fp16_round_up(tl.math.div_rn(hi - zero.to(tl.float32), LEVELS * 1.0))
-            s32 = scale.to(tl.float32)
-            inv = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)
-            q = (xg - zero.to(tl.float32)[:, None, :, None]) * inv[:, None, :, None]
-            q = tl.reshape(q, [C, ROWS, VEC])
-            g2 = tl.arange(0, NG)[:, None]
-            off2 = dst[None, :] * (D // GROUP) + g2  # [NG, R]
-            live2 = live[None, :] & (g2 < D // GROUP)
-            tl.store(scale_ptr + off2, scale, live2)
-            tl.store(zero_ptr + off2, zero, live2)
-        q = tl.minimum(tl.maximum(tl.floor(q + 0.5), 0.0), LEVELS * 1.0).to(tl.uint8)
+            xg = tl.reshape(x, [ROWS, NG, GROUP])
+            zero, scale, inv = _quant_params(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
+            q = (xg - zero.to(tl.float32)[:, :, None]) * inv[:, :, None]
+            q = tl.reshape(q, [ROWS, D_PAD])
+            g = tl.arange(0, NG)[None, :]
+            off = dst[:, None] * (D // GROUP) + g  # [R, NG]
+            tl.store(scale_ptr + off, scale, live[:, None] & (g < D // GROUP))
+            tl.store(zero_ptr + off, zero, live[:, None] & (g < D // GROUP))
+        # q >= 0 already (x >= lo >= zero), so only the top needs clamping.
+        q = tl.minimum(tl.floor(q + 0.5), LEVELS * 1.0)
         if BITS == 8:
-            tl.store(codes_ptr + dst[None, :, None] * D + d3, q, in3)
+            tl.store(codes_ptr + dst[:, None] * D + d, q.to(tl.uint8), row_mask)
         else:
-            # Two codes a byte, element 2j in the low nibble; then one [R, D/2] tile so the
-            # store is 16 bytes wide per thread (the compiler regroups the bytes).
-            lo_n, hi_n = tl.split(tl.reshape(q, [C, ROWS, VEC // 2, 2]))
-            packed = (lo_n | (hi_n << 4)).to(tl.uint8)  # [C, R, VEC/2]
-            packed = tl.reshape(tl.permute(packed, (1, 0, 2)), [ROWS, D_PAD // 2])
-            j2 = tl.arange(0, D_PAD // 2)[None, :]
-            m2 = live[:, None]
+            # Two codes a byte, element 2j in the low nibble (exact in float32: < 256).
+            lo_n, hi_n = tl.split(tl.reshape(q, [ROWS, D_PAD // 2, 2]))
+            packed = (lo_n + hi_n * 16.0).to(tl.uint8)  # [R, D_PAD/2]
+            j = tl.arange(0, D_PAD // 2)[None, :]
+            m = live[:, None]
             if D != D_PAD:
-                m2 = m2 & (j2 < D // 2)
-            tl.store(codes_ptr + dst[:, None] * (D // 2) + j2, packed, m2)
+                m = m & (j < D // 2)
+            tl.store(codes_ptr + dst[:, None] * (D // 2) + j, packed, m)
 
 
 @triton.jit
@@ -379,6 +395,11 @@ def rotate_quantize_paged(
         )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=None)
+def _hadamard_scale(block: int) -> float:
+    return hadamard_scale(block)  # builds a tensor: cached off the per-step launch path
+
+
 def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
     """Kernel arguments of one (side, pool) write."""
     pool = store.pools[bits]
@@ -386,8 +407,8 @@ def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
     heads = store.heads[bits]
     head_dim = x.shape[2]
     group = spec.groups_divisor
-    # 16-byte loads, but a chunk never straddles a group or the end of the row.
-    vec = min(16 // x.element_size(), head_dim & -head_dim, group & -group)
+    # 16-byte loads; a chunk never straddles the end of the row (padding is whole chunks).
+    vec = min(16 // x.element_size(), head_dim & -head_dim)
     return {
         "x": x,
         "heads": heads,
@@ -400,7 +421,7 @@ def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
         "vec": vec,
         "group": group,
         "log_block": store.block.bit_length() - 1,
-        "hscale": hadamard_scale(store.block),
+        "hscale": _hadamard_scale(store.block),
         "has_signs": store.signs is not None,
     }
 
@@ -449,21 +470,22 @@ def _check_inputs(
     device = k.device
     for name, t in _tensors(k, v, slot_mapping, k_store, v_store):
         if t.device != device:
-            raise InputError(f"{name} is on {t.device} but k is on {device}; move it to {device}")
+            raise InputError(f"{name()} is on {t.device} but k is on {device}; move it there")
 
 
 def _tensors(k, v, slot_mapping, k_store, v_store):
-    yield "v", v
-    yield "slot_mapping", slot_mapping
+    """(name, tensor) of every tensor the write touches; names are built only when needed."""
+    yield lambda: "v", v
+    yield lambda: "slot_mapping", slot_mapping
     for side, store in (("k", k_store), ("v", v_store)):
         if store.signs is not None:
-            yield f"{side}_store.signs", store.signs
+            yield lambda side=side: f"{side}_store.signs", store.signs
         for bits, pool in store.pools.items():
-            yield f"{side}_store.heads[{bits}]", store.heads[bits]
+            yield lambda side=side, bits=bits: f"{side}_store.heads[{bits}]", store.heads[bits]
             for field in ("codes", "scale", "zero"):
                 t = getattr(pool, field)
                 if t is not None:
-                    yield f"{side}_store.pools[{bits}].{field}", t
+                    yield lambda s=side, b=bits, f=field: f"{s}_store.pools[{b}].{f}", t
 
 
 def _check_kernel_limits(
@@ -477,20 +499,27 @@ def _check_kernel_limits(
         if store.signs is not None and store.signs.dtype != torch.float32:
             raise InputError(f"{side}_store.signs must be float32, got {store.signs.dtype}")
         for bits, pool in store.pools.items():
-            where = f"{side}_store.pools[{bits}]"
             g = pool.spec.groups_divisor
             if g != pool.spec.head_dim and g & (g - 1):
                 raise InputError(
-                    f"{where} group size {g} is not a power of two; the Triton writer needs one "
-                    f"(or use rotate_quantize_paged_ref)"
+                    f"{side}_store.pools[{bits}] group size {g} is not a power of two; the "
+                    f"Triton writer needs one (or use rotate_quantize_paged_ref)"
                 )
             if bits != 16 and pool.codes.dtype != torch.uint8:
-                raise InputError(f"{where}.codes must be uint8, got {pool.codes.dtype}")
+                raise InputError(
+                    f"{side}_store.pools[{bits}].codes must be uint8, got {pool.codes.dtype}"
+                )
             if bits == 16 and pool.codes.dtype not in _INPUT_DTYPES:
-                raise InputError(f"{where}.codes dtype {pool.codes.dtype} is not 16/32-bit float")
+                raise InputError(
+                    f"{side}_store.pools[{bits}].codes dtype {pool.codes.dtype} is not a float "
+                    f"dtype (bf16, fp16, fp32)"
+                )
             if store.heads[bits].dtype != torch.int32:
                 raise InputError(f"{side}_store.heads[{bits}] must be int32")
             for field in ("codes", "scale", "zero"):
                 t = getattr(pool, field)
                 if t is not None and not t.is_contiguous():
-                    raise InputError(f"{where}.{field} must be contiguous (allocate_side does)")
+                    raise InputError(
+                        f"{side}_store.pools[{bits}].{field} must be contiguous "
+                        f"(allocate_side makes it so)"
+                    )
