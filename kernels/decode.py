@@ -154,10 +154,15 @@ def _codes_f16(c):
 def _split_raw(a, b, BITS: tl.constexpr):
     """Raw codes -> even/odd halves: fp16 code values for INT4/INT8, the stored floats else."""
     if BITS == 4:
-        return _codes_f16(a & 15), _codes_f16(a >> 4)
-    if BITS == 8:
-        return _codes_f16(a), _codes_f16(b)
-    return a, b
+        lo = _codes_f16(a & 15)
+        hi = _codes_f16(a >> 4)
+    elif BITS == 8:
+        lo = _codes_f16(a)
+        hi = _codes_f16(b)
+    else:
+        lo = a
+        hi = b
+    return lo, hi
 
 
 @triton.jit
@@ -430,6 +435,7 @@ _PLANS: dict[tuple[int, int], tuple] = {}
 _HADAMARD: dict[tuple, torch.Tensor] = {}
 # Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
 _TUNING: dict[str, int] = {}
+_SM_COUNT: dict[str, int] = {}
 
 
 def _rotation_matrix(
@@ -490,13 +496,19 @@ def _launch_groups(
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about twice, but no split shorter than 256 tokens."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    want = triton.cdiv(2 * sms, max(batch * num_kv_heads, 1))
-    return int(max(1, min(want, triton.cdiv(max_context, 256), 128)))
+    """Context splits per (sequence, KV head): about 3 programs per SM, a power of two, and no
+    split shorter than 256 tokens. Fit to the H100 sweep in benchmarks/RESULTS.md, where this
+    picked the fastest measured count at 32x16k (1), 8x32k (4), 1x4k (16) and 32x4k demo (4).
+    """
+    key = str(device)
+    if key not in _SM_COUNT:
+        is_cuda = device.type == "cuda"
+        _SM_COUNT[key] = (
+            torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
+        )
+    want = max(1, (3 * _SM_COUNT[key]) // max(batch * num_kv_heads, 1))
+    cap = max(1, max_context // 256)
+    return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
 
 
 def _check_inputs(
@@ -588,7 +600,9 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     block_dh = triton.next_power_of_2(max(d // 2, 16))
     block_g = max(16, triton.next_power_of_2(group))
-    cfg = {"BLOCK_N": 64 if d <= 128 else 32, "num_warps": 4, "num_stages": 2, **_TUNING}
+    # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); wider
+    # heads halve it to bound registers.
+    cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
     hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
     for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
         kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]

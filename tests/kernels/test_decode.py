@@ -1,0 +1,145 @@
+"""Paged decode attention: the Triton kernel (interpreter on CPU) against its float32 twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _paged_fixture import build_cache, check_close, poison_float_allocations
+
+from sawquant.errors import InputError
+from sawquant.kernels.decode import (
+    _gather_heads,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+from sawquant.quant import rotate, unrotate
+
+
+def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap=None):
+    """Plain torch attention in q.dtype on the same dequantized cache (the error yardstick)."""
+    dt = q.dtype
+    group = q.shape[1] // k_store.num_kv_heads
+    keys = _gather_heads(k_store, table, lens)
+    values = _gather_heads(v_store, table, lens)
+    qr = rotate(q, k_store.block, k_store.signs).to(dt)
+    out = []
+    for i, n in enumerate(lens.tolist()):
+        k = keys[i].to(dt).repeat_interleave(group, 0)  # [H_q, L, D]
+        v = values[i].to(dt).repeat_interleave(group, 0)
+        s = (qr[i][:, None] @ k.transpose(-1, -2)) * scale  # [H_q, 1, L] in dt
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if window is not None:
+            s[..., : max(n - window, 0)] = float("-inf")
+        out.append((torch.softmax(s, -1) @ v)[:, 0])
+    return unrotate(torch.stack(out).float(), v_store.block, v_store.signs).to(dt)
+
+
+CASES = {
+    # name: head_dim, block, page, (H_q, H_kv), dtype, lens, num_splits, window, softcap, extra
+    "gqa1-page16-bf16": (64, 16, 16, (2, 2), torch.bfloat16, [1, 37, 16], 1, None, None, {}),
+    "gqa3-page64-fp16-fallback": (
+        64, 32, 64, (6, 2), torch.float16, [100, 5], 3, None, None,
+        {"k_bits": (8, 4), "v_bits": (4, 16)},
+    ),
+    "gqa4-d128-softcap": (128, 128, 16, (8, 2), torch.bfloat16, [33, 64, 1], 2, None, 30.0, {}),
+    "gqa8-d128-page64-window": (128, 64, 64, (8, 1), torch.float16, [130], 4, 50, None, {}),
+    "d96-block32-auto-splits": (
+        96, 32, 16, (6, 2), torch.bfloat16, [45, 17], None, None, None,
+        {"k_bits": (4, 16), "v_bits": (8, 4)},
+    ),
+    "group-size-32": (64, 32, 16, (4, 2), torch.bfloat16, [40, 9], 2, None, None,
+                      {"group_size": 32}),
+    "no-rotation": (64, 1, 16, (4, 2), torch.float16, [20, 3], 2, 8, 20.0, {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_matches_reference(name, monkeypatch):
+    d, block, page, (h_q, h_kv), dtype, lens, splits, window, softcap, extra = CASES[name]
+    torch.manual_seed(0)
+    k_store, v_store, table = build_cache(
+        lens=lens, num_kv_heads=h_kv, head_dim=d, page_size=page, block=block, dtype=dtype,
+        **extra,
+    )  # fmt: skip
+    q = (torch.randn(len(lens), h_q, d) * 2).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(softmax_scale=d**-0.5, sliding_window=window, softcap=softcap)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
+    assert ref.dtype == dtype and ref.shape == q.shape
+    lowp = _torch_lowp(q, k_store, v_store, table, seq_lens, scale=d**-0.5, window=window,
+                       softcap=softcap)  # fmt: skip
+    poison_float_allocations(monkeypatch)
+    out = paged_decode_attention(q, k_store, v_store, table, seq_lens, num_splits=splits, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    check_close(out, ref.float(), lowp)
+
+
+@pytest.mark.parametrize("extra", [{}, {"k_bits": (16, 4), "v_bits": (4, 8), "group_size": 16}])
+def test_float32_query_error_is_small(extra):
+    """With float32 q and output, only the fp16 tensor-core operands round: relative error of
+    a few 1e-4 against the float32 twin."""
+    k_store, v_store, table = build_cache(
+        lens=[77, 200], num_kv_heads=2, head_dim=128, page_size=16, block=128, **extra
+    )
+    q = torch.randn(2, 8, 128) * 2
+    lens = torch.tensor([77, 200], dtype=torch.int32)
+    kw = dict(softmax_scale=128**-0.5, num_splits=2)
+    out = paged_decode_attention(q, k_store, v_store, table, lens, **kw)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, **kw)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"relative error, float32 q: {rel:.2e}")
+    assert rel < 2e-3
+
+
+def test_reference_is_plain_attention_on_dequantized_values():
+    """The twin equals attention written out by hand (dequantize, rotate q, unrotate out)."""
+    k_store, v_store, table = build_cache(
+        lens=[19], num_kv_heads=1, head_dim=64, page_size=16, block=32
+    )
+    q = torch.randn(1, 2, 64)
+    lens = torch.tensor([19], dtype=torch.int32)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, softmax_scale=0.125)
+    k = _gather_heads(k_store, table, lens)[0][0]  # [19, 64] rotated
+    v = _gather_heads(v_store, table, lens)[0][0]
+    qr = rotate(q[0], 32, k_store.signs)  # [2, 64]
+    o = torch.softmax(qr @ k.T * 0.125, -1) @ v
+    err = (ref[0] - unrotate(o, 32, None)).abs().max().item()
+    print(f"max err vs hand-written attention {err:.2e}")
+    assert err < 1e-5
+
+
+def test_splits_agree():
+    """One split and many splits agree up to the fp16 rounding of the tensor-core operands
+    (P is rounded relative to each split's own running max)."""
+    k_store, v_store, table = build_cache(
+        lens=[150, 70], num_kv_heads=2, head_dim=64, page_size=16, block=64
+    )
+    q = torch.randn(2, 4, 64)
+    lens = torch.tensor([150, 70], dtype=torch.int32)
+    one = paged_decode_attention(q, k_store, v_store, table, lens, softmax_scale=0.125,
+                                 num_splits=1)  # fmt: skip
+    many = paged_decode_attention(q, k_store, v_store, table, lens, softmax_scale=0.125,
+                                  num_splits=5)  # fmt: skip
+    err = (one - many).abs().max().item()
+    print(f"max diff 1 vs 5 splits {err:.2e}")
+    assert err < 2e-3  # measured 4.8e-4
+
+
+def test_launcher_rejects_bad_inputs():
+    k_store, v_store, table = build_cache(
+        lens=[20], num_kv_heads=2, head_dim=64, page_size=16, block=16
+    )
+    q = torch.randn(1, 4, 64)
+    lens = torch.tensor([20], dtype=torch.int32)
+    with pytest.raises(InputError, match="multiple"):
+        paged_decode_attention(torch.randn(1, 3, 64), k_store, v_store, table, lens,
+                               softmax_scale=1.0)  # fmt: skip
+    with pytest.raises(InputError, match="block_table"):
+        paged_decode_attention(q, k_store, v_store, table.long(), lens, softmax_scale=1.0)
+    with pytest.raises(InputError, match="seq_lens"):
+        too_long = torch.tensor([table.shape[1] * 16 + 1], dtype=torch.int32)
+        paged_decode_attention(q, k_store, v_store, table, too_long, softmax_scale=1.0)
+    with pytest.raises(InputError, match="head_dim"):
+        paged_decode_attention(torch.randn(1, 4, 32), k_store, v_store, table, lens,
+                               softmax_scale=1.0)  # fmt: skip
