@@ -41,6 +41,9 @@ def _register() -> None:
     from sawquant.cli.export import export as export_cmd
 
     cli.add_command(export_cmd)
+    from sawquant.cli.verify import verify as verify_cmd
+
+    cli.add_command(verify_cmd)
 
 
 _register()
