@@ -31,7 +31,9 @@ __all__ = ["rotate_quantize_paged", "rotate_quantize_paged_ref"]
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROWS_PER_WARP = 32  # one row (token, head) per thread
-_NUM_WARPS = 4
+# H100, triton 3.6 (benchmarks/RESULTS.md): 1, 2 and 4 warps within 2% on the Qwen3-8B layer,
+# 8 warps 50% slower; 2 was the fastest on the small demo layer.
+_NUM_WARPS = 2
 
 
 # --------------------------------------------------------------------------------------------
