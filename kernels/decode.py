@@ -432,10 +432,16 @@ def _decode_combine_kernel(
 # Launch plans and Hadamard matrices are cached: building them reads head lists back from the
 # device, a synchronisation that would otherwise cost every decode step.
 _PLANS: dict[tuple[int, int], tuple] = {}
-_HADAMARD: dict[tuple, torch.Tensor] = {}
+_HADAMARD: dict[tuple, tuple[torch.Tensor, float]] = {}
 # Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
 _TUNING: dict[str, int] = {}
 _SM_COUNT: dict[str, int] = {}
+
+
+def _next_pow2(n: int) -> int:
+    # Plain Python: triton.next_power_of_2 / cdiv go through the JIT's constexpr unwrapping,
+    # which costs ~10 us of host time per call, on every decode step.
+    return 1 << (int(n) - 1).bit_length()
 
 
 def _rotation_matrix(
@@ -462,8 +468,8 @@ def _rotation_matrix(
         if signs is not None:
             s = signs.to(device=device, dtype=torch.float64)
             h = h * s[None, :] if inverse else s[:, None] * h
-        _HADAMARD[key] = h.round().to(torch.float16).contiguous()
-    return _HADAMARD[key], hadamard_scale(store.block)
+        _HADAMARD[key] = (h.round().to(torch.float16).contiguous(), hadamard_scale(store.block))
+    return _HADAMARD[key]
 
 
 def _launch_groups(
@@ -598,8 +604,8 @@ def paged_decode_attention(
     ml = torch.empty(b, h_q, num_splits, 2, dtype=torch.float32, device=device)
     acc = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
-    block_dh = triton.next_power_of_2(max(d // 2, 16))
-    block_g = max(16, triton.next_power_of_2(group))
+    block_dh = _next_pow2(max(d // 2, 16))
+    block_g = max(16, _next_pow2(group))
     # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); wider
     # heads halve it to bound registers.
     cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
@@ -633,7 +639,7 @@ def paged_decode_attention(
     hv, v_rot_scale = _rotation_matrix(v_store, device, inverse=True)
     block_h = 16
     # fmt: off
-    _decode_combine_kernel[(b, triton.cdiv(h_q, block_h))](
+    _decode_combine_kernel[(b, -(-h_q // block_h))](
         ml, acc, out if hv is None else hv, out, v_rot_scale, num_splits, h_q,
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_D=2 * block_dh, BLOCK_H=block_h, V_ROT=hv is not None,

@@ -22,6 +22,7 @@ from sawquant.kernels.decode import (
     _attention_fp32,
     _gather_heads,
     _load_halves,
+    _next_pow2,
     _rotate_rows,
     _rotation_matrix,
 )
@@ -162,13 +163,13 @@ def _dequant_into(
     """Fill buf[:, :, :width] ([B, H_q, width + T, D]) from the pages, in the original basis."""
     b, _, _, d = buf.shape
     block_n = 32
-    block_dh = triton.next_power_of_2(max(d // 2, 16))
+    block_dh = _next_pow2(max(d // 2, 16))
     hmat, rot_scale = _rotation_matrix(store, buf.device, inverse=True)
     for bits, pool in store.pools.items():
         heads = store.heads[bits]
         s = pool.scale if pool.scale is not None else pool.codes
         z = pool.zero if pool.zero is not None else pool.codes
-        grid = (b, heads.numel(), triton.cdiv(width, block_n))
+        grid = (b, heads.numel(), -(-width // block_n))
         # fmt: off
         _gather_dequant_kernel[grid](
             pool.codes, s, z, block_table, cached_lens, heads, buf if hmat is None else hmat, buf,
