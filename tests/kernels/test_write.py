@@ -190,6 +190,17 @@ def test_mixed_pools_bit_exact(k_bits, v_bits, group, pool_dtype):
     _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
 
 
+def test_strided_views_of_a_fused_qkv():
+    """k and v as views of one [T, H_q + 2 H_kv, D] projection output (token stride 12 * D)."""
+    gen = torch.Generator().manual_seed(5)
+    head_dim, page, num_pages, T = 64, 16, 4, 23
+    qkv = (torch.randn(T, 6 + 2 * 3, head_dim, generator=gen) * 4).to(torch.bfloat16).to(DEVICE)
+    k, v = qkv[:, 6:9], qkv[:, 9:]
+    common = dict(heads=3, head_dim=head_dim, group=None, page_size=page, num_pages=num_pages)
+    k_store, v_store = _store(block=64, seed=1, **common), _store(block=32, seed=None, **common)
+    _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
+
+
 def test_no_tokens_is_a_no_op():
     common = dict(heads=2, head_dim=64, group=None, page_size=16, num_pages=2)
     k_store, v_store = _store(block=16, seed=None, **common), _store(block=1, seed=None, **common)
