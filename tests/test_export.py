@@ -440,6 +440,36 @@ def test_fold_is_close_in_bf16(ckpts, tmp_path):
     assert err_pair < 3e-2
 
 
+def test_runtime_serves_a_folded_export_like_the_unfolded_model(ckpts, tmp_path):
+    # Signs-only V rotations fold exactly (sign flips), so the INT4 runtime must give the very
+    # same logits with values_folded (no V rotation at run time) as with the rotation unfolded.
+    from transformers import AutoModelForCausalLM
+
+    import sawquant
+
+    k = SideConfig(rotation_block=16)
+    layers = [LayerConfig(k=k, v=SideConfig(sign_seed=i)) for i in range(LAYERS)]
+    config = KVConfig(model=ModelFacts(LAYERS, KV_HEADS, HEAD_DIM, "llama"), layers=layers)
+    export_checkpoint(ckpts["llama"], config, tmp_path / "out", fold_values=True)
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(2))
+
+    def decode(model):  # 12-token prefill, then 8 single-token steps through the INT4 cache
+        with torch.no_grad():
+            out = model(ids[:, :12], use_cache=True)
+            cache, logits = out.past_key_values, []
+            for t in range(12, 20):
+                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits, 1)
+
+    plain = AutoModelForCausalLM.from_pretrained(ckpts["llama"], dtype=torch.float32).eval()
+    unfolded = decode(sawquant.patch(plain, config))
+    folded = decode(sawquant.from_pretrained(tmp_path / "out", dtype=torch.float32))
+    print(f"runtime folded vs unfolded: max |dlogit| = {(folded - unfolded).abs().max():.3e}")
+    assert torch.equal(folded, unfolded)
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def test_cli(ckpts, tmp_path):
     runner = CliRunner()
