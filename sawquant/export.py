@@ -36,7 +36,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -100,7 +100,7 @@ class ExportResult:
     rewritten: tuple[str, ...] = ()  # weight shards rewritten with folded v_proj/o_proj
     written: tuple[str, ...] = ()  # config.json, sawquant_kv.json
     folded_layers: tuple[int, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
 
 # -- reading inputs ------------------------------------------------------------------------------
@@ -121,7 +121,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {path} ({err}); repair or re-download the checkpoint")
+        raise InputError(
+            f"cannot read {path} ({err}); repair or re-download the checkpoint"
+        ) from None
     if not isinstance(data, dict):
         raise InputError(f"{path} is not a JSON object; repair or re-download the checkpoint")
     return data
