@@ -432,7 +432,7 @@ def _decode_combine_kernel(
 # Launch plans and Hadamard matrices are cached: building them reads head lists back from the
 # device, a synchronisation that would otherwise cost every decode step.
 _PLANS: dict[tuple[int, int], tuple] = {}
-_HADAMARD: dict[tuple, tuple[torch.Tensor, float]] = {}
+_HADAMARD: dict[tuple, tuple] = {}
 # Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
 _TUNING: dict[str, int] = {}
 _SM_COUNT: dict[str, int] = {}
@@ -455,21 +455,26 @@ def _rotation_matrix(
     if store.block == 1 and store.signs is None:
         return None, 1.0
     signs = store.signs
-    key = (
-        store.head_dim,
-        store.block,
-        str(device),
-        inverse,
-        None if signs is None else (signs.data_ptr(), signs._version),
-    )
-    if key not in _HADAMARD:
-        h = block_hadamard(store.head_dim, store.block, dtype=torch.float64).to(device)
-        h = h / hadamard_scale(store.block)
-        if signs is not None:
-            s = signs.to(device=device, dtype=torch.float64)
-            h = h * s[None, :] if inverse else s[:, None] * h
-        _HADAMARD[key] = (h.round().to(torch.float16).contiguous(), hadamard_scale(store.block))
-    return _HADAMARD[key]
+    if signs is None:  # content fully given by the key
+        key, check = (store.head_dim, store.block, str(device), inverse), None
+    else:
+        # Signs are data: cache per live store (a freed tensor's address can come back with
+        # other signs), and rebuild if the signs tensor was replaced or written in place.
+        key = ("store", id(store), str(device), inverse)
+        check = (store.block, signs.data_ptr(), signs._version)
+    hit = _HADAMARD.get(key)
+    if hit is not None and (check is None or (hit[2]() is store and hit[3] == check)):
+        return hit[0], hit[1]
+    h = block_hadamard(store.head_dim, store.block, dtype=torch.float64).to(device)
+    h = h / hadamard_scale(store.block)
+    if signs is not None:
+        s = signs.to(device=device, dtype=torch.float64)
+        h = h * s[None, :] if inverse else s[:, None] * h
+    if len(_HADAMARD) > 256:
+        _HADAMARD.clear()
+    matrix = h.round().to(torch.float16).contiguous()
+    _HADAMARD[key] = (matrix, hadamard_scale(store.block), weakref.ref(store), check)
+    return matrix, hadamard_scale(store.block)
 
 
 def _launch_groups(

@@ -143,3 +143,21 @@ def test_launcher_rejects_bad_inputs():
     with pytest.raises(InputError, match="head_dim"):
         paged_decode_attention(torch.randn(1, 4, 32), k_store, v_store, table, lens,
                                softmax_scale=1.0)  # fmt: skip
+
+
+def test_rotation_cache_follows_the_store():
+    """Cached rotation matrices belong to their store: new signs (in place or a new store)
+    are picked up, never a stale matrix."""
+    k_store, v_store, table = build_cache(
+        lens=[30], num_kv_heads=1, head_dim=64, page_size=16, block=16
+    )
+    q = torch.randn(1, 2, 64)
+    lens = torch.tensor([30], dtype=torch.int32)
+    kw = dict(softmax_scale=0.125, num_splits=1)
+    paged_decode_attention(q, k_store, v_store, table, lens, **kw)  # fills the caches
+    k_store.signs[:32].neg_()  # the stored codes no longer match; both sides must agree
+    out = paged_decode_attention(q, k_store, v_store, table, lens, **kw)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, **kw)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"relative error after changing the signs in place: {rel:.2e}")
+    assert rel < 2e-3
