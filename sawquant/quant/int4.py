@@ -81,9 +81,12 @@ def quantize(
     lo = xg.amin(dim=-1)
     hi = xg.amax(dim=-1)
     zero = fp16_round_down(lo)
-    scale = fp16_round_up((hi - zero.float()) / levels)
+    # Tensor / tensor on purpose: torch on CUDA turns division by a Python scalar into a
+    # multiply by its reciprocal, which is not the IEEE division the kernels perform.
+    scale = fp16_round_up((hi - zero.float()) / torch.full_like(hi, levels))
     s32 = scale.float()
-    inv = torch.where(s32 > 0, 1.0 / torch.where(s32 > 0, s32, 1.0), 0.0)
+    ones = torch.ones_like(s32)
+    inv = torch.where(s32 > 0, ones / torch.where(s32 > 0, s32, ones), 0.0)
     t = (xg - zero.float()[..., None]) * inv[..., None]
     q = torch.floor(t + 0.5).clamp_(0.0, levels).to(torch.uint8)
     return q.reshape(x.shape), scale, zero
