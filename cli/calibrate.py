@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 from rich.console import Console
 from rich.progress import (
@@ -90,8 +92,8 @@ def calibrate(model, data_source, samples, seq_len, recipe_name, device, max_mem
     from sawquant.calibration.report import check_plotting, plot_outliers
     from sawquant.models import load_model, model_facts
 
-    err = Console(stderr=True)
-    out = Console()
+    err = Console(file=sys.stderr)
+    out = Console(file=sys.stdout)  # resolved now, so click's test runner captures it too
     if plot:
         check_plotting()
     # A bad recipe fails before a large model is loaded.
@@ -130,17 +132,21 @@ def calibrate(model, data_source, samples, seq_len, recipe_name, device, max_mem
         )
     path = result.save(output)
 
-    table = Table(title=f"sawquant calibrate: {result.model} (recipe {recipe.name})")
+    table = Table(
+        title=f"sawquant calibrate: {result.model} (recipe {recipe.name})",
+        caption="K/V: rotation block (+s: random signs, g: group size); naive/chosen: relative "
+        "INT4 attention-output error, K and V combined",
+    )
     for name, justify in (
         ("layer", "right"),
-        ("K rotation", "left"),
-        ("V rotation", "left"),
+        ("K", "left"),
+        ("V", "left"),
         ("K fallback", "left"),
         ("V fallback", "left"),
-        ("INT4 err naive", "right"),
+        ("naive", "right"),
         ("chosen", "right"),
     ):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify=justify, no_wrap=True)
     for row in result.layer_summaries():
         better = "green" if row.chosen_err < row.naive_err else "yellow"
         table.add_row(

@@ -162,7 +162,7 @@ def load_calibration(path: str | os.PathLike) -> CalibrationResult:
 
 
 def _describe(side: SideConfig) -> str:
-    seed = "" if side.sign_seed is None else f"+signs({side.sign_seed})"
+    seed = "" if side.sign_seed is None else f"+s{side.sign_seed}"
     group = "" if side.group_size is None else f" g{side.group_size}"
     return f"b{side.rotation_block}{seed}{group}"
 

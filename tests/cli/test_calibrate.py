@@ -1,0 +1,133 @@
+"""``sawquant calibrate`` end to end on a tiny checkpoint, and every bad input: exit 2, one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sawquant.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight 2-layer Llama (head_dim 32, GQA) with the demo tokenizer, saved to disk."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sawquant.models import demo_checkpoint_dir
+
+    tok = AutoTokenizer.from_pretrained(demo_checkpoint_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    from sawquant import data
+
+    path.write_text(data.calibration_text()[:20000])
+    return path
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, ["calibrate", *map(str, args)])
+    print(result.output)
+    return result
+
+
+def _assert_user_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.strip().splitlines() if line.strip()]) <= 3
+
+
+def test_calibrate_tiny_checkpoint(tiny_checkpoint, text_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: ci\nblocks: [1, 16, 32]\ngroup_sizes: [null, 16]\nquery_samples: 16\n")
+    out = tmp_path / "calibration.json"
+    args = [tiny_checkpoint, "--data", text_file, "--samples", 2, "--seq-len", 48]
+    args += ["--recipe", recipe, "--device", "cpu", "-o", out]
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if plot:
+        args += ["--plot", tmp_path / "outliers.png"]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["config"]["model"]["num_layers"] == 2 and data["avg_bits"] <= 5.0
+    assert data["stats"]["windows"] == 2 and data["recipe"]["name"] == "ci"
+    assert (
+        "average bits per cached element" in result.output
+        and "attention-output error" in result.output
+    )
+    if plot:
+        assert (tmp_path / "outliers.png").stat().st_size > 1000
+
+
+def test_missing_model_path(tmp_path):
+    _assert_user_error(_run(tmp_path / "nope"), "does not exist")
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
+    config.architectures = ["BertModel"]  # an encoder checkpoint, as saved by BertModel
+    config.save_pretrained(tmp_path)
+    _assert_user_error(_run(tmp_path), "is not a decoder-only causal language model")
+
+
+def test_mla_is_refused(tmp_path):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(num_hidden_layers=1, hidden_size=64).save_pretrained(tmp_path)
+    _assert_user_error(_run(tmp_path), "multi-head latent attention")
+
+
+def test_text_too_short(tiny_checkpoint, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("In the beginning God created the heaven and the earth.\n")
+    result = _run(
+        tiny_checkpoint,
+        "--data",
+        short,
+        "--samples",
+        4,
+        "--seq-len",
+        256,
+        "-o",
+        tmp_path / "c.json",
+    )
+    _assert_user_error(result, "lower --samples/--seq-len or give more text")
+
+
+def test_recipe_with_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsampels: 8\n")
+    _assert_user_error(_run("--recipe", bad), "unknown key(s) ['sampels']")
+
+
+def test_unknown_recipe_name():
+    _assert_user_error(_run("--recipe", "nonexistent"), "unknown recipe 'nonexistent'")
+
+
+def test_missing_data_file(tiny_checkpoint, tmp_path):
+    _assert_user_error(_run(tiny_checkpoint, "--data", tmp_path / "none.txt"), "is not a file")
