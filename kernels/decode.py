@@ -29,8 +29,6 @@ from sawquant.quant.hadamard import hadamard_scale
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 
-_LOG2E = 1.4426950408889634
-
 
 # --------------------------------------------------------------------------------------------
 # Reference
@@ -594,7 +592,13 @@ def paged_decode_attention(
     q.dtype, in the original (un-rotated) basis.
     """
     _check_inputs(q, k_store, v_store, block_table, seq_lens)
+    if sliding_window is not None and sliding_window < 1:
+        raise InputError(f"sliding_window must be >= 1, got {sliding_window}; or pass None")
+    if softcap is not None and softcap <= 0:
+        raise InputError(f"softcap must be > 0, got {softcap}; or pass None")
     b, h_q, d = q.shape
+    if b == 0:
+        return torch.empty_like(q)
     h_kv = k_store.num_kv_heads
     group = h_q // h_kv
     page = k_store.page_size
@@ -611,8 +615,8 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     block_dh = _next_pow2(max(d // 2, 16))
     block_g = max(16, _next_pow2(group))
-    # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); wider
-    # heads halve it to bound registers.
+    # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); heads
+    # wider than 128 (not measured) halve it to bound registers.
     cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
     hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
     for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):

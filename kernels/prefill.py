@@ -242,7 +242,13 @@ def paged_prefill_attention(
     it when given). Returns [B, H_q, T, D] in q.dtype.
     """
     _check_inputs(q, k, v, k_store, v_store, block_table, cached_lens)
+    if sliding_window is not None and sliding_window < 1:
+        raise InputError(f"sliding_window must be >= 1, got {sliding_window}; or pass None")
+    if softcap is not None and softcap <= 0:
+        raise InputError(f"softcap must be > 0, got {softcap}; or pass None")
     b, h_q, t, d = q.shape
+    if b == 0 or t == 0:
+        return torch.empty_like(q)
     group = h_q // k.shape[1]
     lens = cached_lens.tolist()  # one sync: sizes the buffer (prefill is not graph-captured)
     cap = block_table.shape[1] * k_store.page_size
@@ -265,9 +271,8 @@ def paged_prefill_attention(
 
         mask = causal_lower_right(t, width + t)
         return scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=softmax_scale)
-    allowed = torch.stack([_allowed(c, t, width + t, sliding_window, q.device) for c in lens])[
-        :, None
-    ]  # [B, 1, T, width + T]
+    masks = [_allowed(c, t, width + t, sliding_window, q.device) for c in lens]
+    allowed = torch.stack(masks)[:, None]  # [B, 1, T, width + T]
     if softcap is None:
         return scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=softmax_scale)
     out = torch.empty_like(q)
