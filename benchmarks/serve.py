@@ -1,6 +1,10 @@
 """Serving benchmark harness: BF16 vs plain INT4 vs sawquant KV caches under one KV memory budget.
 
-A benchmark harness, not a serving engine. What it measures on the device, per cache:
+A benchmark harness, not a serving engine. Caches (``--caches``): ``bf16-sdpa`` (contiguous
+BF16 buffers read by torch SDPA with native GQA: the usual BF16 path), ``bf16`` (the sawquant
+paged runtime with 16-bit pools), ``int4`` (plain INT4, block 1), ``sawquant`` (a representative
+calibrated config, see ``cache_configs``) and ``sawquant-rot`` (its rotations without fallback
+heads). What it measures on the device, per cache:
 
 1. ``prefill_s``: one real prefill of a ``--prompt``-token request through the patched model
    (``model(ids, use_cache=True)``: full-precision SDPA on the chunk + the fused paged write),
@@ -33,9 +37,11 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.runtime import SawquantCache, kv_memory, patch, unpatch
@@ -78,11 +84,75 @@ def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
         k = SideConfig(rotation_block=blocks[i % len(blocks)], sign_seed=i, fallback_heads=fallback)
         v = SideConfig(rotation_block=min(32, facts.head_dim))
         layers.append(LayerConfig(k=k, v=v))
+    rot = [LayerConfig(k=replace(x.k, fallback_heads={}), v=x.v) for x in layers]
     return {
         "bf16": KVConfig.uniform(facts, k=SideConfig(bits=16), v=SideConfig(bits=16)),
         "int4": KVConfig.uniform(facts),
         "sawquant": KVConfig(model=facts, layers=tuple(layers)),
+        # The same rotations without the two fallback heads: rotation cost alone.
+        "sawquant-rot": KVConfig(model=facts, layers=tuple(rot)),
     }
+
+
+class ContiguousBF16Cache(Cache):
+    """The BF16 baseline read by torch SDPA: one preallocated ``[B, H_kv, capacity, D]`` buffer
+    per layer side (what a static transformers cache holds), no paging, no quantization.
+
+    ``frozen`` (CUDA-graph replay) writes every step at the same position without advancing."""
+
+    def __init__(self, num_layers: int, batch: int, heads: int, dim: int, capacity: int, **kw):
+        super().__init__(layers=[_ContiguousLayer(batch, heads, dim, capacity, **kw)
+                                 for _ in range(num_layers)])  # fmt: skip
+        self.frozen = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].write(key_states, value_states, self.frozen)
+
+
+class _ContiguousLayer(CacheLayerMixin):
+    def __init__(self, batch, heads, dim, capacity, *, device, dtype):
+        super().__init__()
+        self.keys = torch.randn(batch, heads, capacity, dim, device=device, dtype=dtype)
+        self.values = torch.randn_like(self.keys)
+        self.length = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.write(key_states, value_states, False)
+
+    def write(self, k, v, frozen: bool):
+        t = k.shape[2]
+        self.keys[:, :, self.length : self.length + t] = k
+        self.values[:, :, self.length : self.length + t] = v
+        end = self.length + t
+        if not frozen:
+            self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_mask_sizes(self, query_length):
+        return self.length + query_length, 0
+
+    def get_max_length(self):
+        return self.keys.shape[2]
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Plain torch SDPA with native GQA (no K/V repetition, no mask for one query token):
+    the fastest BF16 decode path torch offers, registered for the BF16 baseline."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t, n = query.shape[2], key.shape[2]
+    mask = None  # one query token, or a first chunk (is_causal) need no mask
+    if 1 < t < n:  # a later chunk: causal aligned to the end of the keys
+        mask = torch.ones(t, n, dtype=torch.bool, device=query.device).tril(n - t)
+    causal = t > 1 and mask is None
+    out = sdpa(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype):
@@ -139,9 +209,10 @@ def filled_cache(
     return cache
 
 
-def time_decode(model, config, batch, context, device, dtype, steps: int, graph: bool) -> dict:
-    """Seconds per decode step at ``batch`` x ``context``: eager median, and CUDA-graph replay."""
-    cache = filled_cache(config, batch, context, steps + 8, device, dtype)
+def time_decode(model, cache, device, steps: int, graph: bool) -> dict:
+    """Seconds per decode step of ``cache``'s batch: eager median, and CUDA-graph replay."""
+    batch = cache.layers[0].keys.shape[0] if isinstance(cache, ContiguousBF16Cache) else None
+    batch = batch or cache.batch_size
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     res: dict = {}
     with torch.no_grad():
@@ -158,9 +229,44 @@ def time_decode(model, config, batch, context, device, dtype, steps: int, graph:
                 res["graph_s"] = _graph_step(model, cache, ids, device)
             except Exception as err:  # report, keep the eager number
                 res["graph_error"] = f"{type(err).__name__}: {err}"[:300]
-            res.update(_attention_only(model, cache, device))
-    del cache
+            if isinstance(cache, SawquantCache):
+                res.update(_attention_only(model, cache, device))
     return res
+
+
+def _graph_step(model, cache, ids, device, replays: int = 20) -> float:
+    """Capture one decode step (same slots every replay) and time its replays."""
+    paged = isinstance(cache, SawquantCache)
+    if paged:
+        cache.prepare_step(1, batch_size=ids.shape[0], device=device)
+        cache.reuse_plan = True
+    else:
+        cache.frozen = True
+    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.forward(**kw)  # forward, not __call__: no pre-hook, no host planning
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            model.forward(**kw)
+        g.replay()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000 / replays
+    finally:
+        if paged:
+            cache.reuse_plan = False
+        else:
+            cache.frozen = False
 
 
 def _bench(fn, device, reps: int = 20) -> float:
@@ -207,34 +313,6 @@ def _attention_only(model, cache: SawquantCache, device) -> dict:
     except torch.OutOfMemoryError:
         out["sdpa_bf16_layer_s"] = None  # the contiguous copy does not fit next to the cache
     return out
-
-
-def _graph_step(model, cache: SawquantCache, ids, device, replays: int = 20) -> float:
-    """Capture one decode step (plan fixed: same slots every replay) and time its replays."""
-    cache.prepare_step(1, batch_size=ids.shape[0], device=device)
-    cache.reuse_plan = True
-    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.forward(**kw)  # forward, not __call__: no pre-hook, no host planning
-        torch.cuda.current_stream(device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            model.forward(**kw)
-        g.replay()
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000 / replays
-    finally:
-        cache.reuse_plan = False
 
 
 @dataclass
@@ -306,6 +384,19 @@ def sanity_check(device: torch.device, dtype: torch.dtype) -> dict:
             got = torch.cat(logits, 1).float()
             errors[name] = ((got - full).norm() / full.norm()).item()
             unpatch(model)
+        # The BF16 baseline's cache and attention function, same steps.
+        original = model.config._attn_implementation
+        model.set_attn_implementation("sdpa_gqa")
+        cache = ContiguousBF16Cache(
+            facts.num_layers, 3, facts.num_kv_heads, facts.head_dim, 22, device=device, dtype=dtype
+        )
+        logits = [model(ids[:, :12], past_key_values=cache).logits]
+        for t in range(12, 18):
+            logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        logits.append(model(ids[:, 18:22], past_key_values=cache).logits)
+        got = torch.cat(logits, 1).float()
+        errors["bf16-sdpa"] = ((got - full).norm() / full.norm()).item()
+        model.set_attn_implementation(original)
     return errors
 
 
@@ -318,7 +409,7 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--concurrency", default="1,8,32,64,128")
     p.add_argument("--steps", type=int, default=6, help="eager decode steps timed per point")
-    p.add_argument("--caches", default="bf16,int4,sawquant")
+    p.add_argument("--caches", default="bf16-sdpa,bf16,int4,sawquant,sawquant-rot")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--out", default=None, help="write every number as JSON here")
     args = p.parse_args()
@@ -339,29 +430,47 @@ def main() -> None:
         "args": vars(args),
         "caches": {},
     }
+    AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
     report["sanity_rel_logit_error"] = sanity_check(device, dtype)
     print("sanity (relative logit error vs the plain model):", report["sanity_rel_logit_error"])
     configs = cache_configs(facts)
     for name in args.caches.split(","):
-        config = configs[name]
+        contiguous = name == "bf16-sdpa"
+        config = configs["bf16" if contiguous else name]
         mem = kv_memory(config)
-        max_conc = mem.tokens_in(budget) // per_request
-        patch(model, config)
+        per_token = mem.bf16_bytes_per_token if contiguous else mem.bytes_per_token
+        max_conc = int(budget // per_token) // per_request
+        original = model.config._attn_implementation
+        if contiguous:
+            model.set_attn_implementation("sdpa_gqa")
+        else:
+            patch(model, config)
         t0 = time.perf_counter()
         prefill = time_prefill(model, args.prompt, device)
         steps = {}
         for b in batches_needed(conc, max_conc):
-            steps[b] = time_decode(
-                model, config, b, context, device, dtype, args.steps, not args.no_graph
-            )
+            if contiguous:
+                cache = ContiguousBF16Cache(
+                    facts.num_layers, b, facts.num_kv_heads, facts.head_dim,
+                    context + args.steps + 8, device=device, dtype=dtype,
+                )  # fmt: skip
+                for layer in cache.layers:
+                    layer.length = context
+            else:
+                cache = filled_cache(config, b, context, args.steps + 8, device, dtype)
+            steps[b] = time_decode(model, cache, device, args.steps, not args.no_graph)
+            del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         step_s = {b: r.get("graph_s", r["eager_s"]) for b, r in steps.items()}
         served = [asdict(simulate(c, max_conc, prefill, step_s, args.gen)) for c in conc]
-        unpatch(model)
+        if contiguous:
+            model.set_attn_implementation(original)
+        else:
+            unpatch(model)
         report["caches"][name] = {
-            "bytes_per_token": mem.bytes_per_token,
-            "ratio_to_bf16": mem.ratio,
+            "bytes_per_token": per_token,
+            "ratio_to_bf16": per_token / mem.bf16_bytes_per_token,
             "max_concurrency": max_conc,
             "prefill_s": prefill,
             "decode": {str(b): r for b, r in steps.items()},
