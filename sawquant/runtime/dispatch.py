@@ -1,7 +1,9 @@
 """The one place that chooses between the fused Triton kernels and their pure-torch twins.
 
 CUDA tensors with triton importable go to ``sawquant.kernels``' Triton launchers; anything else
-(CPU, or a GPU box without triton) goes to the ``*_ref`` twin of the same signature. Kernel
+(CPU, or a GPU box without triton) goes to the ``*_ref`` twin of the same signature, except
+decode attention on the CPU, which goes to ``runtime.cpu``'s batched equivalent of the twin (one
+set of torch calls per step instead of one per sequence; tested equal to the twin). Kernel
 modules are imported on first use, so importing the runtime never imports triton.
 """
 
@@ -54,9 +56,12 @@ def decode_attention(
     **kwargs: Any,
 ) -> torch.Tensor:
     """One query token per sequence over the paged cache. q: [B, H_q, D] -> [B, H_q, D]."""
-    from sawquant.kernels import decode
-
-    fn = decode.paged_decode_attention if use_triton(q) else decode.paged_decode_attention_ref
+    if use_triton(q):
+        from sawquant.kernels.decode import paged_decode_attention as fn
+    elif q.device.type == "cpu":
+        from sawquant.runtime.cpu import paged_decode_attention_cpu as fn
+    else:
+        from sawquant.kernels.decode import paged_decode_attention_ref as fn
     return fn(q, k_store, v_store, block_table, seq_lens, **kwargs)
 
 
