@@ -98,7 +98,7 @@ def sawquant_attention(
             scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
         )  # fmt: skip
     cache, layer_idx, _ = last
-    plan = cache.plan
+    plan = cache.plan.on(query.device)
     if plan.past == 0:
         # First chunk: it is the whole context, attend in full precision (pads masked).
         return _dense_attention(

@@ -121,6 +121,23 @@ class StepPlan:
     seq_lens: torch.Tensor  # [B] int32, tokens stored after this step
     block_table: torch.Tensor  # [B, max_pages] int32
     done: set[int] = field(default_factory=set)  # layers that already wrote this step
+    _moved: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> StepPlan:
+        """This plan with its tensors on ``device`` (layers spread over several GPUs)."""
+        if self.slots.device == device:
+            return self
+        key = str(device)
+        if key not in self._moved:
+            self._moved[key] = StepPlan(
+                self.past,
+                self.length,
+                self.slots.to(device),
+                self.cached_lens.to(device),
+                self.seq_lens.to(device),
+                self.block_table.to(device),
+            )
+        return self._moved[key]
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -379,7 +396,7 @@ class SawquantCache(Cache):
             self._allocate_layer(layer, key_states)
         k = key_states.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H_kv, D]
         v = value_states.transpose(1, 2).reshape(b * t, h, d)
-        dispatch.write_kv(k, v, plan.slots, layer.k_store, layer.v_store)
+        dispatch.write_kv(k, v, plan.on(k.device).slots, layer.k_store, layer.v_store)
         if not self.reuse_plan:
             layer.seen += t
             plan.done.add(layer.layer_idx)

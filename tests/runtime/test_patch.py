@@ -186,3 +186,9 @@ def test_from_pretrained_reads_the_checkpoint_key(tmp_path):
     with pytest.warns(UserWarning, match="sawquant found no KV config"):
         normal = from_pretrained(plain)
     assert not is_patched(normal)
+
+
+def test_top_level_names():
+    import sawquant
+
+    assert sawquant.patch is patch and sawquant.from_pretrained is from_pretrained
