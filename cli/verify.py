@@ -25,7 +25,7 @@ from sawquant.verify import (
 
 _STAGES = {
     "demo": "building the demo export (once)",
-    "simulated": "simulated perplexity (4 configs)",
+    "simulated": "simulated perplexity (3 quantized configs)",
     "runtime": "runtime decode steps",
 }
 

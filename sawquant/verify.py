@@ -39,6 +39,8 @@ __all__ = [
     "DEFAULT_SEQ_LEN",
     "DEFAULT_TOKENS",
     "RuntimeScores",
+    "demo_export",
+    "demo_export_dir",
     "VerifyReport",
     "fixed_config",
     "naive_config",
@@ -100,18 +102,24 @@ class RuntimeScores:
     kl: float  # mean KL(full || runtime) of next-token distributions, nats
     top1_agreement: float  # share of positions where both argmaxes agree
     positions: int  # scored positions over all windows
+    # Full precision over every prediction of the windows (N * (L - 1)): the same number as
+    # ``simulated_perplexity(model, windows, None)``, from the reference forward it needs anyway.
+    ppl_full_windows: float = math.nan
 
 
-def _full_logprobs(model, windows: torch.Tensor, start: int) -> torch.Tensor:
-    """Full-precision next-token log-probs at positions start..L-2 of every window.
+def _full_logprobs(model, windows: torch.Tensor, start: int) -> tuple[torch.Tensor, float]:
+    """Full-precision next-token log-probs at positions start..L-2 of every window, and the
+    summed NLL of all L - 1 predictions of every window.
 
-    windows: [N, L] -> [N, L - 1 - start, V] float32 (position t predicts token t + 1).
+    windows: [N, L] -> ([N, L - 1 - start, V] float32, float) (position t predicts token t + 1).
     """
-    out = []
+    out, nll = [], 0.0
     for row in windows:
         logits = model(input_ids=row[None], use_cache=False).logits  # [1, L, V]
-        out.append(torch.log_softmax(logits[0, start:-1].float(), dim=-1))
-    return torch.stack(out)
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [L - 1, V]
+        nll -= logp.gather(-1, row[1:, None]).sum().item()
+        out.append(logp[start:])
+    return torch.stack(out), nll
 
 
 def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progress | None):
@@ -160,6 +168,7 @@ def runtime_scores(
         )
     steps = length - 1 - prefix
     sums = torch.zeros(4, dtype=torch.float64)  # nll full, nll runtime, kl, top-1 agreements
+    nll_windows = 0.0
 
     def step_progress(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -169,7 +178,8 @@ def runtime_scores(
         rows = windows[start : start + batch_size]  # [B, L]
         targets = rows[:, prefix + 1 :, None]  # [B, C, 1] tokens predicted by the decode steps
         with torch.inference_mode():
-            ref = _full_logprobs(model, rows, prefix)  # [B, C, V]
+            ref, nll = _full_logprobs(model, rows, prefix)  # [B, C, V]
+            nll_windows += nll
             patch(model)
             try:
                 got = _runtime_logprobs(model, rows, prefix, step_progress)  # [B, C, V]
@@ -193,6 +203,7 @@ def runtime_scores(
         kl=max(kl_sum, 0.0),  # >= 0 in exact arithmetic; float noise can dip below
         top1_agreement=agree,
         positions=count,
+        ppl_full_windows=math.exp(nll_windows / (n * (length - 1))),
     )
 
 
@@ -311,29 +322,18 @@ def _windows(tokenizer, text: str, *, tokens: int, seq_len: int) -> torch.Tensor
     try:
         return text_data.token_windows(tokenizer, text, num=num, seq_len=seq_len)
     except InputError as err:
+        found = str(err).split(";")[0]  # "text has X tokens, needs Y"
         raise InputError(
-            f"{err} (verify asked for {num} windows of {seq_len} tokens = {num * seq_len}; "
-            "pass a smaller --tokens or longer text)"
+            f"{found}: verify needs {num} windows of {seq_len} tokens; "
+            "pass a smaller --tokens or a longer --data text"
         ) from None
 
 
-def read_checkpoint_config(path: Path) -> KVConfig | None:
-    """The KV config a sawquant export stored in ``path``, or None when it has none."""
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        return None
-    return KVConfig.from_json(file.read_text())
-
-
 def load_config_file(path: str | Path) -> KVConfig:
-    """A KV config from a calibration file or a bare ``sawquant_kv.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist; run sawquant calibrate first")
+    """The KV config in a calibration file (``sawquant calibrate`` output) or a bare config."""
     from sawquant.calibration import load_calibration
 
-    cal = load_calibration(path)
-    return cal if isinstance(cal, KVConfig) else cal.config
+    return load_calibration(path).config
 
 
 def no_config_message(path: str | Path) -> str:
@@ -343,6 +343,46 @@ def no_config_message(path: str | Path) -> str:
         f"(or `--config fixed` for the plain full / naive INT4 / fixed-block comparison), "
         f"or export it first with `sawquant export {path} -c calibration.json -o OUT`"
     )
+
+
+# -- the demo export ------------------------------------------------------------------------
+def demo_export_dir() -> Path:
+    """Where the demo export lives: the sawquant cache, one directory per sawquant version."""
+    import sawquant
+    from sawquant.models import cache_root
+
+    return cache_root() / f"demo-sawquant-export-{sawquant.__version__}"
+
+
+def demo_export(progress: Progress | None = None) -> Path:
+    """The demo model exported with its calibrated config; built on first use, then reused.
+
+    Calibrates with the demo recipe on the calibration split (disjoint from the evaluation
+    split verify reads) and exports without folding, so baselines run on the original weights.
+    The export is atomic, so an interrupted build leaves nothing half-written behind.
+    """
+    from sawquant import data as text_data
+    from sawquant import models
+    from sawquant.calibration import calibrate, default_recipe_name, load_recipe
+    from sawquant.export import export_checkpoint
+
+    target = demo_export_dir()
+    if (target / CONFIG_FILE).is_file():
+        return target
+    model, tokenizer = models.load_demo()
+    facts = models.model_facts(model.config)
+    recipe = load_recipe(default_recipe_name(facts.model_type, demo=True))
+    text = text_data.load_text(recipe.data)
+    windows = text_data.token_windows(tokenizer, text, num=recipe.samples, seq_len=recipe.seq_len)
+
+    def step(done: int, total: int) -> None:
+        if progress is not None:
+            progress("demo", done, total)
+
+    result = calibrate(model, tokenizer, windows, recipe, step, model_name="demo", data_name="demo")
+    del model
+    export_checkpoint(None, result.config, target, force=True)
+    return target
 
 
 # -- the entry point ------------------------------------------------------------------------
@@ -375,8 +415,6 @@ def verify(
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if model_path is None:
-        from sawquant.verify_demo import demo_export
-
         path = demo_export(progress=progress)
         label = "demo"
     else:
@@ -386,10 +424,14 @@ def verify(
         label = str(model_path)
     times["prepare"] = time.perf_counter() - t0
 
-    # The config: the checkpoint's own (what from_pretrained applies), or the override.
+    # The config: the checkpoint's own, read as from_pretrained reads it, or the override.
     t0 = time.perf_counter()
-    stored = read_checkpoint_config(path) if path.is_dir() else None
-    model, tokenizer = models.load_model(str(path))
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has no config.json; pass a checkpoint directory from export")
+    stored = runtime.read_kv_config(path)
+    if stored is None and config is None:
+        raise InputError(no_config_message(path if model_path is not None else "the demo"))
+    model, tokenizer = models.load_model(path)
     facts = models.model_facts(model.config)
     if isinstance(config, KVConfig):
         cfg, source = config, "given"
@@ -397,10 +439,8 @@ def verify(
         cfg, source = fixed_config(facts), "fixed"
     elif config is not None:
         cfg, source = load_config_file(config), str(config)
-    elif stored is not None:
-        cfg, source = stored, "checkpoint"
     else:
-        raise InputError(no_config_message(model_path if model_path is not None else path))
+        cfg, source = stored, "checkpoint"
     cfg.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
     device = next(model.parameters()).device
     model.eval()
@@ -411,26 +451,7 @@ def verify(
     windows = _windows(tokenizer, text, tokens=tokens, seq_len=seq_len).to(device)
     times["data"] = time.perf_counter() - t0
 
-    # 1. simulated
-    t0 = time.perf_counter()
-    cases = {
-        "full": None,
-        "naive_int4": naive_config(facts),
-        "saw_fixed": fixed_config(facts),
-        "sawquant": cfg,
-    }
-    simulated: dict[str, dict[str, float]] = {}
-    with torch.inference_mode():
-        for i, (name, case) in enumerate(cases.items()):
-            if progress is not None:
-                progress("simulated", i, len(cases))
-            simulated[name] = {"ppl": float(simulated_perplexity(model, windows, case))}
-    if progress is not None:
-        progress("simulated", len(cases), len(cases))
-    simulated["sawquant"]["avg_bits"] = cfg.average_bits()
-    times["simulated"] = time.perf_counter() - t0
-
-    # 2. runtime
+    # 1. runtime (its full-precision reference forward also gives the simulated "full")
     t0 = time.perf_counter()
     scores = runtime_scores(
         model,
@@ -441,6 +462,20 @@ def verify(
         progress=progress,
     )
     times["runtime"] = time.perf_counter() - t0
+
+    # 2. simulated: every cached K/V quantized in a full-window forward
+    t0 = time.perf_counter()
+    cases = {"naive_int4": naive_config(facts), "saw_fixed": fixed_config(facts), "sawquant": cfg}
+    simulated: dict[str, dict[str, float]] = {"full": {"ppl": scores.ppl_full_windows}}
+    with torch.inference_mode():
+        for i, (name, case) in enumerate(cases.items()):
+            if progress is not None:
+                progress("simulated", i, len(cases))
+            simulated[name] = {"ppl": float(simulated_perplexity(model, windows, case))}
+    if progress is not None:
+        progress("simulated", len(cases), len(cases))
+    simulated["sawquant"]["avg_bits"] = cfg.average_bits()
+    times["simulated"] = time.perf_counter() - t0
 
     # 3. verdict
     rec = recovery(

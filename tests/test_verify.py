@@ -83,6 +83,12 @@ def test_runtime_scores_of_a_no_op_runtime_equal_full_precision(tiny_llama):
     assert scores.kl < 1e-6
     assert scores.top1_agreement == 1.0
     assert calls == ["patch", "unpatch"] * 2  # two batches, always unpatched
+    # The reference forward also yields the simulated full-precision perplexity.
+    from sawquant.simulate import simulated_perplexity
+
+    assert scores.ppl_full_windows == pytest.approx(
+        simulated_perplexity(tiny_llama, windows, None), rel=1e-6
+    )
 
 
 @pytest.fixture
