@@ -20,7 +20,6 @@ which case running out raises :class:`CacheFullError` (a fixed KV memory budget)
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -408,8 +407,3 @@ class SawquantCache(Cache):
             f"SawquantCache(layers={len(self.layers)}, page_size={self.page_size}, "
             f"num_pages={self.num_pages}, batch={self.batch_size})"
         )
-
-    @staticmethod
-    def pages_for(tokens: int, page_size: int = 16) -> int:
-        """Pages one sequence of ``tokens`` tokens occupies."""
-        return math.ceil(tokens / page_size)
