@@ -19,6 +19,7 @@ The library never prints; ``progress(stage, done, total)`` reports progress to a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -347,11 +348,20 @@ def no_config_message(path: str | Path) -> str:
 
 # -- the demo export ------------------------------------------------------------------------
 def demo_export_dir() -> Path:
-    """Where the demo export lives: the sawquant cache, one directory per sawquant version."""
-    import sawquant
-    from sawquant.models import cache_root
+    """Where the demo export lives in the sawquant cache. The name changes with everything that
+    shapes it (sawquant version, demo conversion, demo recipe), so a stale one is never reused."""
+    import hashlib
 
-    return cache_root() / f"demo-sawquant-export-{sawquant.__version__}"
+    import sawquant
+    from sawquant.calibration import load_recipe
+    from sawquant.models import cache_root, demo_checkpoint_dir
+
+    key = json.dumps(
+        [sawquant.__version__, demo_checkpoint_dir().name, load_recipe("demo").to_dict()],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_root() / f"demo-sawquant-export-{digest}"
 
 
 def demo_export(progress: Progress | None = None) -> Path:
@@ -363,15 +373,14 @@ def demo_export(progress: Progress | None = None) -> Path:
     """
     from sawquant import data as text_data
     from sawquant import models
-    from sawquant.calibration import calibrate, default_recipe_name, load_recipe
+    from sawquant.calibration import calibrate, load_recipe
     from sawquant.export import export_checkpoint
 
     target = demo_export_dir()
     if (target / CONFIG_FILE).is_file():
         return target
     model, tokenizer = models.load_demo()
-    facts = models.model_facts(model.config)
-    recipe = load_recipe(default_recipe_name(facts.model_type, demo=True))
+    recipe = load_recipe("demo")
     text = text_data.load_text(recipe.data)
     windows = text_data.token_windows(tokenizer, text, num=recipe.samples, seq_len=recipe.seq_len)
 

@@ -179,3 +179,54 @@ def test_report_has_exactly_the_documented_keys():
 def test_naive_config_round_trips_through_json():
     cfg = naive_config(FACTS)
     assert KVConfig.from_json(cfg.to_json()) == cfg
+
+
+# -- the demo, end to end ---------------------------------------------------------------------
+def _read_keys_with_another_rotation(monkeypatch) -> None:
+    """Plant the failure a config/runtime mismatch at load produces: the decode path rotates
+    the query (and reads the keys) with a different rotation than the keys were written with."""
+    import dataclasses
+
+    from sawquant.runtime import dispatch
+
+    real = dispatch.decode_attention
+
+    def wrong(q, k_store, v_store, block_table, seq_lens, **kwargs):
+        other = 16 if k_store.block != 16 else 64
+        k_wrong = dataclasses.replace(k_store, block=other, signs=None)
+        return real(q, k_wrong, v_store, block_table, seq_lens, **kwargs)
+
+    monkeypatch.setattr(dispatch, "decode_attention", wrong)
+
+
+@pytest.mark.slow
+def test_demo_passes_and_a_wrong_runtime_rotation_fails(monkeypatch, tmp_path):
+    """The calibrated demo export passes with the default thresholds, its runtime perplexity
+    lies between full precision and naive INT4, and the same checkpoint fails (exit 1) once
+    the runtime reads keys with the wrong rotation."""
+    from click.testing import CliRunner
+
+    from sawquant.cli.main import cli
+    from sawquant.verify import demo_export, verify
+
+    path = demo_export()  # built once per cache (calibration), then reused
+    report = verify(path, tokens=1024)
+    d = report.to_dict()
+    print(json.dumps(d, indent=1))
+    sim, rt = d["simulated"], d["runtime"]
+    assert d["passed"], d["failures"]
+    assert sim["full"]["ppl"] < sim["sawquant"]["ppl"] < sim["naive_int4"]["ppl"]
+    assert rt["full"]["ppl"] < rt["sawquant"]["ppl"]
+    # Direction: the runtime loss is of the size simulation predicts, far below what is lost
+    # once the rotation is wrong (below).
+    assert rt["sawquant"]["kl"] < 0.05 and rt["sawquant"]["top1_agreement"] > 0.9
+
+    _read_keys_with_another_rotation(monkeypatch)
+    result = CliRunner().invoke(
+        cli, ["verify", str(path), "--tokens", "512", "--json", str(tmp_path / "r.json")]
+    )
+    print(result.output)
+    assert result.exit_code == 1
+    broken = json.loads((tmp_path / "r.json").read_text())
+    assert broken["runtime"]["sawquant"]["kl"] > 10 * rt["sawquant"]["kl"]
+    assert broken["failures"] and "runtime perplexity increase" in broken["failures"][0]
