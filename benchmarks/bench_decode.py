@@ -80,6 +80,119 @@ def _decode_bytes(k_store, v_store, batch, ctx, q_bytes):
     return (k_store.bytes_per_token() + v_store.bytes_per_token()) * batch * ctx + 2 * q_bytes
 
 
+# Kernel variants of the sweep (decode._TUNING overrides): "h" = the half-width kernel of the
+# first round, "w" = full-width tiles (ORIENT 0: s = q K^T, 1: K as the MMA's A operand,
+# 2: fully transposed; SUBN: subnormal nibble unpack).
+VARIANTS = [
+    {"kernel": "h", "BLOCK_N": 128, "num_warps": 4},
+    {"ORIENT": 2, "SUBN": 1, "BLOCK_N": 128, "num_warps": 4},
+    {"ORIENT": 2, "SUBN": 0, "BLOCK_N": 128, "num_warps": 4},
+    {"ORIENT": 2, "SUBN": 1, "BLOCK_N": 128, "num_warps": 4, "PREFETCH": 0},
+    {"ORIENT": 0, "SUBN": 0, "BLOCK_N": 128, "num_warps": 4},
+    {"ORIENT": 0, "SUBN": 0, "BLOCK_N": 128, "num_warps": 4, "PREFETCH": 0},
+    {"ORIENT": 0, "SUBN": 0, "BLOCK_N": 64, "num_warps": 4, "PREFETCH": 0},
+    {"ORIENT": 2, "SUBN": 1, "BLOCK_N": 256, "num_warps": 8},
+    {"ORIENT": 2, "SUBN": 0, "BLOCK_N": 256, "num_warps": 8},
+    {"ORIENT": 2, "SUBN": 1, "BLOCK_N": 256, "num_warps": 8, "PREFETCH": 0},
+]
+# The first round's sweep (bench_decode_variants_h100_2026-11-22_run1.json) also had: ORIENT
+# 0/1, 8 warps at BLOCK_N 128, BLOCK_N 64, and maxnreg 168/128 (spills): all slower.
+
+
+def _quantized_case(device, h_q, h_kv, d, block, page, lens, dtype, seed=0, bits=None, gs=None):
+    """q and K/V stores holding real quantized data (paged_write_ref), random block table."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    maxp = math.ceil(max(lens) / page)
+    table = torch.randperm(len(lens) * maxp + 2, device=device, generator=g)
+    table = table[: len(lens) * maxp].view(len(lens), maxp).to(torch.int32)
+    bits = bits or ((4,) * h_kv, (4,) * h_kv)
+    stores = []
+    for side, hb in enumerate(bits):
+        st = allocate_side(
+            num_kv_heads=h_kv,
+            head_dim=d,
+            head_bits=hb,
+            num_pages=table.numel() + 2,
+            page_size=page,
+            block=block,
+            group_size=gs,
+            signs=random_signs(d, side) if side == 0 else None,
+            device=device,
+            dtype=dtype,
+        )
+        for b, n in enumerate(lens):
+            pos = torch.arange(n, device=device)
+            slots = table[b].long()[pos // page] * page + pos % page
+            x = torch.randn(n, h_kv, d, device=device, generator=g) * 2
+            for pb, pool in st.pools.items():
+                paged_write_ref(
+                    x[:, st.heads[pb].long()], slots, pool, block=st.block, signs=st.signs
+                )
+        stores.append(st)
+    q = torch.randn(len(lens), h_q, d, device=device, generator=g).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    return (q, stores[0], stores[1], table, sl)
+
+
+def sweep_variants(device: torch.device, bw: float) -> list[dict]:
+    """Every VARIANTS entry: relative error vs the twin (Qwen3-8B layer, lengths 1/999/4096,
+    and fallback heads + group size 32 at d 96), then graph time at the three target shapes
+    for a few split counts."""
+    spec = QWEN3_8B
+    checks = [
+        _quantized_case(device, 32, 8, 128, 128, 16, [1, 999, 4096], torch.bfloat16),
+        _quantized_case(device, 12, 4, 96, 32, 16, [130, 1500], torch.float16, seed=1,
+                        bits=((8, 4, 4, 16), (4, 4, 16, 8)), gs=32),
+    ]  # fmt: skip
+    refs = [paged_decode_attention_ref(*c, softmax_scale=0.1).float() for c in checks]
+    shapes = {}
+    for batch, ctx in ((32, 16384), (8, 32768), (1, 4096)):
+        k_store, v_store, table = _random_stores(batch, ctx, spec, 16, device)
+        q = torch.randn(batch, spec["h_q"], spec["d"], device=device, dtype=torch.bfloat16)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        # 2 resident programs per SM (of 132) fill one wave at 1 / 4 / 16+ splits; the
+        # others test 3 per SM (registers <= 168) and 2 waves.
+        splits = {16384: [1, 2, 3], 32768: [4, 6, 8], 4096: [8, 16]}[ctx]
+        shapes[(batch, ctx)] = (q, k_store, v_store, table, lens, splits)
+    rows = []
+    for var in VARIANTS:
+        decode._TUNING.clear()
+        decode._TUNING.update(var)
+        row = {"kind": "variant", "config": dict(var)}
+        try:
+            errs = []
+            # The second case compiles 4 more kernels: only for two variants (time on the GPU).
+            full = var in (VARIANTS[1], VARIANTS[3])
+            for case, ref in list(zip(checks, refs))[: 2 if full else 1]:
+                out = paged_decode_attention(*case, softmax_scale=0.1)
+                errs.append(((out.float() - ref).norm() / ref.norm()).item())
+                errs.append(float(torch.isfinite(out).all()))
+            row["rel_err"] = errs
+            for (batch, ctx), (q, ks, vs, table, lens, splits) in shapes.items():
+                for ns in splits:
+                    fn = lambda: paged_decode_attention(  # noqa: E731
+                        q, ks, vs, table, lens, softmax_scale=0.088, num_splits=ns
+                    )
+                    us = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+                    row[f"{batch}x{ctx}/s{ns}"] = us
+        except Exception as err:  # a variant that does not compile or run: record and go on
+            row["error"] = repr(err)[:400]
+        print(_variant_line(row), flush=True)
+        rows.append(row)
+    decode._TUNING.clear()
+    for (batch, ctx), (q, ks, vs, table, lens, splits) in shapes.items():
+        nbytes = _decode_bytes(ks, vs, batch, ctx, q.numel() * 2)
+        rows.append({"kind": "shape", "batch": batch, "context": ctx, "bytes_read": nbytes,
+                     "us_at_75pct": nbytes / (0.75 * bw) / 1e3})  # fmt: skip
+    return rows
+
+
+def _variant_line(r: dict) -> str:
+    t = " ".join(f"{k}={v:.1f}" for k, v in r.items() if "/s" in k)
+    e = " ".join(f"{x:.1e}" for x in r.get("rel_err", []))
+    return f"{r['config']} err[{e}] {t} {r.get('error', '')}"
+
+
 def check_correctness(device: torch.device) -> list[dict]:
     """Kernel vs the fp32 twin on real quantized data (paged_write_ref), several layouts."""
     rows = []
@@ -154,6 +267,7 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
         )
 
     variants = []
+    base = dict(decode._TUNING)  # the chosen kernel variant, if any; restored at the end
     if sweep:
         configs = [(bn, nw, ns) for bn in (32, 64, 128) for nw in (4, 8) for ns in (1, 2, 3)]
         for bn, nw, ns in configs:
@@ -175,7 +289,9 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
             variants.append({"num_splits": ns, "graph_us": _bench(kern(num_splits=ns), True)})
     eager = _bench(kern(), graph=False)
     graph = _bench(kern(), graph=True)
+    tuned = dict(decode._TUNING)
     decode._TUNING.clear()
+    decode._TUNING.update(base)
 
     # Baseline: SDPA bf16 on a contiguous cache [B, H_kv, ctx, D], GQA.
     kc = torch.randn(batch, spec["h_kv"], ctx, spec["d"], device=device, dtype=torch.bfloat16)
@@ -214,6 +330,7 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
         "best_us": best,
         "num_splits_auto": decode._default_splits(batch, spec["h_kv"], ctx, device),
         "variants": variants,
+        "tuning": tuned,
     }
 
 
@@ -263,8 +380,11 @@ def bench_prefill(device, spec, chunk, cached, page) -> dict:
     }
 
 
-def run(device: torch.device | str, sweep: bool = False) -> list[dict]:
-    """All measurements on ``device`` (a CUDA device); returns one dict per row."""
+def run(
+    device: torch.device | str, sweep: bool = False, variants: bool = False, full: bool = True
+) -> list[dict]:
+    """All measurements on ``device`` (a CUDA device); returns one dict per row. ``variants``:
+    the kernel-variant sweep first, then (``full``) everything else with its fastest variant."""
     device = torch.device(device)
     rows: list[dict] = [
         {
@@ -274,6 +394,23 @@ def run(device: torch.device | str, sweep: bool = False) -> list[dict]:
             "triton": triton.__version__,
         }
     ]
+    tuning: dict = {}
+    if variants:
+        bw = copy_bandwidth(device)
+        rows.append({"kind": "copy_bandwidth", "GBps": bw})
+        rows += sweep_variants(device, bw)
+        if not full:
+            return rows
+        ok = [r for r in rows if r["kind"] == "variant" and "error" not in r]
+        ok = [r for r in ok if max(r["rel_err"][0::2]) < 5e-3 and min(r["rel_err"][1::2]) == 1]
+
+        def best_sum(r):  # best split count at each of the two long shapes
+            return sum(min(v for k, v in r.items() if k.startswith(s)) for s in ("32x", "8x"))
+
+        tuning = min(ok, key=best_sum)["config"]
+        rows.append({"kind": "chosen_variant", "config": tuning})
+        torch.cuda.empty_cache()
+    decode._TUNING.update(tuning)
     rows += [{"kind": "correctness", **r} for r in check_correctness(device)]
     bw = copy_bandwidth(device)
     rows.append({"kind": "copy_bandwidth", "GBps": bw})
@@ -316,6 +453,8 @@ def _table(rows: list[dict]) -> str:
                 f" (pre-repeated cache {r['sdpa_bf16_prerepeated_us_eager']:.0f} us); "
                 f"dequant gather of one side {r['gather_one_side_us_eager']:.0f} us"
             )
+        elif r["kind"] == "variant":
+            lines.append(_variant_line(r))
         elif r["kind"] == "correctness":
             lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")
         else:
@@ -327,10 +466,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
+    parser.add_argument("--variants", action="store_true", help="kernel-variant sweep first")
+    parser.add_argument("--only-variants", action="store_true", help="stop after the sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode needs a CUDA device")
-    rows = run(torch.device("cuda", torch.cuda.current_device()), sweep=args.sweep)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    rows = run(dev, sweep=args.sweep, variants=args.variants, full=not args.only_variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

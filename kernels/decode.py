@@ -386,6 +386,421 @@ def _decode_split_kernel(
 # fmt: on
 
 
+# --------------------------------------------------------------------------------------------
+# Full-width kernel: every tile is [BLOCK_N, BLOCK_D] in a permuted channel order
+# --------------------------------------------------------------------------------------------
+
+# INT4 codes are read as 32-bit words (8 nibbles = channels 8w .. 8w+7) and unpacked to 8 fp16
+# slot tensors [BLOCK_N, BLOCK_W] with 10 instructions per word (lop3 + the 0x6400 trick on
+# fp16 pairs), then joined to one [BLOCK_N, 8 * BLOCK_W] tile whose column c' holds channel
+# chan[c']. A dot product does not care about the order of its reduction axis, so q is loaded
+# (rotated) in the same order and the output is stored through the same map: no shuffles.
+_UNPACK_ASM = tl.constexpr(
+    """{
+.reg .b32 w8, a0, a1, b0, b1, m, c;
+shr.u32 w8, $8, 8;
+lop3.b32 a0, $8, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 a1, w8, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 b0, $8, 0x00f000f0, 0x64006400, 0xea;
+lop3.b32 b1, w8, 0x00f000f0, 0x64006400, 0xea;
+mov.b32 m, 0x64006400;
+sub.f16x2 a0, a0, m;
+sub.f16x2 a1, a1, m;
+mov.b32 m, 0x2c002c00;
+mov.b32 c, 0xd400d400;
+fma.rn.f16x2 b0, b0, m, c;
+fma.rn.f16x2 b1, b1, m, c;
+mov.b32 {$0, $1}, a0;
+mov.b32 {$2, $3}, a1;
+mov.b32 {$4, $5}, b0;
+mov.b32 {$6, $7}, b1;
+}"""
+)
+
+
+# Subnormal variant: the masked nibble bits ARE an fp16 number, code * 2**-24 (low nibble) or
+# code * 2**-20 (high nibble): 5 instructions per word, the scale factors fold into q and the
+# per-token scales (the tensor cores keep fp16 subnormals).
+_UNPACK_SUBNORMAL_ASM = tl.constexpr(
+    """{
+.reg .b32 w8, a0, a1, b0, b1;
+shr.u32 w8, $8, 8;
+and.b32 a0, $8, 0x000f000f;
+and.b32 a1, w8, 0x000f000f;
+and.b32 b0, $8, 0x00f000f0;
+and.b32 b1, w8, 0x00f000f0;
+mov.b32 {$0, $1}, a0;
+mov.b32 {$2, $3}, a1;
+mov.b32 {$4, $5}, b0;
+mov.b32 {$6, $7}, b1;
+}"""
+)
+
+
+@triton.jit
+def _bits_f16(x):
+    """Low 16 bits of an int32 tensor reinterpreted as fp16."""
+    return x.to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _interleave8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """8 tensors [..., W] -> [..., W, 2, 2, 2]; flattened, a fixed slot order per word."""
+    a = tl.join(tl.join(x0, x1), tl.join(x2, x3))
+    b = tl.join(tl.join(x4, x5), tl.join(x6, x7))
+    return tl.join(a, b)  # [..., W, 2, 2, 2]
+
+
+@triton.jit
+def _nibble_slots(w, USE_ASM: tl.constexpr, SUBN: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_W] -> [BLOCK_N, 8 BLOCK_W] fp16 tile in _channel_map order:
+    code values, or with SUBN the subnormals code * 2**-24 (even channels) / 2**-20 (odd)."""
+    if SUBN and USE_ASM:
+        s0, s1, s2, s3, s4, s5, s6, s7 = tl.inline_asm_elementwise(
+            _UNPACK_SUBNORMAL_ASM,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r",
+            [w],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    elif SUBN:
+        s0 = _bits_f16(w & 15)
+        s1 = _bits_f16((w >> 16) & 15)
+        s2 = _bits_f16((w >> 8) & 15)
+        s3 = _bits_f16((w >> 24) & 15)
+        s4 = _bits_f16(w & 0xF0)
+        s5 = _bits_f16((w >> 16) & 0xF0)
+        s6 = _bits_f16((w >> 8) & 0xF0)
+        s7 = _bits_f16((w >> 24) & 0xF0)
+    elif USE_ASM:
+        s0, s1, s2, s3, s4, s5, s6, s7 = tl.inline_asm_elementwise(
+            _UNPACK_ASM,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r",
+            [w],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:  # the Triton interpreter has no inline assembly: same values, plain shifts
+        s0 = _codes_f16(w & 15)
+        s1 = _codes_f16((w >> 16) & 15)
+        s2 = _codes_f16((w >> 8) & 15)
+        s3 = _codes_f16((w >> 24) & 15)
+        s4 = _codes_f16((w >> 4) & 15)
+        s5 = _codes_f16((w >> 20) & 15)
+        s6 = _codes_f16((w >> 12) & 15)
+        s7 = _codes_f16((w >> 28) & 15)
+    # Slot order s0, s1 (one fp16x2 register of the asm), s2, s3, ...: the pairs stay packed.
+    x = _interleave8(s0, s4, s2, s6, s1, s5, s3, s7)  # [BLOCK_N, BLOCK_W, 2, 2, 2]
+    return x.reshape([x.shape[0], x.shape[1] * 8])
+
+
+@triton.jit
+def _channel_map(BLOCK_W: tl.constexpr):
+    """[8 * BLOCK_W] int32: the channel held by each column of an unpacked tile."""
+    w8 = tl.arange(0, BLOCK_W) * 8
+    x = _interleave8(w8, w8 + 1, w8 + 2, w8 + 3, w8 + 4, w8 + 5, w8 + 6, w8 + 7)
+    return x.reshape([8 * BLOCK_W])
+
+
+@triton.jit
+def _load_tile_raw(
+    ptr, tok, chan, words, tok_ok, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr
+):
+    """Raw codes of a tile: INT4 as int32 words [BLOCK_N, BLOCK_W]; INT8 / 16-bit as
+    [BLOCK_N, BLOCK_D] elements already in the permuted channel order."""
+    if BITS == 4:
+        w_ok = tok_ok[:, None] & (words < HEAD_DIM // 8)[None, :]
+        if WORDS:  # rows start 4-byte aligned: one 32-bit load per word
+            p32 = ptr.to(tl.pointer_type(tl.int32))
+            raw = tl.load(p32 + (tok // 4)[:, None] + words[None, :], mask=w_ok, other=0)
+        else:
+            byte = ptr + tok[:, None] + 4 * words[None, :]
+            raw = tl.load(byte, mask=w_ok, other=0).to(tl.int32)
+            raw |= tl.load(byte + 1, mask=w_ok, other=0).to(tl.int32) << 8
+            raw |= tl.load(byte + 2, mask=w_ok, other=0).to(tl.int32) << 16
+            raw |= tl.load(byte + 3, mask=w_ok, other=0).to(tl.int32) << 24
+    else:
+        c_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
+        raw = tl.load(ptr + tok[:, None] + chan[None, :], mask=c_ok, other=0)
+    return raw
+
+
+@triton.jit
+def _tile_values(raw, BITS: tl.constexpr, USE_ASM: tl.constexpr, SUBN: tl.constexpr):
+    """Raw tile -> [BLOCK_N, BLOCK_D]: fp16 code values (INT4/INT8) or the stored floats."""
+    if BITS == 4:
+        return _nibble_slots(raw, USE_ASM, SUBN)
+    elif BITS == 8:
+        return _codes_f16(raw)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def _v_tile(
+    raw,
+    sc,
+    zr,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    SUBN: tl.constexpr,
+):
+    """V tile values; per-group INT tiles are dequantized here (per-token scales are folded
+    into P by the caller instead)."""
+    vt = _tile_values(raw, BITS, USE_ASM, SUBN)
+    if BITS != 16 and GS != HEAD_DIM:
+        vt = (vt.to(tl.float32) * sc.to(tl.float32) + zr.to(tl.float32)).to(tl.float16)
+    return vt
+
+
+@triton.jit
+def _load_params_w(
+    S,
+    Z,
+    tok,
+    chan,
+    tok_ok,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Scale and zero of a tile: [BLOCK_N] per token, [BLOCK_N, BLOCK_D] per group (fp16)."""
+    if BITS == 16:
+        sc = tl.zeros([BLOCK_N], tl.float16)
+        zr = sc
+    elif GS == HEAD_DIM:
+        sc = tl.load(S + tok, mask=tok_ok, other=0.0)
+        zr = tl.load(Z + tok, mask=tok_ok, other=0.0)
+    else:
+        g_off = tok[:, None] + (chan // GS)[None, :]
+        g_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
+        sc = tl.load(S + g_off, mask=g_ok, other=0.0)
+        zr = tl.load(Z + g_off, mask=g_ok, other=0.0)
+    return sc, zr
+
+
+# fmt: off
+@triton.jit
+def _decode_split_w_kernel(
+    # pointers
+    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, ML, ACC,
+    # sizes
+    qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len,
+    # strides (elements; the last dim of every tensor is contiguous)
+    stride_qb, stride_qh,
+    stride_kcp, stride_kch, stride_kct,
+    stride_ksp, stride_ksh, stride_kst,
+    stride_vcp, stride_vch, stride_vct,
+    stride_vsp, stride_vsh, stride_vst,
+    stride_btb,
+    # constexpr
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
+    K_ROT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, USE_ASM: tl.constexpr, ORIENT: tl.constexpr,
+    K_SUBN: tl.constexpr, V_SUBN: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_STAGES_LOOP: tl.constexpr,
+):
+    """One (sequence, KV head, context split), like _decode_split_kernel, on full-width tiles
+    in the permuted channel order of _channel_map."""
+    tl.static_assert(BLOCK_G >= 16)
+    tl.static_assert(8 * BLOCK_W >= HEAD_DIM)
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = tl.load(HEADS + i)
+    kp = tl.load(KIDX + i).to(tl.int64)
+    vp = tl.load(VIDX + i).to(tl.int64)
+
+    length = tl.minimum(tl.load(LENS + b), max_len)  # never read past the block table
+    start = 0
+    if HAS_WINDOW:
+        start = tl.maximum(length - window, 0)
+    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < GROUP
+    heads = kvh * GROUP + rows  # [BLOCK_G] query heads
+    chan = _channel_map(BLOCK_W)  # [BLOCK_D] channel of each tile column
+    chan_ok = chan < HEAD_DIM
+    words = tl.arange(0, BLOCK_W)
+    q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
+
+    # Rotated q in the permuted order: q' = q @ (diag(signs) H)[:, chan]  [BLOCK_G, BLOCK_D];
+    # HK holds that matrix with its columns already permuted by the launcher ([D, BLOCK_D]).
+    if K_ROT:
+        d = tl.arange(0, 8 * BLOCK_W)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qp = _rotate_rows(q.to(tl.float32), HK, k_rot_scale, d * (8 * BLOCK_W), d,
+                          d_ok[:, None])
+    else:
+        qp = tl.load(q_row + chan[None, :], mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
+        qp = qp.to(tl.float32)
+    # Codes are exact in fp16, so the dots see the rotated q rounded once; 16-bit heads dot in
+    # float32 (tf32 on the GPU; bf16 dots are wrong in the interpreter).
+    odd = (chan % 2)[None, :] == 1  # [1, BLOCK_D] high-nibble channels
+    if K_SUBN:  # odd channels' codes come 16x larger (code * 2**-20): q takes the 1/16
+        qp = tl.where(odd, qp * 0.0625, qp)
+    if K_BITS != 16:
+        qp = qp.to(tl.float16)
+    if K_SUBN:  # sum(q) in code units, of the very values the dots use
+        q_sum = tl.sum(tl.where(odd, qp.to(tl.float32) * 16.0, qp.to(tl.float32)), 1)
+    else:
+        q_sum = tl.sum(qp.to(tl.float32), 1)  # [BLOCK_G]
+    q_t = tl.trans(qp)  # [BLOCK_D, BLOCK_G]: K tiles are the MMA's A operand (ORIENT 1, 2)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    z_i = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n * zero_n: V's zero-point term, per row
+    if ORIENT == 2:
+        acc = tl.zeros([8 * BLOCK_W, BLOCK_G], tl.float32)  # transposed: [BLOCK_D, BLOCK_G]
+    else:
+        acc = tl.zeros([BLOCK_G, 8 * BLOCK_W], tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+
+    # Hand prefetch (as in _decode_split_kernel): codes of tile n+1, page ids of tile n+2.
+    pos = lo + tl.arange(0, BLOCK_N)
+    tok_ok = pos < hi
+    page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
+    k_tok = page * stride_kcp + kp * stride_kch + (pos % PAGE) * stride_kct
+    v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
+    ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
+    vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
+    nk = _load_tile_raw(KC, k_tok, chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
+    nv = _load_tile_raw(VC, v_tok, chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
+    nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+    nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+    pos2 = pos + BLOCK_N
+    page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
+
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES_LOOP):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        tok_ok = pos < hi
+        if PREFETCH:
+            k_raw, k_s, k_z = nk, nk_s, nk_z
+            v_raw, v_s, v_z = nv, nv_s, nv_z
+        else:
+            page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
+            off = pos % PAGE
+            k_tok = page * stride_kcp + kp * stride_kch + off * stride_kct
+            v_tok = page * stride_vcp + vp * stride_vch + off * stride_vct
+            ks_tok = page * stride_ksp + kp * stride_ksh + off * stride_kst
+            vs_tok = page * stride_vsp + vp * stride_vsh + off * stride_vst
+            k_raw = _load_tile_raw(KC, k_tok, chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
+            k_s, k_z = _load_params_w(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM,
+                                      BLOCK_N)
+            v_raw = _load_tile_raw(VC, v_tok, chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
+            v_s, v_z = _load_params_w(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM,
+                                      BLOCK_N)
+
+        pos1 = pos + BLOCK_N
+        ok1 = pos1 < hi
+        off1 = pos1 % PAGE
+        k_tok = page2 * stride_kcp + kp * stride_kch + off1 * stride_kct
+        v_tok = page2 * stride_vcp + vp * stride_vch + off1 * stride_vct
+        ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
+        vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
+        if PREFETCH:
+            nk = _load_tile_raw(KC, k_tok, chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
+            nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM,
+                                        BLOCK_N)
+            nv = _load_tile_raw(VC, v_tok, chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
+            nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM,
+                                        BLOCK_N)
+            pos2 = pos + 2 * BLOCK_N
+            page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
+
+        kt = _tile_values(k_raw, K_BITS, USE_ASM, K_SUBN)  # [BLOCK_N, BLOCK_D]
+        if K_BITS != 16 and K_GS != HEAD_DIM:  # per-group scales: dequantize in registers
+            kt = (kt.to(tl.float32) * k_s.to(tl.float32) + k_z.to(tl.float32)).to(tl.float16)
+        if ORIENT == 2:
+            # Transposed: s^T = K q^T [BLOCK_N, BLOCK_G] and acc^T += V^T P^T [BLOCK_D,
+            # BLOCK_G]: both MMAs have M = 128 (Hopper wgmma) and the 4-row GQA group is
+            # the narrow N side.
+            s = tl.dot(kt, q_t)
+            if K_BITS != 16 and K_GS == HEAD_DIM:
+                ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
+                s = s * ks32[:, None] + k_z.to(tl.float32)[:, None] * q_sum[None, :]
+            s = s * qk_scale
+            if HAS_SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            s = tl.where(tok_ok[:, None], s * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :]
+            z_i = z_i * alpha
+            m_i = m_new
+            vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
+            if V_BITS == 16:
+                acc += tl.dot(tl.trans(vt), p)
+            elif V_GS == HEAD_DIM:
+                pv = (p * v_s.to(tl.float32)[:, None]).to(tl.float16)
+                acc += tl.dot(tl.trans(vt), pv)
+                z_i += tl.sum(p * v_z.to(tl.float32)[:, None], 0)
+            else:
+                acc += tl.dot(tl.trans(vt), p.to(tl.float16))
+        else:
+            # ---- scores s = q' . k  [BLOCK_G, BLOCK_N]
+            if ORIENT == 1:
+                s = tl.trans(tl.dot(kt, q_t))
+            else:
+                s = tl.dot(qp, tl.trans(kt))
+            if K_BITS != 16 and K_GS == HEAD_DIM:
+                ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
+                s = s * ks32[None, :] + q_sum[:, None] * k_z.to(tl.float32)[None, :]
+            # ---- online softmax in float32, log2 units
+            s = s * qk_scale
+            if HAS_SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            s = tl.where(tok_ok[None, :], s * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            z_i = z_i * alpha
+            m_i = m_new
+            # ---- acc += p @ v
+            vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
+            if V_BITS == 16:
+                acc += tl.dot(p, vt)
+            elif V_GS == HEAD_DIM:
+                pv = (p * v_s.to(tl.float32)[None, :]).to(tl.float16)
+                acc += tl.dot(pv, vt)
+                z_i += tl.sum(p * v_z.to(tl.float32)[None, :], 1)
+            else:
+                acc += tl.dot(p.to(tl.float16), vt)
+
+    part = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # [BLOCK_G]
+    tl.store(ML + 2 * part, m_i, mask=row_ok)
+    tl.store(ML + 2 * part + 1, l_i, mask=row_ok)
+    # Subnormal V codes: even channels came as code * 2**-24, odd ones as code * 2**-20.
+    if ORIENT == 2:
+        if V_SUBN:
+            acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[:, None]
+        acc = acc + z_i[None, :]
+        a_ptr = ACC + part[None, :] * HEAD_DIM + chan[:, None]
+        tl.store(a_ptr, acc, mask=row_ok[None, :] & chan_ok[:, None])
+    else:
+        if V_SUBN:
+            acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[None, :]
+        acc = acc + z_i[:, None]
+        a_ptr = ACC + part[:, None] * HEAD_DIM + chan[None, :]
+        tl.store(a_ptr, acc, mask=row_ok[:, None] & chan_ok[None, :])
+# fmt: on
+
+
 # fmt: off
 @triton.jit
 def _decode_combine_kernel(
@@ -520,6 +935,37 @@ def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: tor
     return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
 
 
+def _channel_order(block_w: int) -> list[int]:
+    """Host copy of _channel_map: the channel of each column of an unpacked INT4 tile."""
+    nib = (0, 4, 2, 6, 1, 5, 3, 7)
+    return [8 * (c // 8) + nib[c % 8] for c in range(8 * block_w)]
+
+
+_PERMUTED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _permuted_columns(matrix: torch.Tensor, block_w: int) -> torch.Tensor:
+    """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D), cached."""
+    key = (id(matrix), block_w)
+    hit = _PERMUTED.get(key)
+    if hit is not None and hit[0] is matrix:
+        return hit[1]
+    d = matrix.shape[1]
+    chan = torch.tensor(_channel_order(block_w), device=matrix.device)
+    out = torch.zeros(matrix.shape[0], 8 * block_w, dtype=matrix.dtype, device=matrix.device)
+    ok = chan < d
+    out[:, ok] = matrix[:, chan[ok]]
+    if len(_PERMUTED) > 256:
+        _PERMUTED.clear()
+    _PERMUTED[key] = (matrix, out)
+    return out
+
+
+def _word_aligned(codes: torch.Tensor) -> bool:
+    """Every INT4 row of ``codes`` starts on a 4-byte boundary (32-bit word loads)."""
+    return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
+
+
 def _check_inputs(
     q: torch.Tensor,
     k_store: SideStore,
@@ -618,6 +1064,14 @@ def paged_decode_attention(
     # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); heads
     # wider than 128 (not measured) halve it to bound registers.
     cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
+    variant = cfg.pop("kernel", "w")
+    orient = int(cfg.pop("ORIENT", 2))
+    subn = bool(cfg.pop("SUBN", 1))
+    prefetch = bool(cfg.pop("PREFETCH", 1))
+    loop_stages = cfg.pop("LOOP_STAGES", None)
+    # Inline PTX for the INT4 unpack on NVIDIA GPUs; the interpreter (CPU tensors) cannot run it.
+    use_asm = device.type == "cuda" and torch.version.hip is None
+    block_w = _next_pow2(max(-(-d // 8), 2))
     hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
     for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
         kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
@@ -627,22 +1081,36 @@ def paged_decode_attention(
         vs = vpool.scale if vpool.scale is not None else vpool.codes
         vz = vpool.zero if vpool.zero is not None else vpool.codes
         grid = (b, heads.numel(), num_splits)
+        if variant == "w":
+            kw = dict(
+                BLOCK_W=block_w, K_WORDS=_word_aligned(kpool.codes),
+                V_WORDS=_word_aligned(vpool.codes), USE_ASM=use_asm, ORIENT=orient,
+                K_SUBN=subn and k_bits == 4 and kpool.spec.groups_divisor == d,
+                V_SUBN=subn and v_bits == 4 and vpool.spec.groups_divisor == d,
+                PREFETCH=prefetch, NUM_STAGES_LOOP=loop_stages,
+            )  # fmt: skip
+            kernel = _decode_split_w_kernel
+            rot = None if hk is None else _permuted_columns(hk, block_w)
+        else:
+            kw = dict(BLOCK_DH=block_dh)
+            kernel = _decode_split_kernel
+            rot = hk
         # fmt: off
-        _decode_split_kernel[grid](
+        kernel[grid](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
-            block_table, seq_lens, heads, k_idx, v_idx, q if hk is None else hk, ml, acc,
+            block_table, seq_lens, heads, k_idx, v_idx, q if rot is None else rot, ml, acc,
             softmax_scale, k_rot_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q,
             max_len,
             q.stride(0), q.stride(1),
             *kpool.codes.stride()[:3], *ks.stride()[:3],
             *vpool.codes.stride()[:3], *vs.stride()[:3],
             block_table.stride(0),
-            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_DH=block_dh, PAGE=page,
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, PAGE=page,
             K_BITS=k_bits, V_BITS=v_bits,
             K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
             K_ROT=hk is not None, HAS_WINDOW=sliding_window is not None,
             HAS_SOFTCAP=softcap is not None,
-            **cfg,
+            **kw, **cfg,
         )
         # fmt: on
     hv, v_rot_scale = _rotation_matrix(v_store, device, inverse=True)
