@@ -6,12 +6,19 @@ splits by log-sum-exp). The query is rotated in the kernel with the K store's ro
 output is un-rotated with the V store's rotation in the merge (the rotation is linear, so once
 at the end is enough).
 
-INT4 tiles are never interleaved back: with ``k = code * scale + zero`` per token,
-``q . k = scale * (q_even . code_lo + q_odd . code_hi) + zero * sum(q)``, so the even/odd query
-channels are dotted against the low/high nibbles directly on the tensor cores, and
-``P @ V`` is ``(P * scale) @ code_lo + P @ zero`` for the even output channels (the odd ones
-alike). Every tile in the kernel is therefore a half-width ``[.., D // 2]`` tile; INT8 and 16-bit
-fallback heads are read as even/odd column halves to share that shape.
+Tiles are full width, [BLOCK_N tokens, BLOCK_D channels], in a PERMUTED channel order: INT4
+rows are read as 32-bit words (8 codes) and unpacked by a few lines of inline PTX into fp16
+pairs exactly as they fall out of the bit tricks (channels 0, 4 | 2, 6 | 1, 5 | 3, 7 of each
+word), with no shuffles back into natural order. A dot product does not care about the order of
+its reduction axis, so q is rotated straight into that order (the launcher permutes the
+rotation matrix's columns) and the output is stored through the same channel map. With
+``k = code * scale + zero`` per token, ``q . k = scale * (q . code) + zero * sum(q)`` and
+``P @ V = (P * scale) @ code + sum(P * zero)``: the tensor cores see only exact code values.
+
+Both matrix products are transposed, ``s^T = K q^T`` and ``acc^T += V^T P^T``, so their M side
+is 128 (tokens, channels) and Hopper's wgmma runs them; the GQA group (4 heads for Qwen3-8B,
+padded to 16) is the narrow N side. INT8 and 16-bit fallback heads and per-group scales are
+read in the same permuted order (gathered loads: slower, but rare heads).
 """
 
 from __future__ import annotations
@@ -130,64 +137,10 @@ def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_raw(ptr, tok, cols, mask, BITS: tl.constexpr):
-    """Raw codes of a [BLOCK_N, D] tile, kept packed (INT4: the bytes twice) to save registers."""
-    if BITS == 4:
-        a = tl.load(ptr + tok[:, None] + cols[None, :], mask=mask, other=0)
-        b = a
-    else:
-        a = tl.load(ptr + tok[:, None] + 2 * cols[None, :], mask=mask, other=0)
-        b = tl.load(ptr + tok[:, None] + 2 * cols[None, :] + 1, mask=mask, other=0)
-    return a, b
-
-
-@triton.jit
 def _codes_f16(c):
     """uint8 codes (0..255) to fp16 without the slow int->float converter: the bit pattern
     0x6400 | c is the fp16 number 1024 + c, and subtracting 1024 is exact."""
     return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
-
-
-@triton.jit
-def _split_raw(a, b, BITS: tl.constexpr):
-    """Raw codes -> even/odd halves: fp16 code values for INT4/INT8, the stored floats else."""
-    if BITS == 4:
-        lo = _codes_f16(a & 15)
-        hi = _codes_f16(a >> 4)
-    elif BITS == 8:
-        lo = _codes_f16(a)
-        hi = _codes_f16(b)
-    else:
-        lo = a
-        hi = b
-    return lo, hi
-
-
-@triton.jit
-def _load_params(
-    S,
-    Z,
-    tok,
-    cols,
-    tok_ok,
-    tile_ok,
-    BITS: tl.constexpr,
-    GS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Scale and zero of a tile: [BLOCK_N] per token, [BLOCK_N, DH] per group (fp16 raw)."""
-    if BITS == 16:
-        sc = tl.zeros([BLOCK_N], tl.float16)
-        zr = sc
-    elif GS == HEAD_DIM:
-        sc = tl.load(S + tok, mask=tok_ok, other=0.0)
-        zr = tl.load(Z + tok, mask=tok_ok, other=0.0)
-    else:
-        g_off = tok[:, None] + (2 * cols[None, :]) // GS
-        sc = tl.load(S + g_off, mask=tile_ok, other=0.0)
-        zr = tl.load(Z + g_off, mask=tile_ok, other=0.0)
-    return sc, zr
 
 
 @triton.jit
@@ -203,198 +156,11 @@ def _rotate_rows(x, M, scale, rows_off, cols_off, mask):
     return (tl.dot(x_hi, m) + tl.dot(x_lo, m)) * scale
 
 
-# fmt: off
-@triton.jit
-def _decode_split_kernel(
-    # pointers
-    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, ML, ACC,
-    # sizes
-    qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len,
-    # strides (elements; the last dim of every tensor is contiguous)
-    stride_qb, stride_qh,
-    stride_kcp, stride_kch, stride_kct,
-    stride_ksp, stride_ksh, stride_kst,
-    stride_vcp, stride_vch, stride_vct,
-    stride_vsp, stride_vsh, stride_vst,
-    stride_btb,
-    # constexpr
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_DH: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
-    K_ROT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-):
-    """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
-
-    Writes ML[b, h, split] = (running max in log2 units, sum of exp2) and ACC[b, h, split, :]
-    = the unnormalised weighted sum of V, still in V's rotated basis.
-    """
-    tl.static_assert(BLOCK_G >= 16)
-    tl.static_assert(2 * BLOCK_DH >= HEAD_DIM)
-    b = tl.program_id(0)
-    i = tl.program_id(1)
-    split = tl.program_id(2)
-    kvh = tl.load(HEADS + i)
-    kp = tl.load(KIDX + i).to(tl.int64)
-    vp = tl.load(VIDX + i).to(tl.int64)
-
-    # The context range of this split: [lo, hi) inside [start, L).
-    length = tl.minimum(tl.load(LENS + b), max_len)  # never read past the block table
-    start = 0
-    if HAS_WINDOW:
-        start = tl.maximum(length - window, 0)
-    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, length)
-
-    rows = tl.arange(0, BLOCK_G)
-    row_ok = rows < GROUP
-    heads = kvh * GROUP + rows  # [BLOCK_G] query heads
-    cols = tl.arange(0, BLOCK_DH)  # half-width channel j <-> elements 2j, 2j+1
-    col_ok = cols < HEAD_DIM // 2
-    q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
-
-    # Rotate q: q' = q @ (diag(signs) H), kept as even/odd halves [BLOCK_G, BLOCK_DH].
-    if K_ROT:
-        d = tl.arange(0, 2 * BLOCK_DH)
-        d_ok = d < HEAD_DIM
-        q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        q = q.to(tl.float32)
-        h_mask = d_ok[:, None] & col_ok[None, :]
-        q_even = _rotate_rows(q, HK, k_rot_scale, d * HEAD_DIM, 2 * cols, h_mask)
-        q_odd = _rotate_rows(q, HK, k_rot_scale, d * HEAD_DIM, 2 * cols + 1, h_mask)
-    else:
-        q_mask = row_ok[:, None] & col_ok[None, :]
-        q_even = tl.load(q_row + 2 * cols[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        q_odd = tl.load(q_row + 2 * cols[None, :] + 1, mask=q_mask, other=0.0).to(tl.float32)
-    # Codes are exact in fp16 (0..255), so the dots below see the rotated q rounded once.
-    # 16-bit heads (fallbacks) dot in float32 (tf32 on the GPU): bf16 dots are wrong in the
-    # Triton interpreter, and tf32 keeps more of q than bf16 would.
-    if K_BITS != 16:
-        q_even = q_even.to(tl.float16)
-        q_odd = q_odd.to(tl.float16)
-    # sum(q) of the very values the dots use, so the zero-point term cancels exactly.
-    q_sum = tl.sum(q_even.to(tl.float32), 1) + tl.sum(q_odd.to(tl.float32), 1)  # [BLOCK_G]
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc_even = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
-    acc_odd = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
-    bt_row = BT + b.to(tl.int64) * stride_btb
-
-    # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
-    # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
-    # two memory latencies per tile; Triton's pipeliner does not cover the indirection here).
-    pos = lo + tl.arange(0, BLOCK_N)
-    tok_ok = pos < hi
-    page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
-    tile_ok = tok_ok[:, None] & col_ok[None, :]
-    k_tok = page * stride_kcp + kp * stride_kch + (pos % PAGE) * stride_kct
-    v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
-    ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
-    vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
-    nk_a, nk_b = _load_raw(KC, k_tok, cols, tile_ok, K_BITS)
-    nv_a, nv_b = _load_raw(VC, v_tok, cols, tile_ok, V_BITS)
-    nk_s, nk_z = _load_params(KS, KZ, ks_tok, cols, tok_ok, tile_ok, K_BITS, K_GS, HEAD_DIM,
-                              BLOCK_N)
-    nv_s, nv_z = _load_params(VS, VZ, vs_tok, cols, tok_ok, tile_ok, V_BITS, V_GS, HEAD_DIM,
-                              BLOCK_N)
-    pos2 = pos + BLOCK_N
-    page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
-
-    for n0 in range(lo, hi, BLOCK_N):
-        k_a, k_b, k_s, k_z = nk_a, nk_b, nk_s, nk_z
-        v_a, v_b, v_s, v_z = nv_a, nv_b, nv_s, nv_z
-        pos = n0 + tl.arange(0, BLOCK_N)
-        tok_ok = pos < hi
-        tile_ok = tok_ok[:, None] & col_ok[None, :]
-
-        # ---- prefetch tile n0 + BLOCK_N (page ids already here) and page ids of n0 + 2 BLOCK_N
-        pos1 = pos + BLOCK_N
-        ok1 = pos1 < hi
-        ok1_tile = ok1[:, None] & col_ok[None, :]
-        off1 = pos1 % PAGE
-        k_tok = page2 * stride_kcp + kp * stride_kch + off1 * stride_kct
-        v_tok = page2 * stride_vcp + vp * stride_vch + off1 * stride_vct
-        ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
-        vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
-        nk_a, nk_b = _load_raw(KC, k_tok, cols, ok1_tile, K_BITS)
-        nk_s, nk_z = _load_params(KS, KZ, ks_tok, cols, ok1, ok1_tile, K_BITS, K_GS, HEAD_DIM,
-                                  BLOCK_N)
-        nv_a, nv_b = _load_raw(VC, v_tok, cols, ok1_tile, V_BITS)
-        nv_s, nv_z = _load_params(VS, VZ, vs_tok, cols, ok1, ok1_tile, V_BITS, V_GS, HEAD_DIM,
-                                  BLOCK_N)
-        pos2 = pos + 2 * BLOCK_N
-        page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
-
-        # ---- scores s = q' . k  [BLOCK_G, BLOCK_N]
-        k_lo, k_hi = _split_raw(k_a, k_b, K_BITS)
-        if K_BITS == 16:
-            s = tl.dot(q_even, tl.trans(k_lo.to(tl.float32)))
-            s += tl.dot(q_odd, tl.trans(k_hi.to(tl.float32)))
-        elif K_GS == HEAD_DIM:
-            s = tl.dot(q_even, tl.trans(k_lo))
-            s += tl.dot(q_odd, tl.trans(k_hi))
-            s = s * k_s.to(tl.float32)[None, :] + q_sum[:, None] * k_z.to(tl.float32)[None, :]
-        else:
-            # Per-group scales: dequantize in registers (both halves share column groups).
-            k_s32 = k_s.to(tl.float32)
-            k_z32 = k_z.to(tl.float32)
-            k_even = (k_lo.to(tl.float32) * k_s32 + k_z32).to(tl.float16)
-            k_odd = (k_hi.to(tl.float32) * k_s32 + k_z32).to(tl.float16)
-            s = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))
-
-        # ---- online softmax in float32, log2 units
-        s = s * qk_scale
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = tl.where(tok_ok[None, :], s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc_even = acc_even * alpha[:, None]
-        acc_odd = acc_odd * alpha[:, None]
-        m_i = m_new
-
-        # ---- acc += p @ v
-        v_lo, v_hi = _split_raw(v_a, v_b, V_BITS)
-        if V_BITS == 16:
-            acc_even += tl.dot(p, v_lo.to(tl.float32))
-            acc_odd += tl.dot(p, v_hi.to(tl.float32))
-        elif V_GS == HEAD_DIM:
-            pv = (p * v_s.to(tl.float32)[None, :]).to(tl.float16)
-            pz = tl.sum(p * v_z.to(tl.float32)[None, :], 1)[:, None]
-            acc_even += tl.dot(pv, v_lo) + pz
-            acc_odd += tl.dot(pv, v_hi) + pz
-        else:
-            v_s32 = v_s.to(tl.float32)
-            v_z32 = v_z.to(tl.float32)
-            v_even = (v_lo.to(tl.float32) * v_s32 + v_z32).to(tl.float16)
-            v_odd = (v_hi.to(tl.float32) * v_s32 + v_z32).to(tl.float16)
-            pv = p.to(tl.float16)
-            acc_even += tl.dot(pv, v_even)
-            acc_odd += tl.dot(pv, v_odd)
-
-    # Partial state of this split; an empty split leaves m = -inf, l = 0 (weight 0 in the merge).
-    part = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # [BLOCK_G]
-    tl.store(ML + 2 * part, m_i, mask=row_ok)
-    tl.store(ML + 2 * part + 1, l_i, mask=row_ok)
-    a_ptr = ACC + part[:, None] * HEAD_DIM + 2 * cols[None, :]
-    a_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(a_ptr, acc_even, mask=a_mask)
-    tl.store(a_ptr + 1, acc_odd, mask=a_mask)
-# fmt: on
-
-
-# --------------------------------------------------------------------------------------------
-# Full-width kernel: every tile is [BLOCK_N, BLOCK_D] in a permuted channel order
-# --------------------------------------------------------------------------------------------
-
 # INT4 codes are read as 32-bit words (8 nibbles = channels 8w .. 8w+7) and unpacked to 8 fp16
-# slot tensors [BLOCK_N, BLOCK_W] with 10 instructions per word (lop3 + the 0x6400 trick on
-# fp16 pairs), then joined to one [BLOCK_N, 8 * BLOCK_W] tile whose column c' holds channel
-# chan[c']. A dot product does not care about the order of its reduction axis, so q is loaded
-# (rotated) in the same order and the output is stored through the same map: no shuffles.
+# slot tensors [BLOCK_N, BLOCK_W] with 11 instructions per word (lop3 + the 0x6400 trick on
+# fp16 pairs: 1024 + code, minus 1024), then joined to one [BLOCK_N, 8 * BLOCK_W] tile whose
+# column c' holds channel chan[c'] (_channel_map). Used where scales are per group (the codes
+# are dequantized in registers there).
 _UNPACK_ASM = tl.constexpr(
     """{
 .reg .b32 w8, a0, a1, b0, b1, m, c;
@@ -418,9 +184,10 @@ mov.b32 {$6, $7}, b1;
 )
 
 
-# Subnormal variant: the masked nibble bits ARE an fp16 number, code * 2**-24 (low nibble) or
-# code * 2**-20 (high nibble): 5 instructions per word, the scale factors fold into q and the
-# per-token scales (the tensor cores keep fp16 subnormals).
+# Subnormal variant (the default with per-token scales): the masked nibble bits ARE an fp16
+# number, code * 2**-24 (low nibble) or code * 2**-20 (high nibble): 5 instructions per word;
+# the factors fold into q (1/16 on odd channels), the K scale (2**24) and the stored output.
+# The tensor cores keep fp16 subnormals (checked on the H100 against the float32 twin).
 _UNPACK_SUBNORMAL_ASM = tl.constexpr(
     """{
 .reg .b32 w8, a0, a1, b0, b1;
@@ -511,16 +278,17 @@ def _load_tile_raw(
     """Raw codes of a tile: INT4 as int32 words [BLOCK_N, BLOCK_W]; INT8 / 16-bit as
     [BLOCK_N, BLOCK_D] elements already in the permuted channel order."""
     if BITS == 4:
-        w_ok = tok_ok[:, None] & (words < HEAD_DIM // 8)[None, :]
-        if WORDS:  # rows start 4-byte aligned: one 32-bit load per word
+        if WORDS:  # rows start 4-byte aligned (so HEAD_DIM % 8 == 0): one 32-bit load a word
+            w_ok = tok_ok[:, None] & (words < HEAD_DIM // 8)[None, :]
             p32 = ptr.to(tl.pointer_type(tl.int32))
             raw = tl.load(p32 + (tok // 4)[:, None] + words[None, :], mask=w_ok, other=0)
-        else:
+        else:  # byte by byte; the last word of a row may be partial (HEAD_DIM % 8 == 2, 4, 6)
             byte = ptr + tok[:, None] + 4 * words[None, :]
-            raw = tl.load(byte, mask=w_ok, other=0).to(tl.int32)
-            raw |= tl.load(byte + 1, mask=w_ok, other=0).to(tl.int32) << 8
-            raw |= tl.load(byte + 2, mask=w_ok, other=0).to(tl.int32) << 16
-            raw |= tl.load(byte + 3, mask=w_ok, other=0).to(tl.int32) << 24
+            b_idx = 4 * words[None, :]
+            raw = tl.zeros(byte.shape, tl.int32)
+            for j in tl.static_range(4):
+                ok = tok_ok[:, None] & (b_idx + j < HEAD_DIM // 2)
+                raw |= tl.load(byte + j, mask=ok, other=0).to(tl.int32) << (8 * j)
     else:
         c_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
         raw = tl.load(ptr + tok[:, None] + chan[None, :], mask=c_ok, other=0)
@@ -586,7 +354,7 @@ def _load_params_w(
 
 # fmt: off
 @triton.jit
-def _decode_split_w_kernel(
+def _decode_split_kernel(
     # pointers
     Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, ML, ACC,
     # sizes
@@ -603,12 +371,14 @@ def _decode_split_w_kernel(
     BLOCK_W: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GS: tl.constexpr, V_GS: tl.constexpr,
     K_ROT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, USE_ASM: tl.constexpr, ORIENT: tl.constexpr,
-    K_SUBN: tl.constexpr, V_SUBN: tl.constexpr, PREFETCH: tl.constexpr,
-    NUM_STAGES_LOOP: tl.constexpr,
+    K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, USE_ASM: tl.constexpr,
+    K_SUBN: tl.constexpr, V_SUBN: tl.constexpr,
 ):
-    """One (sequence, KV head, context split), like _decode_split_kernel, on full-width tiles
-    in the permuted channel order of _channel_map."""
+    """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
+
+    Writes ML[b, h, split] = (running max in log2 units, sum of exp2) and ACC[b, h, split, :]
+    = the unnormalised weighted sum of V, still in V's rotated basis (natural channel order).
+    """
     tl.static_assert(BLOCK_G >= 16)
     tl.static_assert(8 * BLOCK_W >= HEAD_DIM)
     b = tl.program_id(0)
@@ -656,18 +426,18 @@ def _decode_split_w_kernel(
         q_sum = tl.sum(tl.where(odd, qp.to(tl.float32) * 16.0, qp.to(tl.float32)), 1)
     else:
         q_sum = tl.sum(qp.to(tl.float32), 1)  # [BLOCK_G]
-    q_t = tl.trans(qp)  # [BLOCK_D, BLOCK_G]: K tiles are the MMA's A operand (ORIENT 1, 2)
+    q_t = tl.trans(qp)  # [BLOCK_D, BLOCK_G]: the B operand of the score MMA
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     z_i = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n * zero_n: V's zero-point term, per row
-    if ORIENT == 2:
-        acc = tl.zeros([8 * BLOCK_W, BLOCK_G], tl.float32)  # transposed: [BLOCK_D, BLOCK_G]
-    else:
-        acc = tl.zeros([BLOCK_G, 8 * BLOCK_W], tl.float32)
+    acc = tl.zeros([8 * BLOCK_W, BLOCK_G], tl.float32)  # transposed output: [BLOCK_D, BLOCK_G]
     bt_row = BT + b.to(tl.int64) * stride_btb
 
-    # Hand prefetch (as in _decode_split_kernel): codes of tile n+1, page ids of tile n+2.
+    # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
+    # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
+    # two memory latencies per tile; on the H100, leaving it to Triton's pipeliner was 13-26 %
+    # slower, RESULTS.md).
     pos = lo + tl.arange(0, BLOCK_N)
     tok_ok = pos < hi
     page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
@@ -682,26 +452,13 @@ def _decode_split_w_kernel(
     pos2 = pos + BLOCK_N
     page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
-    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES_LOOP):
+    for n0 in range(lo, hi, BLOCK_N):
+        k_raw, k_s, k_z = nk, nk_s, nk_z
+        v_raw, v_s, v_z = nv, nv_s, nv_z
         pos = n0 + tl.arange(0, BLOCK_N)
         tok_ok = pos < hi
-        if PREFETCH:
-            k_raw, k_s, k_z = nk, nk_s, nk_z
-            v_raw, v_s, v_z = nv, nv_s, nv_z
-        else:
-            page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
-            off = pos % PAGE
-            k_tok = page * stride_kcp + kp * stride_kch + off * stride_kct
-            v_tok = page * stride_vcp + vp * stride_vch + off * stride_vct
-            ks_tok = page * stride_ksp + kp * stride_ksh + off * stride_kst
-            vs_tok = page * stride_vsp + vp * stride_vsh + off * stride_vst
-            k_raw = _load_tile_raw(KC, k_tok, chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
-            k_s, k_z = _load_params_w(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM,
-                                      BLOCK_N)
-            v_raw = _load_tile_raw(VC, v_tok, chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
-            v_s, v_z = _load_params_w(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM,
-                                      BLOCK_N)
 
+        # ---- prefetch tile n0 + BLOCK_N (page ids already here) and page ids of n0 + 2 BLOCK_N
         pos1 = pos + BLOCK_N
         ok1 = pos1 < hi
         off1 = pos1 % PAGE
@@ -709,95 +466,57 @@ def _decode_split_w_kernel(
         v_tok = page2 * stride_vcp + vp * stride_vch + off1 * stride_vct
         ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
         vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
-        if PREFETCH:
-            nk = _load_tile_raw(KC, k_tok, chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
-            nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM,
-                                        BLOCK_N)
-            nv = _load_tile_raw(VC, v_tok, chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
-            nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM,
-                                        BLOCK_N)
-            pos2 = pos + 2 * BLOCK_N
-            page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
+        nk = _load_tile_raw(KC, k_tok, chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
+        nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+        nv = _load_tile_raw(VC, v_tok, chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
+        nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+        pos2 = pos + 2 * BLOCK_N
+        page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
+        # ---- scores, transposed: s^T = K q'^T  [BLOCK_N, BLOCK_G]. Both MMAs of the loop have
+        # M = 128 (tokens, then channels), so Hopper's wgmma runs them; the GQA group (4 heads,
+        # padded to 16) is the narrow N side.
         kt = _tile_values(k_raw, K_BITS, USE_ASM, K_SUBN)  # [BLOCK_N, BLOCK_D]
         if K_BITS != 16 and K_GS != HEAD_DIM:  # per-group scales: dequantize in registers
             kt = (kt.to(tl.float32) * k_s.to(tl.float32) + k_z.to(tl.float32)).to(tl.float16)
-        if ORIENT == 2:
-            # Transposed: s^T = K q^T [BLOCK_N, BLOCK_G] and acc^T += V^T P^T [BLOCK_D,
-            # BLOCK_G]: both MMAs have M = 128 (Hopper wgmma) and the 4-row GQA group is
-            # the narrow N side.
-            s = tl.dot(kt, q_t)
-            if K_BITS != 16 and K_GS == HEAD_DIM:
-                ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
-                s = s * ks32[:, None] + k_z.to(tl.float32)[:, None] * q_sum[None, :]
-            s = s * qk_scale
-            if HAS_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
-            s = tl.where(tok_ok[:, None], s * 1.4426950408889634, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, BLOCK_G]
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha[None, :]
-            z_i = z_i * alpha
-            m_i = m_new
-            vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
-            if V_BITS == 16:
-                acc += tl.dot(tl.trans(vt), p)
-            elif V_GS == HEAD_DIM:
-                pv = (p * v_s.to(tl.float32)[:, None]).to(tl.float16)
-                acc += tl.dot(tl.trans(vt), pv)
-                z_i += tl.sum(p * v_z.to(tl.float32)[:, None], 0)
-            else:
-                acc += tl.dot(tl.trans(vt), p.to(tl.float16))
-        else:
-            # ---- scores s = q' . k  [BLOCK_G, BLOCK_N]
-            if ORIENT == 1:
-                s = tl.trans(tl.dot(kt, q_t))
-            else:
-                s = tl.dot(qp, tl.trans(kt))
-            if K_BITS != 16 and K_GS == HEAD_DIM:
-                ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
-                s = s * ks32[None, :] + q_sum[:, None] * k_z.to(tl.float32)[None, :]
-            # ---- online softmax in float32, log2 units
-            s = s * qk_scale
-            if HAS_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
-            s = tl.where(tok_ok[None, :], s * 1.4426950408889634, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            z_i = z_i * alpha
-            m_i = m_new
-            # ---- acc += p @ v
-            vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
-            if V_BITS == 16:
-                acc += tl.dot(p, vt)
-            elif V_GS == HEAD_DIM:
-                pv = (p * v_s.to(tl.float32)[None, :]).to(tl.float16)
-                acc += tl.dot(pv, vt)
-                z_i += tl.sum(p * v_z.to(tl.float32)[None, :], 1)
-            else:
-                acc += tl.dot(p.to(tl.float16), vt)
+        s = tl.dot(kt, q_t)
+        if K_BITS != 16 and K_GS == HEAD_DIM:
+            ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
+            s = s * ks32[:, None] + k_z.to(tl.float32)[:, None] * q_sum[None, :]
 
+        # ---- online softmax in float32, log2 units, along the token axis 0
+        s = s * qk_scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = tl.where(tok_ok[:, None], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])  # [BLOCK_N, BLOCK_G]
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :]
+        z_i = z_i * alpha
+        m_i = m_new
+
+        # ---- acc^T += V^T P^T  [BLOCK_D, BLOCK_G]; per-token V scales go into P
+        vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
+        if V_BITS == 16:
+            acc += tl.dot(tl.trans(vt), p)
+        elif V_GS == HEAD_DIM:
+            pv = (p * v_s.to(tl.float32)[:, None]).to(tl.float16)
+            acc += tl.dot(tl.trans(vt), pv)
+            z_i += tl.sum(p * v_z.to(tl.float32)[:, None], 0)
+        else:
+            acc += tl.dot(tl.trans(vt), p.to(tl.float16))
+
+    # Partial state of this split; an empty split leaves m = -inf, l = 0 (weight 0 in the merge).
     part = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split  # [BLOCK_G]
     tl.store(ML + 2 * part, m_i, mask=row_ok)
     tl.store(ML + 2 * part + 1, l_i, mask=row_ok)
-    # Subnormal V codes: even channels came as code * 2**-24, odd ones as code * 2**-20.
-    if ORIENT == 2:
-        if V_SUBN:
-            acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[:, None]
-        acc = acc + z_i[None, :]
-        a_ptr = ACC + part[None, :] * HEAD_DIM + chan[:, None]
-        tl.store(a_ptr, acc, mask=row_ok[None, :] & chan_ok[:, None])
-    else:
-        if V_SUBN:
-            acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[None, :]
-        acc = acc + z_i[:, None]
-        a_ptr = ACC + part[:, None] * HEAD_DIM + chan[None, :]
-        tl.store(a_ptr, acc, mask=row_ok[:, None] & chan_ok[None, :])
+    if V_SUBN:  # subnormal V codes: even channels came as code * 2**-24, odd as code * 2**-20
+        acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[:, None]
+    acc = acc + z_i[None, :]
+    a_ptr = ACC + part[None, :] * HEAD_DIM + chan[:, None]
+    tl.store(a_ptr, acc, mask=row_ok[None, :] & chan_ok[:, None])
 # fmt: on
 
 
@@ -920,9 +639,10 @@ def _launch_groups(
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Context splits per (sequence, KV head): about 3 programs per SM, a power of two, and no
-    split shorter than 256 tokens. Fit to the H100 sweep in benchmarks/RESULTS.md, where this
-    picked the fastest measured count at 32x16k (1), 8x32k (4), 1x4k (16) and 32x4k demo (4).
+    """Context splits per (sequence, KV head): about 4 programs per SM (2 resident at a time:
+    the kernel's registers allow 2 per SM), a power of two, and no split shorter than 256 tokens.
+    From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2 (2 % faster than 1), 8x32k -> 8
+    (within 1 % of 4), 1x4k -> 16, 32x4k demo -> 4.
     """
     key = str(device)
     if key not in _SM_COUNT:
@@ -930,7 +650,7 @@ def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: tor
         _SM_COUNT[key] = (
             torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
         )
-    want = max(1, (3 * _SM_COUNT[key]) // max(batch * num_kv_heads, 1))
+    want = max(1, (4 * _SM_COUNT[key]) // max(batch * num_kv_heads, 1))
     cap = max(1, max_context // 256)
     return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
 
@@ -1059,19 +779,15 @@ def paged_decode_attention(
     ml = torch.empty(b, h_q, num_splits, 2, dtype=torch.float32, device=device)
     acc = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
-    block_dh = _next_pow2(max(d // 2, 16))
     block_g = max(16, _next_pow2(group))
-    # BLOCK_N 128 / 4 warps was fastest at every shape of the H100 sweep (RESULTS.md); heads
-    # wider than 128 (not measured) halve it to bound registers.
+    block_w = _next_pow2(max(-(-d // 8), 2))  # 32-bit words (8 INT4 codes) per row, padded
+    # BLOCK_N 128 / 4 warps was fastest at the H100 target shapes (RESULTS.md: 64, 256 with 8
+    # warps, 8 warps at 128 all slower); heads wider than 128 (not measured) halve it to bound
+    # registers. SUBN (subnormal INT4 unpack) 1 was 0-3 % faster than 0.
     cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
-    variant = cfg.pop("kernel", "w")
-    orient = int(cfg.pop("ORIENT", 2))
     subn = bool(cfg.pop("SUBN", 1))
-    prefetch = bool(cfg.pop("PREFETCH", 1))
-    loop_stages = cfg.pop("LOOP_STAGES", None)
     # Inline PTX for the INT4 unpack on NVIDIA GPUs; the interpreter (CPU tensors) cannot run it.
     use_asm = device.type == "cuda" and torch.version.hip is None
-    block_w = _next_pow2(max(-(-d // 8), 2))
     hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
     for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
         kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
@@ -1081,22 +797,10 @@ def paged_decode_attention(
         vs = vpool.scale if vpool.scale is not None else vpool.codes
         vz = vpool.zero if vpool.zero is not None else vpool.codes
         grid = (b, heads.numel(), num_splits)
-        if variant == "w":
-            kw = dict(
-                BLOCK_W=block_w, K_WORDS=_word_aligned(kpool.codes),
-                V_WORDS=_word_aligned(vpool.codes), USE_ASM=use_asm, ORIENT=orient,
-                K_SUBN=subn and k_bits == 4 and kpool.spec.groups_divisor == d,
-                V_SUBN=subn and v_bits == 4 and vpool.spec.groups_divisor == d,
-                PREFETCH=prefetch, NUM_STAGES_LOOP=loop_stages,
-            )  # fmt: skip
-            kernel = _decode_split_w_kernel
-            rot = None if hk is None else _permuted_columns(hk, block_w)
-        else:
-            kw = dict(BLOCK_DH=block_dh)
-            kernel = _decode_split_kernel
-            rot = hk
+        # The rotation matrix with its columns in the kernel's channel order ([D, 8 BLOCK_W]).
+        rot = None if hk is None else _permuted_columns(hk, block_w)
         # fmt: off
-        kernel[grid](
+        _decode_split_kernel[grid](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
             block_table, seq_lens, heads, k_idx, v_idx, q if rot is None else rot, ml, acc,
             softmax_scale, k_rot_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q,
@@ -1110,7 +814,11 @@ def paged_decode_attention(
             K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
             K_ROT=hk is not None, HAS_WINDOW=sliding_window is not None,
             HAS_SOFTCAP=softcap is not None,
-            **kw, **cfg,
+            BLOCK_W=block_w, K_WORDS=_word_aligned(kpool.codes),
+            V_WORDS=_word_aligned(vpool.codes), USE_ASM=use_asm,
+            K_SUBN=subn and k_bits == 4 and kpool.spec.groups_divisor == d,
+            V_SUBN=subn and v_bits == 4 and vpool.spec.groups_divisor == d,
+            **cfg,
         )
         # fmt: on
     hv, v_rot_scale = _rotation_matrix(v_store, device, inverse=True)
@@ -1119,7 +827,7 @@ def paged_decode_attention(
     _decode_combine_kernel[(b, -(-h_q // block_h))](
         ml, acc, out if hv is None else hv, out, v_rot_scale, num_splits, h_q,
         out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=2 * block_dh, BLOCK_H=block_h, V_ROT=hv is not None,
+        HEAD_DIM=d, BLOCK_D=_next_pow2(max(d, 32)), BLOCK_H=block_h, V_ROT=hv is not None,
         num_warps=4,
     )
     # fmt: on

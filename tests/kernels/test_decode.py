@@ -7,6 +7,7 @@ import torch
 from _paged_fixture import build_cache, check_close, poison_float_allocations
 
 from sawquant.errors import InputError
+from sawquant.kernels import decode
 from sawquant.kernels.decode import (
     _gather_heads,
     paged_decode_attention,
@@ -51,6 +52,9 @@ CASES = {
     "group-size-32": (64, 32, 16, (4, 2), torch.bfloat16, [40, 9], 2, None, None,
                       {"group_size": 32}),
     "no-rotation": (64, 1, 16, (4, 2), torch.float16, [20, 3], 2, 8, 20.0, {}),
+    # head_dim % 8 != 0: INT4 rows are not 4-byte aligned, codes are read byte by byte and the
+    # last 32-bit word of a row is partial.
+    "d68-unaligned-rows": (68, 1, 16, (4, 2), torch.bfloat16, [37, 5], 2, None, None, {}),
 }  # fmt: skip
 
 
@@ -160,4 +164,41 @@ def test_rotation_cache_follows_the_store():
     ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, **kw)
     rel = ((out - ref).norm() / ref.norm()).item()
     print(f"relative error after changing the signs in place: {rel:.2e}")
+    assert rel < 2e-3
+
+
+def test_channel_order_host_matches_kernel():
+    """The launcher permutes the rotation matrix with _channel_order; the kernel unpacks tiles
+    in _channel_map's order. They must be the same permutation of 0..8W-1."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _map_kernel(out, BLOCK_W: tl.constexpr):
+        tl.store(out + tl.arange(0, 8 * BLOCK_W), decode._channel_map(BLOCK_W))
+
+    for block_w in (2, 8, 16):
+        got = torch.zeros(8 * block_w, dtype=torch.int32)
+        _map_kernel[(1,)](got, BLOCK_W=block_w)
+        want = decode._channel_order(block_w)
+        print(block_w, got.tolist()[:16])
+        assert got.tolist() == want
+        assert sorted(want) == list(range(8 * block_w))
+
+
+@pytest.mark.parametrize("subnormal", [0, 1])
+def test_int4_unpack_variants_match(subnormal, monkeypatch):
+    """Both INT4 unpack paths (code values, or the subnormal code * 2**-24 / 2**-20 with the
+    factors folded into q, the scales and the output) give the same attention."""
+    monkeypatch.setitem(decode._TUNING, "SUBN", subnormal)
+    k_store, v_store, table = build_cache(
+        lens=[150, 40], num_kv_heads=2, head_dim=64, page_size=16, block=32
+    )
+    q = torch.randn(2, 8, 64) * 2
+    lens = torch.tensor([150, 40], dtype=torch.int32)
+    kw = dict(softmax_scale=0.125, num_splits=2)
+    out = paged_decode_attention(q, k_store, v_store, table, lens, **kw)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, **kw)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"relative error, SUBN={subnormal}: {rel:.2e}")
     assert rel < 2e-3
