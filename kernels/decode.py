@@ -436,7 +436,7 @@ def _decode_split_kernel(
 
     # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
     # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
-    # two memory latencies per tile; on the H100, leaving it to Triton's pipeliner was 13-26 %
+    # two memory latencies per tile; on the H100, leaving it to Triton's pipeliner was 3-18 %
     # slower, RESULTS.md).
     pos = lo + tl.arange(0, BLOCK_N)
     tok_ok = pos < hi
@@ -783,7 +783,7 @@ def paged_decode_attention(
     block_w = _next_pow2(max(-(-d // 8), 2))  # 32-bit words (8 INT4 codes) per row, padded
     # BLOCK_N 128 / 4 warps was fastest at the H100 target shapes (RESULTS.md: 64, 256 with 8
     # warps, 8 warps at 128 all slower); heads wider than 128 (not measured) halve it to bound
-    # registers. SUBN (subnormal INT4 unpack) 1 was 0-3 % faster than 0.
+    # registers. SUBN (subnormal INT4 unpack) 1 was 1-2 % faster than 0.
     cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
     subn = bool(cfg.pop("SUBN", 1))
     # Inline PTX for the INT4 unpack on NVIDIA GPUs; the interpreter (CPU tensors) cannot run it.
