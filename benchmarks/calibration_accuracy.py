@@ -72,8 +72,14 @@ def main() -> None:
         start = time.perf_counter()
         ppl = simulated_perplexity(model, windows, cfg)
         bits = 16.0 if cfg is None else cfg.average_bits()
-        rows.append({"config": name, "perplexity": ppl, "avg_bits": bits,
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "config": name,
+                "perplexity": ppl,
+                "avg_bits": bits,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         print(f"{name:34s} ppl {ppl:8.4f}  avg bits {bits:6.3f}", flush=True)
 
     fp, naive = rows[0]["perplexity"], rows[1]["perplexity"]

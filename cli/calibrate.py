@@ -21,7 +21,7 @@ from sawquant.errors import InputError
 
 
 def _fallbacks(fb: dict[int, int]) -> str:
-    return ", ".join(f"h{h}:{'INT8' if b == 8 else 'BF16'}" for h, b in sorted(fb.items())) or "-"
+    return " ".join(f"h{h}:{'int8' if b == 8 else 'bf16'}" for h, b in sorted(fb.items())) or "-"
 
 
 def _device_map(device: str):
@@ -93,7 +93,9 @@ def calibrate(model, data_source, samples, seq_len, recipe_name, device, max_mem
     from sawquant.models import load_model, model_facts
 
     err = Console(file=sys.stderr)
-    out = Console(file=sys.stdout)  # resolved now, so click's test runner captures it too
+    # Resolved now, so click's test runner captures it too; wide enough for the table in logs.
+    out = Console(file=sys.stdout)
+    out.width = max(out.width, 110)
     if plot:
         check_plotting()
     # A bad recipe fails before a large model is loaded.

@@ -125,3 +125,17 @@ def test_smaller_block_within_tolerance():
     strict = select(errs, cands, Recipe(block_tolerance=0.0, max_fallback_fraction=0), head_dim=D)
     assert loose[0]["k"].candidate.block == 16
     assert strict[0]["k"].candidate.block == 64
+
+
+def test_fast_fake_quant_matches_the_spec():
+    """The statistics' fast quantizer gives the spec's error (sawquant.quant) to within 1%."""
+    from sawquant.calibration.stats import _fake_quant_fast
+    from sawquant.config import SideConfig
+    from sawquant.simulate import fake_quant_side
+
+    x = torch.randn(2, 3, 200, D, generator=torch.Generator().manual_seed(4)) * 3 + 0.5
+    for bits, group in ((4, None), (4, 32), (8, None)):
+        spec = (fake_quant_side(x, SideConfig(bits=bits, group_size=group)) - x).square().sum()
+        fast = (_fake_quant_fast(x, bits, group) - x).square().sum()
+        print(f"INT{bits} g{group}: spec noise {spec:.5f}, fast noise {fast:.5f}")
+        assert abs(fast / spec - 1) < 0.01
