@@ -26,7 +26,7 @@ from sawquant.verify import (
 _STAGES = {
     "demo": "building the demo export (once)",
     "simulated": "simulated perplexity (3 quantized configs)",
-    "runtime": "runtime decode steps",
+    "runtime": "runtime: teacher-forced decode steps",
 }
 
 
@@ -85,6 +85,12 @@ _STAGES = {
     help="Verify this KV config instead of the checkpoint's: a calibration.json, a "
     "sawquant_kv.json, or 'fixed' (the paper's fixed block). Lets MODEL be any HF checkpoint.",
 )
+@click.option(
+    "--runtime-baseline/--no-runtime-baseline",
+    default=True,
+    show_default=True,
+    help="Also run naive INT4 through the runtime, to compare with the simulated direction.",
+)
 def verify(
     model: str | None,
     data: str,
@@ -95,6 +101,7 @@ def verify(
     max_ppl_increase: float,
     min_recovery: float,
     config: str | None,
+    runtime_baseline: bool,
 ) -> None:
     """Verify MODEL (a sawquant export; default: the demo) before deploying it.
 
@@ -129,6 +136,7 @@ def verify(
             max_ppl_increase=max_ppl_increase,
             min_recovery=min_recovery,
             config=config,
+            runtime_baseline=runtime_baseline,
             progress=progress,
         )
     if json_path is not None:
@@ -171,6 +179,16 @@ def _table(report) -> Table:
     rt_full = rt["full"]["ppl"]
     saw = rt["sawquant"]
     table.add_row("runtime", "full precision", f"{rt_full:.3f}", "", "", "")
+    if "naive_int4" in rt:
+        naive = rt["naive_int4"]
+        table.add_row(
+            "",
+            "naive INT4 (paged)",
+            f"{naive['ppl']:.3f}",
+            delta(naive["ppl"], rt_full),
+            f"{naive['kl']:.4f}",
+            f"{naive['top1_agreement'] * 100:.1f}%",
+        )
     table.add_row(
         "",
         "sawquant (paged INT4)",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,16 +150,17 @@ def runtime_scores(
     windows: torch.Tensor,
     *,
     prefix: int,
-    patch: Callable[[Any], None],
+    patches: Mapping[str, Callable[[Any], None]],
     unpatch: Callable[[Any], None],
     batch_size: int = 8,
     progress: Progress | None = None,
-) -> RuntimeScores:
-    """Score the runtime installed by ``patch(model)`` against the unpatched model.
+) -> dict[str, RuntimeScores]:
+    """Score each runtime ``patches[name](model)`` installs against the unpatched model.
 
     windows: [N, L] token ids on the model's device; ``0 < prefix < L - 1``. Windows are decoded
-    ``batch_size`` at a time (memory: ``batch_size * L * vocab`` floats for the reference). The
-    model is unpatched when this returns, also on error.
+    ``batch_size`` at a time; the full-precision reference forward runs once per batch for all
+    runtimes (memory: ``batch_size * L * vocab`` floats). The model is unpatched after each
+    runtime, also on error. Returns ``{name: RuntimeScores}``.
     """
     n, length = windows.shape
     if not 0 < prefix < length - 1:
@@ -168,12 +169,15 @@ def runtime_scores(
             "use a shorter prefix"
         )
     steps = length - 1 - prefix
-    sums = torch.zeros(4, dtype=torch.float64)  # nll full, nll runtime, kl, top-1 agreements
+    # Per runtime: nll full, nll runtime, kl, top-1 agreements (sums over positions).
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in patches}
     nll_windows = 0.0
+    total = -(-n // batch_size) * len(patches) * steps
+    done = 0
 
-    def step_progress(stage: str, done: int, total: int) -> None:
+    def step_progress(stage: str, step: int, _total: int) -> None:
         if progress is not None:
-            progress(stage, start // batch_size * steps + done, -(-n // batch_size) * steps)
+            progress(stage, done + step, total)
 
     for start in range(0, n, batch_size):
         rows = windows[start : start + batch_size]  # [B, L]
@@ -181,31 +185,37 @@ def runtime_scores(
         with torch.inference_mode():
             ref, nll = _full_logprobs(model, rows, prefix)  # [B, C, V]
             nll_windows += nll
-            patch(model)
-            try:
-                got = _runtime_logprobs(model, rows, prefix, step_progress)  # [B, C, V]
-            finally:
-                unpatch(model)
-            kl = (ref.exp() * (ref - got)).sum(-1)  # [B, C]
-            sums += torch.tensor(
-                [
-                    -ref.gather(-1, targets).sum().item(),
-                    -got.gather(-1, targets).sum().item(),
-                    kl.sum().item(),
-                    (ref.argmax(-1) == got.argmax(-1)).sum().item(),
-                ],
-                dtype=torch.float64,
-            )
+            for name, patch in patches.items():
+                patch(model)
+                try:
+                    got = _runtime_logprobs(model, rows, prefix, step_progress)  # [B, C, V]
+                finally:
+                    unpatch(model)
+                done += steps
+                kl = (ref.exp() * (ref - got)).sum(-1)  # [B, C]
+                sums[name] += torch.tensor(
+                    [
+                        -ref.gather(-1, targets).sum().item(),
+                        -got.gather(-1, targets).sum().item(),
+                        kl.sum().item(),
+                        (ref.argmax(-1) == got.argmax(-1)).sum().item(),
+                    ],
+                    dtype=torch.float64,
+                )
     count = n * steps
-    nll_ref, nll_got, kl_sum, agree = (sums / count).tolist()
-    return RuntimeScores(
-        ppl_full=math.exp(nll_ref),
-        ppl=math.exp(nll_got),
-        kl=max(kl_sum, 0.0),  # >= 0 in exact arithmetic; float noise can dip below
-        top1_agreement=agree,
-        positions=count,
-        ppl_full_windows=math.exp(nll_windows / (n * (length - 1))),
-    )
+    ppl_windows = math.exp(nll_windows / (n * (length - 1)))
+    scores = {}
+    for name, total_ in sums.items():
+        nll_ref, nll_got, kl_mean, agree = (total_ / count).tolist()
+        scores[name] = RuntimeScores(
+            ppl_full=math.exp(nll_ref),
+            ppl=math.exp(nll_got),
+            kl=max(kl_mean, 0.0),  # >= 0 in exact arithmetic; float noise can dip below
+            top1_agreement=agree,
+            positions=count,
+            ppl_full_windows=ppl_windows,
+        )
+    return scores
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -216,7 +226,7 @@ class VerifyReport:
     model: str
     tokens: int
     simulated: dict[str, dict[str, float]]  # full / naive_int4 / saw_fixed / sawquant
-    runtime: dict[str, dict[str, float]]  # full / sawquant
+    runtime: dict[str, dict[str, float]]  # full / sawquant (/ naive_int4)
     recovery: float
     passed: bool
     ppl_increase_pct: float  # runtime sawquant vs runtime full, percent
@@ -405,6 +415,7 @@ def verify(
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
     min_recovery: float = DEFAULT_MIN_RECOVERY,
     config: str | Path | KVConfig | None = None,
+    runtime_baseline: bool = True,
     progress: Progress | None = None,
 ) -> VerifyReport:
     """Measure a sawquant checkpoint's accuracy, simulated and through the runtime.
@@ -415,6 +426,8 @@ def verify(
     fixed configuration); with it, ``model_path`` may be any supported HF checkpoint.
     ``tokens`` held-out tokens are cut into ``tokens // seq_len`` windows; the last
     ``seq_len - prefix - 1`` positions of each are teacher-forced through the decode path.
+    ``runtime_baseline`` also runs naive INT4 through the runtime (``runtime.naive_int4``), so
+    the runtime numbers can be compared with the simulated ones in direction.
     Raises InputError / ConfigError for bad input.
     """
     from sawquant import models, runtime
@@ -462,19 +475,19 @@ def verify(
 
     # 1. runtime (its full-precision reference forward also gives the simulated "full")
     t0 = time.perf_counter()
-    scores = runtime_scores(
-        model,
-        windows,
-        prefix=prefix,
-        patch=lambda m: runtime.patch(m, cfg),
-        unpatch=runtime.unpatch,
-        progress=progress,
+    naive = naive_config(facts)
+    patches = {"sawquant": lambda m: runtime.patch(m, cfg)}
+    if runtime_baseline:
+        patches["naive_int4"] = lambda m: runtime.patch(m, naive)
+    all_scores = runtime_scores(
+        model, windows, prefix=prefix, patches=patches, unpatch=runtime.unpatch, progress=progress
     )
+    scores = all_scores["sawquant"]
     times["runtime"] = time.perf_counter() - t0
 
     # 2. simulated: every cached K/V quantized in a full-window forward
     t0 = time.perf_counter()
-    cases = {"naive_int4": naive_config(facts), "saw_fixed": fixed_config(facts), "sawquant": cfg}
+    cases = {"naive_int4": naive, "saw_fixed": fixed_config(facts), "sawquant": cfg}
     simulated: dict[str, dict[str, float]] = {"full": {"ppl": scores.ppl_full_windows}}
     with torch.inference_mode():
         for i, (name, case) in enumerate(cases.items()):
@@ -497,18 +510,15 @@ def verify(
         max_ppl_increase=max_ppl_increase,
         min_recovery=min_recovery,
     )
+    runtime_report = {
+        name: {"ppl": sc.ppl, "kl": sc.kl, "top1_agreement": sc.top1_agreement}
+        for name, sc in all_scores.items()
+    }
     return VerifyReport(
         model=label,
         tokens=int(windows.numel()),
         simulated=simulated,
-        runtime={
-            "full": {"ppl": scores.ppl_full},
-            "sawquant": {
-                "ppl": scores.ppl,
-                "kl": scores.kl,
-                "top1_agreement": scores.top1_agreement,
-            },
-        },
+        runtime={"full": {"ppl": scores.ppl_full}, **runtime_report},
         recovery=rec,
         passed=not failures,
         ppl_increase_pct=increase,

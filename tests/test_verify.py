@@ -69,20 +69,22 @@ def _windows(n: int, length: int, vocab: int) -> torch.Tensor:
 def test_runtime_scores_of_a_no_op_runtime_equal_full_precision(tiny_llama):
     windows = _windows(3, 40, tiny_llama.config.vocab_size)
     calls = []
-    scores = runtime_scores(
+    both = runtime_scores(
         tiny_llama,
         windows,
         prefix=20,
-        patch=lambda m: calls.append("patch"),
+        patches={"a": lambda m: calls.append("a"), "b": lambda m: calls.append("b")},
         unpatch=lambda m: calls.append("unpatch"),
         batch_size=2,
     )
-    print(scores)
+    print(both)
+    scores = both["a"]
+    assert both["b"] == scores
     assert scores.positions == 3 * (40 - 20 - 1)
     assert scores.ppl == pytest.approx(scores.ppl_full, rel=1e-5)
     assert scores.kl < 1e-6
     assert scores.top1_agreement == 1.0
-    assert calls == ["patch", "unpatch"] * 2  # two batches, always unpatched
+    assert calls == ["a", "unpatch", "b", "unpatch"] * 2  # two batches, always unpatched
     # The reference forward also yields the simulated full-precision perplexity.
     from sawquant.simulate import simulated_perplexity
 
@@ -124,7 +126,9 @@ def test_runtime_scores_catch_a_runtime_that_breaks_attention(sharp_llama):
         with torch.no_grad():
             k_proj.weight.copy_(saved)
 
-    scores = runtime_scores(sharp_llama, windows, prefix=10, patch=corrupt, unpatch=restore)
+    scores = runtime_scores(
+        sharp_llama, windows, prefix=10, patches={"x": corrupt}, unpatch=restore
+    )["x"]
     print(scores)
     assert torch.equal(k_proj.weight, saved)  # unpatched after scoring
     assert scores.kl > 0.05  # measured 0.46
@@ -135,7 +139,7 @@ def test_runtime_scores_catch_a_runtime_that_breaks_attention(sharp_llama):
 def test_runtime_scores_reject_a_prefix_that_leaves_nothing_to_decode(tiny_llama):
     windows = _windows(1, 10, tiny_llama.config.vocab_size)
     with pytest.raises(InputError, match="prefix 9"):
-        runtime_scores(tiny_llama, windows, prefix=9, patch=lambda m: None, unpatch=lambda m: None)
+        runtime_scores(tiny_llama, windows, prefix=9, patches={}, unpatch=lambda m: None)
 
 
 def test_report_has_exactly_the_documented_keys():
