@@ -326,7 +326,7 @@ def _v_tile(
 
 
 @triton.jit
-def _load_params_w(
+def _load_params(
     S,
     Z,
     tok,
@@ -447,8 +447,8 @@ def _decode_split_kernel(
     vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
     nk = _load_tile_raw(KC, k_tok, chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
     nv = _load_tile_raw(VC, v_tok, chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
-    nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
-    nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+    nk_s, nk_z = _load_params(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+    nv_s, nv_z = _load_params(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
     pos2 = pos + BLOCK_N
     page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
@@ -467,9 +467,9 @@ def _decode_split_kernel(
         ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
         vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
         nk = _load_tile_raw(KC, k_tok, chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
-        nk_s, nk_z = _load_params_w(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+        nk_s, nk_z = _load_params(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
         nv = _load_tile_raw(VC, v_tok, chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
-        nv_s, nv_z = _load_params_w(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+        nv_s, nv_z = _load_params(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
         pos2 = pos + 2 * BLOCK_N
         page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
