@@ -18,24 +18,29 @@ from sawquant.quant import dequantize, rotate, unpack_int4, unrotate
 __all__ = ["gather_padded", "paged_decode_attention_cpu"]
 
 
+def _pages(t: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """Whole pages of a pool tensor [P, H, page, X] -> [B, H, length, X] (contiguous copies)."""
+    b, n = pages.shape
+    x = t[pages.reshape(-1)]  # [B * n, H, page, X]: one gather of contiguous pages
+    x = x.view(b, n, *t.shape[1:]).transpose(1, 2)  # [B, H, n, page, X]
+    return x.reshape(b, t.shape[1], n * t.shape[2], t.shape[3])[:, :, :length]
+
+
 def gather_padded(store: SideStore, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """Dequantize the first ``length`` positions of every sequence: [B, H_kv, length, D] float32,
     still in the store's rotated basis. Positions past a sequence's end hold finite garbage."""
     b = block_table.shape[0]
-    ps = store.page_size
-    pos = torch.arange(length, device=block_table.device)
-    page = block_table.long()[:, pos // ps]  # [B, L]
-    off = (pos % ps).expand(b, -1)  # [B, L]
+    pages = block_table[:, : -(-length // store.page_size)].long()  # [B, n]
     out = torch.empty(b, store.num_kv_heads, length, store.head_dim, device=block_table.device)
     for bits, pool in store.pools.items():
-        codes = pool.codes[page, :, off]  # [B, L, H_pool, W]
+        codes = _pages(pool.codes, pages, length)  # [B, H_pool, L, W]
         if bits == 16:
             x = codes.float()
         else:
             q = unpack_int4(codes) if bits == 4 else codes
-            gs = pool.spec.group_size
-            x = dequantize(q, pool.scale[page, :, off], pool.zero[page, :, off], group_size=gs)
-        out[:, store.heads[bits].long()] = x.transpose(1, 2)  # [B, H_pool, L, D]
+            scale, zero = _pages(pool.scale, pages, length), _pages(pool.zero, pages, length)
+            x = dequantize(q, scale, zero, group_size=pool.spec.group_size)
+        out[:, store.heads[bits].long()] = x
     return out
 
 
