@@ -180,7 +180,36 @@ def _forward(model: Any, ids: torch.Tensor) -> None:
         model(input_ids=ids, use_cache=False)
 
 
-@torch.inference_mode()
+def _fisher_pass(
+    model: Any, windows: torch.Tensor, acc: StatsAccumulator, step: Callable[[int], None]
+) -> None:
+    """Forward + backward of the summed next-token loss; hooks collect (dL/dO)^2 per head.
+
+    Gradients flow from the input embeddings only: parameters are frozen for the pass, so no
+    weight gradients are allocated (that would double a large model's memory).
+    """
+    device = model.get_input_embeddings().weight.device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), intercept_attention(model, None, on_output=acc.observe_output):
+            for i in range(windows.shape[0]):
+                ids = windows[i : i + 1].to(device)
+                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=emb, use_cache=False).logits  # [1, L, V]
+                target = ids[0, 1:].to(logits.device)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[0, :-1].float(), target, reduction="sum"
+                )
+                loss.backward()
+                del logits, loss, emb
+                step(i + 1)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def calibrate(
     model: Any,
     tokenizer: Any,
@@ -193,17 +222,16 @@ def calibrate(
 ) -> CalibrationResult:
     """Capture K/V/Q over ``windows`` ([N, L] token ids), measure every candidate, choose a config.
 
-    ``progress(done, total)`` is called after each window. Memory stays bounded: statistics are
-    per-head sums, and windows run one at a time without a KV cache.
+    ``progress(done, total)`` is called after each window (``total`` counts the statistics
+    windows plus the recipe's Fisher windows). Memory stays bounded: statistics are per-head
+    sums, and windows run one at a time without a KV cache.
     """
     from sawquant.models import model_facts
 
     del tokenizer  # the windows are already tokenized; kept for a uniform signature
     facts = model_facts(model.config)
     if windows.dim() != 2 or windows.shape[0] < 1:
-        raise InputError(
-            f"windows must be [num, seq_len] token ids, got shape {tuple(windows.shape)}"
-        )
+        raise InputError(f"windows must be [num, seq_len] token ids, got {tuple(windows.shape)}")
     candidates = make_candidates(
         facts.head_dim, recipe.blocks, recipe.sign_seeds, recipe.group_sizes
     )
@@ -220,18 +248,36 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     total = windows.shape[0]
-    with intercept_attention(model, acc):
+    n_fisher = min(recipe.fisher_windows, total)
+    steps = total + n_fisher
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(done, steps)
+
+    with torch.inference_mode(), intercept_attention(model, acc):
         for i in range(total):
             acc.new_window()
             _forward(model, windows[i : i + 1].to(device))
-            if progress is not None:
-                progress(i + 1, total)
+            report(i + 1)
+    if n_fisher:
+        _fisher_pass(model, windows[:n_fisher], acc, lambda j: report(total + j))
     errs = [{s: acc.attn_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
-    choices = select(errs, candidates, recipe, head_dim=facts.head_dim)
+    loss = [{s: acc.loss_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
+    objective = loss if n_fisher and all(v is not None for d in loss for v in d.values()) else None
+    choices = select(errs, candidates, recipe, head_dim=facts.head_dim, objective=objective)
     config = KVConfig(model=facts, layers=tuple(_layer_config(c) for c in choices))
     stats = _stats_dict(acc, candidates, choices, errs)
+    if objective is not None:
+        # Second-order estimate of the loss increase (nats per token), naive INT4 vs chosen.
+        stats["predicted_loss_increase"] = {
+            "naive": _round(sum(sum(c[s].naive_obj) for c in choices for s in SIDES), 6),
+            "chosen": _round(sum(sum(c[s].head_obj) for c in choices for s in SIDES), 6),
+        }
     stats.update(
         windows=int(total),
+        fisher_windows=int(n_fisher),
+        objective="fisher" if objective is not None else "attn_err",
         seq_len=int(windows.shape[1]),
         wall_s=round(time.perf_counter() - start, 3),
         peak_memory={
@@ -290,6 +336,9 @@ def _stats_dict(
                 "int4_err": _round([math.sqrt(e) for e in c.int4_err]),
                 "chosen_err": _round([math.sqrt(e) for e in c.head_err]),
             }
+            loss = acc.loss_err(layer, s)
+            if loss is not None:  # expected nats/token per candidate and head (Fisher)
+                entry[s]["loss_err"] = [[float(f"{x:.4g}") for x in row] for row in loss.tolist()]
         layers.append(entry)
     return {
         "candidates": [c.to_dict() for c in candidates],

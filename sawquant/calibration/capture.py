@@ -27,6 +27,7 @@ _HOOK = "sawquant_hook"
 _HOOK_EAGER = "sawquant_hook_eagermask"
 _INNER_ATTR = "_sawquant_inner"
 _CALLBACK_ATTR = "_sawquant_callback"
+_OUTPUT_ATTR = "_sawquant_on_output"
 
 
 @dataclass
@@ -84,7 +85,11 @@ def _hooked_attention(module, query, key, value, attention_mask, **kwargs):
         replaced = callback(call)
         if replaced is not None:
             key, value = replaced
-    return inner(module, query, key, value, attention_mask, **kwargs)
+    result = inner(module, query, key, value, attention_mask, **kwargs)
+    on_output = getattr(module, _OUTPUT_ATTR, None)
+    if on_output is not None:
+        on_output(int(module.layer_idx), result[0])  # [B, S_q, H_q, D]
+    return result
 
 
 def _register() -> None:
@@ -134,11 +139,18 @@ def _set_impl(model: Any, name: str) -> None:
 
 
 @contextlib.contextmanager
-def intercept_attention(model: Any, callback: Callback) -> Iterator[None]:
+def intercept_attention(
+    model: Any,
+    callback: Callback | None,
+    *,
+    on_output: Callable[[int, torch.Tensor], None] | None = None,
+) -> Iterator[None]:
     """Within the block, every attention layer calls ``callback(AttentionCall)`` first.
 
     The callback may return ``(key, value)`` (same shapes) to replace what the layer attends to,
-    or None to only observe. The model's attention implementation is restored on exit.
+    or None to only observe. ``on_output(layer_idx, out)`` then sees the attention output
+    ``[B, S_q, H_q, D]`` (before o_proj). The model's attention implementation is restored on
+    exit.
     """
     _register()
     modules = _attention_modules(model)
@@ -155,12 +167,13 @@ def intercept_attention(model: Any, callback: Callback) -> Iterator[None]:
     for m in modules:
         setattr(m, _INNER_ATTR, _inner_function(m, needs_eager))
         setattr(m, _CALLBACK_ATTR, callback)
+        setattr(m, _OUTPUT_ATTR, on_output)
     _set_impl(model, _HOOK_EAGER if needs_eager else _HOOK)
     try:
         yield
     finally:
         _set_impl(model, original)
         for m in modules:
-            for attr in (_INNER_ATTR, _CALLBACK_ATTR):
+            for attr in (_INNER_ATTR, _CALLBACK_ATTR, _OUTPUT_ATTR):
                 if hasattr(m, attr):
                     delattr(m, attr)

@@ -36,6 +36,9 @@ class Recipe:
     group_sizes: tuple[int | None, ...] = (None,)
     # Attention-output error is measured on this many query positions per window (0 = all).
     query_samples: int = 128
+    # Windows (of the same data) also run forward+backward to weigh each layer's error by the
+    # loss's sensitivity to its attention output (empirical Fisher); 0 = plain relative error.
+    fisher_windows: int = 4
     # Choose the smallest block whose error is within (1 + tolerance) of the best one.
     block_tolerance: float = 0.02
     # A head whose relative attention-output error under INT4 stays above this is a fallback.
@@ -55,6 +58,7 @@ class Recipe:
         _positive_int(where, "samples", self.samples)
         _positive_int(where, "seq_len", self.seq_len, low=2)
         _positive_int(where, "query_samples", self.query_samples, low=0)
+        _positive_int(where, "fisher_windows", self.fisher_windows, low=0)
         if not self.blocks or any(b not in SUPPORTED_BLOCKS for b in self.blocks):
             raise ConfigError(
                 f"{where}: blocks {list(self.blocks)} must be a non-empty subset of "

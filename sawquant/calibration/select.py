@@ -38,6 +38,8 @@ class SideChoice:
     head_err: list[float] = field(default_factory=list)  # per head, after the choice
     naive_err: list[float] = field(default_factory=list)  # per head, naive INT4
     int4_err: list[float] = field(default_factory=list)  # per head, chosen INT4 (no fallback)
+    head_obj: list[float] = field(default_factory=list)  # per head objective after the choice
+    naive_obj: list[float] = field(default_factory=list)  # per head objective, naive INT4
 
     def bits(self, num_heads: int, head_dim: int) -> float:
         g = self.candidate.group_size or head_dim
@@ -53,13 +55,24 @@ class _Side:
     """Mutable selection state of one layer side."""
 
     def __init__(
-        self, err: torch.Tensor, candidates: list[Candidate], recipe: Recipe, head_dim: int
+        self,
+        err: torch.Tensor,
+        obj: torch.Tensor,
+        candidates: list[Candidate],
+        recipe: Recipe,
+        head_dim: int,
     ):
-        self.err = err.double()  # [C, H]
+        self.err = err.double()  # [C, H] relative squared error: thresholds and reports
+        self.obj = obj.double()  # [C, H] what the choice minimises (loss estimate or err)
         self.cands = candidates
         self.head_dim = head_dim
         self.num_heads = err.shape[1]
-        self.int8 = self.err[candidates.index(INT8)] if INT8 in candidates else self.err[0] / 289
+        i8 = candidates.index(INT8) if INT8 in candidates else None
+        # Without a measured INT8 error: the step is 17x smaller, the noise power 289x.
+        self.int8 = {
+            "err": self.err[i8] if i8 is not None else self.err[0] / 289,
+            "obj": self.obj[i8] if i8 is not None else self.obj[0] / 289,
+        }
         # One option per group size, cheapest (largest group) first.
         groups = sorted(
             {c.group_size for c in candidates if c.bits == 4}, key=lambda g: -(g or head_dim)
@@ -70,21 +83,23 @@ class _Side:
 
     def _best(self, group: int | None, tol: float) -> int:
         idx = [i for i, c in enumerate(self.cands) if c.bits == 4 and c.group_size == group]
-        score = {i: float(self.err[i].mean()) for i in idx}
+        score = {i: float(self.obj[i].mean()) for i in idx}
         best = min(score.values())
         ok = [i for i in idx if score[i] <= best * (1 + tol) + 1e-12]
         return min(
             ok, key=lambda i: (self.cands[i].block, self.cands[i].sign_seed is not None, score[i])
         )
 
-    def head_err(self, h: int, opt: int | None = None, bits: int | None = None) -> float:
+    def head_err(
+        self, h: int, opt: int | None = None, bits: int | None = None, table: str = "obj"
+    ) -> float:
         opt = self.opt if opt is None else opt
         bits = self.fallback.get(h, 4) if bits is None else bits
-        e4 = float(self.err[self.options[opt], h])
+        e4 = float(getattr(self, table)[self.options[opt], h])
         if bits == 16:
             return 0.0
         if bits == 8:
-            return min(float(self.int8[h]), e4)
+            return min(float(self.int8[table][h]), e4)
         return e4
 
     def total_err(self, opt: int | None = None) -> float:
@@ -104,9 +119,11 @@ class _Side:
         return SideChoice(
             candidate=self.cands[self.options[self.opt]],
             fallback_heads=dict(sorted(self.fallback.items())),
-            head_err=[self.head_err(h) for h in range(self.num_heads)],
+            head_err=[self.head_err(h, table="err") for h in range(self.num_heads)],
             naive_err=[float(self.err[self.cands.index(NAIVE), h]) for h in range(self.num_heads)],
             int4_err=[float(self.err[self.options[self.opt], h]) for h in range(self.num_heads)],
+            head_obj=[self.head_err(h) for h in range(self.num_heads)],
+            naive_obj=[float(self.obj[self.cands.index(NAIVE), h]) for h in range(self.num_heads)],
         )
 
 
@@ -116,16 +133,22 @@ def select(
     recipe: Recipe,
     *,
     head_dim: int,
+    objective: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, SideChoice]]:
     """Per layer, ``{"k": SideChoice, "v": SideChoice}``; see the module docstring.
 
     attn_err: per layer ``{"k": [C, H], "v": [C, H]}`` relative squared errors, candidates in
     the order of ``candidates`` (which must contain naive INT4; INT8 is used when present).
+    ``objective`` (same layout, e.g. the Fisher loss estimate) is what the rotation choice and
+    the budget minimise; default: attn_err. Thresholds always apply to attn_err.
     """
     if NAIVE not in candidates:
         raise ValueError("candidates must include naive INT4 (block 1, no signs, no groups)")
+    objective = objective or attn_err
     sides = [
-        _Side(layer[s], candidates, recipe, head_dim) for layer in attn_err for s in ("k", "v")
+        _Side(layer[s], obj[s], candidates, recipe, head_dim)
+        for layer, obj in zip(attn_err, objective)
+        for s in ("k", "v")
     ]
     num_heads = sides[0].num_heads
     budget = recipe.max_avg_bits * num_heads * len(sides)
@@ -136,14 +159,15 @@ def select(
 
     # 2. Heads that INT4 cannot serve, worst first.
     bad = sorted(
-        ((s.head_err(h), i, h) for i, s in enumerate(sides) for h in range(num_heads)),
+        ((s.head_err(h, table="err"), i, h) for i, s in enumerate(sides) for h in range(num_heads)),
         reverse=True,
     )
     for err, i, h in bad:
         if err <= threshold_sq or n_fallback >= max_fallback:
             break
         side = sides[i]
-        bits = 8 if side.head_err(h, bits=8) <= threshold_sq or not recipe.allow_bf16 else 16
+        int8_ok = side.head_err(h, bits=8, table="err") <= threshold_sq
+        bits = 8 if int8_ok or not recipe.allow_bf16 else 16
         extra = side.head_bits(bits) - side.head_bits(4)
         if used + extra <= budget + 1e-9:
             side.fallback[h] = bits

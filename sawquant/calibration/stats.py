@@ -103,6 +103,7 @@ class SideStats:
     channel_absmax: torch.Tensor = field(init=False)  # [H, D]
     noise: torch.Tensor = field(init=False)  # [C, H] sum |x_hat - x|^2 (cache error)
     attn_noise: torch.Tensor = field(init=False)  # [C, H] sum |O_hat - O|^2
+    attn_noise_q: torch.Tensor | None = None  # [C, H_q] the same per query head
 
     def __post_init__(self) -> None:
         h, d, c = self.num_heads, self.head_dim, self.num_candidates
@@ -175,6 +176,11 @@ class StatsAccumulator:
             {s: SideStats(num_kv_heads, head_dim, c) for s in SIDES} for _ in range(num_layers)
         ]
         self.attn_signal = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)  # sum |O|^2
+        self.query_count = torch.zeros(num_layers, dtype=torch.float64)  # sampled positions
+        # Empirical Fisher of the loss w.r.t. each attention output: sum of (dL/dO)^2 per query
+        # head, and the number of elements summed (see observe_output / loss_err).
+        self.fisher: torch.Tensor | None = None  # [L, H_q]
+        self.fisher_count = torch.zeros(num_layers, dtype=torch.float64)
         self.tokens = 0
         self.head_dim = head_dim
         self._matrices: dict[tuple, torch.Tensor] = {}
@@ -192,6 +198,10 @@ class StatsAccumulator:
             for st in layer.values():
                 tensors += [st.count, st.moments, st.absmax, st.channel_absmax, st.noise]
                 tensors.append(st.attn_noise)
+                if st.attn_noise_q is not None:
+                    tensors.append(st.attn_noise_q)
+        if self.fisher is not None:
+            tensors.append(self.fisher)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _query_positions(self, s_q: int, device: torch.device) -> torch.Tensor:
@@ -244,6 +254,7 @@ class StatsAccumulator:
         p = probs(qs, k)
         out = p @ v  # [B, H_kv, G*Q, D]
         self.attn_signal[layer] += _head_sum(out.square())
+        self.query_count[layer] += b * len(pos)
         for side, x in (("k", k), ("v", v)):
             st = self.sides[layer][side]
             st.observe(x)
@@ -258,12 +269,53 @@ class StatsAccumulator:
                     xq = _fake_quant_fast(xr, bits, group)
                     st.noise[c] += _head_sum((xq - xr).square())
                     o_hat = probs(qr, xq) @ v if side == "k" else p @ xq
-                    st.attn_noise[c] += _head_sum((o_hat - (out if side == "k" else ref)).square())
+                    diff = (o_hat - (out if side == "k" else ref)).square()
+                    # [B, H_kv, G*Q, D] -> per query head [H_kv * G] (q head = kv head * G + g)
+                    per_q = diff.reshape(b, h_kv, g, -1).sum(dim=(0, 3)).reshape(-1)
+                    per_q = per_q.double().cpu()
+                    if st.attn_noise_q is None:
+                        st.attn_noise_q = torch.zeros(
+                            len(self.candidates), h_q, dtype=torch.float64
+                        )
+                    st.attn_noise_q[c] += per_q
+                    st.attn_noise[c] += per_q.view(h_kv, g).sum(1)
+
+    def observe_output(self, layer: int, out: torch.Tensor) -> None:
+        """Register a gradient hook on an attention output [B, S, H_q, D] (Fisher pass)."""
+        if not out.requires_grad:
+            return
+
+        def hook(grad: torch.Tensor) -> None:
+            h_q = grad.shape[2]
+            if self.fisher is None:
+                self.fisher = torch.zeros(len(self.sides), h_q, dtype=torch.float64)
+            self.fisher[layer] += grad.float().square().sum(dim=(0, 1, 3)).double().cpu()
+            self.fisher_count[layer] += grad.shape[0] * grad.shape[1] * grad.shape[3]
+
+        out.register_hook(hook)
 
     # -- results -------------------------------------------------------------------------------
     def attn_err(self, layer: int, side: str) -> torch.Tensor:
         """[C, H] relative squared attention-output error of every candidate."""
         return self.sides[layer][side].attn_noise / self.attn_signal[layer].clamp(min=1e-30)
+
+    def loss_err(self, layer: int, side: str) -> torch.Tensor | None:
+        """[C, H] expected increase of the loss (nats per token) from each candidate, or None
+        before a Fisher pass.
+
+        Second order with a diagonal empirical Fisher per query head: a perturbation dO of the
+        attention output raises the summed loss by about 1/2 sum (dL/dO)^2 dO^2, so per token
+        ``1/2 * mean(g^2) * mean_positions |dO|^2``, summed over the query heads of a KV head.
+        This puts layers and sides in one unit, which the relative error does not.
+        """
+        st = self.sides[layer][side]
+        if self.fisher is None or self.fisher_count[layer] == 0 or st.attn_noise_q is None:
+            return None
+        w = self.fisher[layer] / self.fisher_count[layer]  # [H_q] mean g^2 per element
+        e = st.attn_noise_q / self.query_count[layer].clamp(min=1)  # [C, H_q] per position
+        per_q = 0.5 * w * e
+        h_kv = st.num_heads
+        return per_q.view(per_q.shape[0], h_kv, -1).sum(-1)
 
 
 def _head_sum(x: torch.Tensor) -> torch.Tensor:

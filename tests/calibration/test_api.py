@@ -19,7 +19,8 @@ def result(tiny_qwen3):
     windows = torch.randint(0, 128, (3, 64), generator=torch.Generator().manual_seed(0))
     calls = []
     res = calibrate(tiny_qwen3, None, windows, RECIPE, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    # 3 statistics windows, then min(fisher_windows=4, 3) Fisher windows.
+    assert calls == [(i, 6) for i in range(1, 7)]
     return res
 
 
@@ -29,6 +30,10 @@ def test_result_config_and_stats(result):
     assert result.avg_bits <= RECIPE.max_avg_bits
     st = result.stats
     assert st["tokens"] == 3 * 64 and st["windows"] == 3 and st["seq_len"] == 64
+    assert st["objective"] == "fisher" and st["fisher_windows"] == 3
+    pred = st["predicted_loss_increase"]
+    print("predicted loss increase (nats/token):", pred)
+    assert 0 <= pred["chosen"] < pred["naive"]
     assert len(st["candidates"]) == len(st["layers"][0]["k"]["attn_err"])
     # Statistics are per-head sums: a few KiB, independent of the number of tokens.
     assert st["peak_memory"]["stats_bytes"] < 64 * 1024
