@@ -109,6 +109,17 @@ def _resized(store: SideStore, num_pages: int) -> SideStore:
     return new
 
 
+def _copy_pages(store: SideStore, src: list[int], dst: list[int]) -> None:
+    """Copy pages ``src`` onto pages ``dst`` in every pool of ``store`` (codes, scales, zeros)."""
+    device = store.pools[next(iter(store.pools))].codes.device
+    s = torch.tensor(src, dtype=torch.int64, device=device)
+    d = torch.tensor(dst, dtype=torch.int64, device=device)
+    for pool in store.pools.values():
+        for t in (pool.codes, pool.scale, pool.zero):
+            if t is not None:
+                t[d] = t[s]
+
+
 @dataclass
 class StepPlan:
     """Where one forward step's tokens go, shared by every layer of that step."""
@@ -230,7 +241,39 @@ class SawquantCache(Cache):
             self._unsupported("batch_repeat_interleave on a filled cache")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._unsupported("beam search (reorder_cache)")
+        """Beam search: sequence b continues what sequence ``beam_idx[b]`` holds.
+
+        Every kept sequence gets fresh pages holding a copy of its source's pages (all layers,
+        all pools), then the old pages return to the free list: simple and always correct, at
+        the cost of copying the cache once per beam step (no copy-on-write sharing yet).
+        """
+        if self._lens is None:
+            return
+        idx = beam_idx.to("cpu", torch.int64)
+        if torch.equal(idx, torch.arange(idx.shape[0])):
+            return
+        owned = self._owned[idx]
+        missing = int(owned.sum()) - len(self._free)
+        if missing > 0:
+            self._add_pages(missing, batch=int(idx.shape[0]))
+        old_table, old_owned = self._table, self._owned
+        table = torch.zeros_like(old_table)
+        src, dst = [], []
+        for b, n in enumerate(owned.tolist()):
+            ids = [self._free.pop() for _ in range(n)]
+            table[b, :n] = torch.tensor(ids, dtype=torch.int32)
+            src += old_table[idx[b], :n].tolist()
+            dst += ids
+        if dst:
+            for layer in self.layers:
+                for store in (layer.k_store, layer.v_store):
+                    if store is not None:
+                        _copy_pages(store, src, dst)
+        for b, n in enumerate(old_owned.tolist()):
+            self._free.extend(old_table[b, :n].tolist())
+        self._table, self._owned, self._lens = table, owned, self._lens[idx]
+        self._table_dev = self._table.to(self._device)
+        self._plan = None
 
     def crop(self, *args, **kwargs) -> None:
         self._unsupported("crop (assisted/speculative decoding)")
