@@ -63,7 +63,8 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
     # Teacher forcing: feed the full-precision continuation, compare next-token argmax.
     start = time.perf_counter()
     with torch.no_grad():
-        step = quant(ids, attention_mask=mask, use_cache=True)
+        prompt_pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate sets them
+        step = quant(ids, attention_mask=mask, position_ids=prompt_pos, use_cache=True)
         cache = step.past_key_values
         assert isinstance(cache, SawquantCache)
         lengths = mask.sum(1)  # [8] real prompt tokens
@@ -98,8 +99,8 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
 
     # The decode step reads the INT4 pages: flip every code of sequence 0's first page.
     with torch.no_grad():
-        a = quant(ids, attention_mask=mask, use_cache=True).past_key_values
-        b = quant(ids, attention_mask=mask, use_cache=True).past_key_values
+        a = quant(ids, attention_mask=mask, position_ids=prompt_pos).past_key_values
+        b = quant(ids, attention_mask=mask, position_ids=prompt_pos).past_key_values
         page = int(b.plan.block_table[0, 0])
         for layer in range(facts.num_layers):
             for store in b.stores(layer):
