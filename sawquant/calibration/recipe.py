@@ -42,8 +42,8 @@ class Recipe:
     # Choose the smallest block whose error is within (1 + tolerance) of the best one.
     block_tolerance: float = 0.02
     # A head whose relative attention-output error under INT4 stays above this is a fallback.
-    fallback_threshold: float = 0.1
-    max_fallback_fraction: float = 0.1  # of all (layer, side, KV head) triples
+    fallback_threshold: float = 0.25
+    max_fallback_fraction: float = 0.25  # of all (layer, side, KV head) triples
     max_avg_bits: float = 5.0  # per cached element, fp16 scales and zeros included
     allow_bf16: bool = True  # fall back to BF16 where INT8 is not enough
     seed: int = 0  # query-position sampling

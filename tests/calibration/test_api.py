@@ -24,7 +24,7 @@ def result(tiny_qwen3):
     return res
 
 
-def test_result_config_and_stats(result):
+def test_result_config_and_stats(result, tiny_qwen3):
     cfg = result.config
     assert isinstance(cfg, KVConfig) and cfg.model.num_layers == 2 and cfg.model.head_dim == 32
     assert result.avg_bits <= RECIPE.max_avg_bits
@@ -34,6 +34,8 @@ def test_result_config_and_stats(result):
     pred = st["predicted_loss_increase"]
     print("predicted loss increase (nats/token):", pred)
     assert 0 <= pred["chosen"] < pred["naive"]
+    # The Fisher pass froze the weights only while it ran.
+    assert all(p.requires_grad for p in tiny_qwen3.parameters())
     assert len(st["candidates"]) == len(st["layers"][0]["k"]["attn_err"])
     # Statistics are per-head sums: a few KiB, independent of the number of tokens.
     assert st["peak_memory"]["stats_bytes"] < 64 * 1024

@@ -139,3 +139,18 @@ def test_fast_fake_quant_matches_the_spec():
         fast = (_fake_quant_fast(x, bits, group) - x).square().sum()
         print(f"INT{bits} g{group}: spec noise {spec:.5f}, fast noise {fast:.5f}")
         assert abs(fast / spec - 1) < 0.01
+
+
+def test_objective_steers_the_budget_to_sensitive_layers():
+    """Same relative errors in two layers; the loss weighting makes layer 1 ten times more
+    sensitive, so the one affordable INT8 head goes there."""
+    cands = make_candidates(D, [1, 32], [None], [None])
+    e = torch.full((len(cands), 2), 0.01, dtype=torch.float64)
+    e[cands.index(INT8)] = 0.0001
+    errs = [{"k": e, "v": e}, {"k": e, "v": e}]
+    objective = [{"k": e, "v": e}, {"k": 10 * e, "v": e}]
+    recipe = Recipe(max_avg_bits=4.5 + 4 / 8 + 1e-6, max_fallback_fraction=1.0)  # one head
+    plain = select(errs, cands, recipe, head_dim=D)
+    weighted = select(errs, cands, recipe, head_dim=D, objective=objective)
+    assert sum(len(c[s].fallback_heads) for c in weighted for s in "kv") == 1
+    assert weighted[1]["k"].fallback_heads and not plain[1]["k"].fallback_heads
