@@ -156,7 +156,8 @@ def _table(report) -> Table:
     table = Table(
         title=f"sawquant verify: {report.model}",
         caption=(
-            f"{report.windows} windows x {report.seq_len} tokens of {report.data}; runtime scores "
+            f"{report.windows} window{'s' if report.windows != 1 else ''} x {report.seq_len} "
+            f"tokens of {report.data}; runtime scores "
             f"{report.scored_positions} decode steps after a {report.prefix}-token prefill "
             f"({report.device})"
         ),

