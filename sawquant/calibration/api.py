@@ -19,6 +19,7 @@ Errors are relative attention-output errors ``||O_hat - O|| / ||O||`` (not squar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,31 +181,24 @@ def _forward(model: Any, ids: torch.Tensor) -> None:
         model(input_ids=ids, use_cache=False)
 
 
-def _fisher_pass(
-    model: Any, windows: torch.Tensor, acc: StatsAccumulator, step: Callable[[int], None]
-) -> None:
-    """Forward + backward of the summed next-token loss; hooks collect (dL/dO)^2 per head.
+def _forward_backward(model: Any, ids: torch.Tensor) -> None:
+    """Forward and backward of the summed next-token loss, so that the output hooks see
+    dL/dO at every attention layer. Gradients flow from the input embeddings only (the caller
+    freezes the parameters): no weight gradients are allocated."""
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb, use_cache=False).logits  # [1, L, V]
+    target = ids[0, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, reduction="sum")
+    loss.backward()
 
-    Gradients flow from the input embeddings only: parameters are frozen for the pass, so no
-    weight gradients are allocated (that would double a large model's memory).
-    """
-    device = model.get_input_embeddings().weight.device
+
+@contextlib.contextmanager
+def _frozen(model: Any) -> Iterator[None]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), intercept_attention(model, None, on_output=acc.observe_output):
-            for i in range(windows.shape[0]):
-                ids = windows[i : i + 1].to(device)
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=emb, use_cache=False).logits  # [1, L, V]
-                target = ids[0, 1:].to(logits.device)
-                loss = torch.nn.functional.cross_entropy(
-                    logits[0, :-1].float(), target, reduction="sum"
-                )
-                loss.backward()
-                del logits, loss, emb
-                step(i + 1)
+        yield
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -222,9 +216,9 @@ def calibrate(
 ) -> CalibrationResult:
     """Capture K/V/Q over ``windows`` ([N, L] token ids), measure every candidate, choose a config.
 
-    ``progress(done, total)`` is called after each window (``total`` counts the statistics
-    windows plus the recipe's Fisher windows). Memory stays bounded: statistics are per-head
-    sums, and windows run one at a time without a KV cache.
+    ``progress(done, total)`` is called after each window. Memory stays bounded: statistics
+    are per-head sums, and windows run one at a time without a KV cache (the first
+    ``recipe.fisher_windows`` windows also keep their activations for one backward pass).
     """
     from sawquant.models import model_facts
 
@@ -249,19 +243,20 @@ def calibrate(
     start = time.perf_counter()
     total = windows.shape[0]
     n_fisher = min(recipe.fisher_windows, total)
-    steps = total + n_fisher
-
-    def report(done: int) -> None:
-        if progress is not None:
-            progress(done, steps)
-
-    with torch.inference_mode(), intercept_attention(model, acc):
+    # The first n_fisher windows also run backward (the Fisher weights); the statistics of
+    # every window come from the same forward, so the Fisher costs one backward per window.
+    with _frozen(model), intercept_attention(model, acc, on_output=acc.observe_output):
         for i in range(total):
             acc.new_window()
-            _forward(model, windows[i : i + 1].to(device))
-            report(i + 1)
-    if n_fisher:
-        _fisher_pass(model, windows[:n_fisher], acc, lambda j: report(total + j))
+            ids = windows[i : i + 1].to(device)
+            if i < n_fisher:
+                with torch.enable_grad():
+                    _forward_backward(model, ids)
+            else:
+                with torch.inference_mode():
+                    _forward(model, ids)
+            if progress is not None:
+                progress(i + 1, total)
     errs = [{s: acc.attn_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
     loss = [{s: acc.loss_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
     objective = loss if n_fisher and all(v is not None for d in loss for v in d.values()) else None

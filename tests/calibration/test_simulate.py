@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
+from sawquant.errors import ConfigError
 from sawquant.format import allocate_side
 from sawquant.quant import paged_gather_ref, paged_write_ref, random_signs, unrotate
 from sawquant.simulate import fake_quant_side, simulated_perplexity
@@ -56,3 +58,6 @@ def test_simulated_perplexity_orders_precisions(tiny_llama_gqa):
         facts, SideConfig(fallback_heads={0: 16, 1: 16}), SideConfig(fallback_heads={0: 16, 1: 16})
     )
     assert abs(simulated_perplexity(tiny_llama_gqa, ids, bf16) - fp) < 1e-2 * fp
+    other = KVConfig.uniform(ModelFacts(num_layers=3, num_kv_heads=2, head_dim=32))
+    with pytest.raises(ConfigError, match="calibrate this model"):
+        simulated_perplexity(tiny_llama_gqa, ids, other)
