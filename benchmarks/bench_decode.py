@@ -6,8 +6,9 @@ overhead included, and CUDA-graph replay = device time), the bytes the kernel mu
 measured device copy bandwidth, and torch ``scaled_dot_product_attention`` in bf16 on a
 contiguous cache with GQA, for the speedup. A correctness check against the pure-torch twin runs
 first. Usage: ``python benchmarks/bench_decode.py [--json PATH] [--sweep] [--variants]
-[--only-variants]`` (``--variants``: the kernel-variant sweep first, then everything with its
-fastest variant).
+[--only-variants] [--fallback]`` (``--variants``: the kernel-variant sweep first, then
+everything with its fastest variant; ``--fallback``: only INT8 / 16-bit pool layers, before and
+after the natural-order fallback path, and SDPA bf16).
 """
 
 from __future__ import annotations
@@ -329,6 +330,107 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
     }
 
 
+# Fallback-pool configurations of a Qwen3-8B layer (8 KV heads): (K head bits, V head bits).
+FALLBACK_CONFIGS = {
+    "int4": ((4,) * 8, (4,) * 8),
+    "int8-k-head": ((8,) + (4,) * 7, (4,) * 8),
+    "bf16-k-head": ((16,) + (4,) * 7, (4,) * 8),
+    "all-16bit": ((16,) * 8, (16,) * 8),
+}
+# The earlier handling of INT8 / 16-bit pools (decode._TUNING["LEGACY"]) and the current one;
+# "bn128": the current one with BLOCK_N 128 for the fallback groups too.
+FALLBACK_MODES = {"before": {"LEGACY": 1}, "now": {}, "now-bn128": {"FALLBACK_BLOCK_N": 128}}
+
+
+def check_fallback_correctness(device: torch.device) -> list[dict]:
+    """Kernel vs the fp32 twin with INT8 / 16-bit heads (Qwen3-8B layer, lengths 1/999/4096,
+    auto splits and 3 splits), in the current and the earlier (LEGACY) handling."""
+    mixed = ((8, 16, 4, 4, 4, 4, 4, 4), (16, 8, 16, 4, 4, 4, 4, 4))  # groups 8/16 16/8 4/16 4/4
+    rows = []
+    for name, bits in [*FALLBACK_CONFIGS.items(), ("mixed", mixed)]:
+        for dtype in (torch.bfloat16, torch.float16)[: 2 if name in ("mixed", "all-16bit") else 1]:
+            args = _quantized_case(device, 32, 8, 128, 128, 16, [1, 999, 4096], dtype, bits=bits)
+            ref = paged_decode_attention_ref(*args, softmax_scale=128**-0.5).float()
+            for mode, tuning in (("before", {"LEGACY": 1}), ("now", {})):
+                for splits in (None, 3):
+                    decode._TUNING.clear()
+                    decode._TUNING.update(tuning)
+                    out = paged_decode_attention(*args, softmax_scale=128**-0.5, num_splits=splits)
+                    decode._TUNING.clear()
+                    rel = ((out.float() - ref).norm() / ref.norm()).item()
+                    rows.append(
+                        {
+                            "kind": "fallback_check",
+                            "case": f"{name} {str(dtype)[6:]} {mode} splits={splits}",
+                            "rel_err": rel,
+                            "finite": bool(torch.isfinite(out).all()),
+                        }
+                    )
+    return rows
+
+
+def bench_fallback(
+    device: torch.device, batch: int = 64, ctx: int = 16384, configs: tuple | None = None
+) -> list[dict]:
+    """Graph time of one Qwen3-8B layer with fallback heads, before / now, and SDPA bf16."""
+    spec, page, rows = QWEN3_8B, 16, []
+    scale = spec["d"] ** -0.5
+    q = torch.randn(batch, spec["h_q"], spec["d"], device=device, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    for name in configs or tuple(FALLBACK_CONFIGS):
+        kb, vb = FALLBACK_CONFIGS[name]
+        k_store, v_store, table = _random_stores(batch, ctx, spec, page, device, kb, vb)
+        nbytes = _decode_bytes(k_store, v_store, batch, ctx, q.numel() * 2)
+        for mode, tuning in FALLBACK_MODES.items():
+            if mode == "now-bn128" and name == "int4":
+                continue
+            decode._TUNING.clear()
+            decode._TUNING.update(tuning)
+            try:
+                us = _bench(
+                    lambda: paged_decode_attention(
+                        q, k_store, v_store, table, lens, softmax_scale=scale
+                    ),
+                    graph=True,
+                )
+            except Exception as err:  # report and go on
+                us = float("nan")
+                print("fallback bench failed", name, mode, repr(err)[:300])
+            decode._TUNING.clear()
+            rows.append(
+                {
+                    "kind": "fallback",
+                    "config": name,
+                    "mode": mode,
+                    "batch": batch,
+                    "context": ctx,
+                    "graph_us": us,
+                    "bytes_read": nbytes,
+                    "GBps": nbytes / us / 1e3,
+                }
+            )
+        torch.cuda.empty_cache()
+    kc = torch.randn(batch, spec["h_kv"], ctx, spec["d"], device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q4 = q[:, :, None]
+    sdpa = lambda: scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)  # noqa: E731
+    us = _bench(sdpa, graph=True)
+    nbytes = 2 * kc.numel() * 2 + 2 * q.numel() * 2
+    rows.append(
+        {
+            "kind": "fallback",
+            "config": "sdpa-bf16",
+            "mode": "torch",
+            "batch": batch,
+            "context": ctx,
+            "graph_us": us,
+            "bytes_read": nbytes,
+            "GBps": nbytes / us / 1e3,
+        }
+    )
+    return rows
+
+
 def bench_prefill(device, spec, chunk, cached, page) -> dict:
     """Batch 1: a chunk of new queries over `cached` quantized tokens vs SDPA on bf16."""
     from torch.nn.attention.bias import causal_lower_right
@@ -450,7 +552,12 @@ def _table(rows: list[dict]) -> str:
             )
         elif r["kind"] == "variant":
             lines.append(_variant_line(r))
-        elif r["kind"] == "correctness":
+        elif r["kind"] == "fallback":
+            lines.append(
+                f"fallback B{r['batch']}x{r['context']} {r['config']:12s} {r['mode']:10s} "
+                f"graph {r['graph_us']:8.1f} us  {r['GBps']:6.0f} GB/s"
+            )
+        elif r["kind"] in ("correctness", "fallback_check"):
             lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")
         else:
             lines.append(str(r))
@@ -463,11 +570,23 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
     parser.add_argument("--variants", action="store_true", help="kernel-variant sweep first")
     parser.add_argument("--only-variants", action="store_true", help="stop after the sweep")
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="only the INT8 / 16-bit pool check and timings (before / now, batch 64 x 16k)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode needs a CUDA device")
     dev = torch.device("cuda", torch.cuda.current_device())
-    rows = run(dev, sweep=args.sweep, variants=args.variants, full=not args.only_variants)
+    if args.fallback:
+        env = {"kind": "env", "device": torch.cuda.get_device_name(dev)}
+        env.update(torch=torch.__version__, triton=triton.__version__)
+        rows = [env, *check_fallback_correctness(dev)]
+        print(_table(rows), flush=True)
+        rows += bench_fallback(dev, 64, 16384) + bench_fallback(dev, 17, 16384, ("all-16bit",))
+    else:
+        rows = run(dev, sweep=args.sweep, variants=args.variants, full=not args.only_variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

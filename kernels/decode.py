@@ -17,8 +17,12 @@ rotation matrix's columns) and the output is stored through the same channel map
 
 Both matrix products are transposed, ``s^T = K q^T`` and ``acc^T += V^T P^T``, so their M side
 is 128 (tokens, channels) and Hopper's wgmma runs them; the GQA group (4 heads for Qwen3-8B,
-padded to 16) is the narrow N side. INT8 and 16-bit fallback heads and per-group scales are
-read in the same permuted order (gathered loads: slower, but rare heads).
+padded to 16) is the narrow N side. Per-group scales of INT4 heads are read in the same
+permuted order. INT8 and 16-bit fallback heads are launched as their own head groups and read
+in NATURAL channel order (16-byte loads along each row; q and the output follow that side's
+order), 16-bit heads dot in their storage dtype on the GPU, and each group gets its own split
+count, so a lone fallback head still fills the GPU (H100: one INT8 K head costs its layer
+1.16x the plain INT4 layer instead of 3.0x; RESULTS.md).
 """
 
 from __future__ import annotations
@@ -290,18 +294,26 @@ def _load_tile_raw(
                 ok = tok_ok[:, None] & (b_idx + j < HEAD_DIM // 2)
                 raw |= tl.load(byte + j, mask=ok, other=0).to(tl.int32) << (8 * j)
     else:
-        c_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
+        if chan.shape[0] == HEAD_DIM:  # no column mask: 16-byte loads along natural rows
+            c_ok = tok_ok[:, None]
+        else:
+            c_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
         raw = tl.load(ptr + tok[:, None] + chan[None, :], mask=c_ok, other=0)
     return raw
 
 
 @triton.jit
-def _tile_values(raw, BITS: tl.constexpr, USE_ASM: tl.constexpr, SUBN: tl.constexpr):
-    """Raw tile -> [BLOCK_N, BLOCK_D]: fp16 code values (INT4/INT8) or the stored floats."""
+def _tile_values(
+    raw, BITS: tl.constexpr, USE_ASM: tl.constexpr, SUBN: tl.constexpr, DOT16: tl.constexpr
+):
+    """Raw tile -> [BLOCK_N, BLOCK_D]: fp16 code values (INT4/INT8) or the stored floats (in
+    their own 16-bit dtype with DOT16, else float32)."""
     if BITS == 4:
         return _nibble_slots(raw, USE_ASM, SUBN)
     elif BITS == 8:
         return _codes_f16(raw)
+    elif DOT16:
+        return raw
     else:
         return raw.to(tl.float32)
 
@@ -316,10 +328,11 @@ def _v_tile(
     HEAD_DIM: tl.constexpr,
     USE_ASM: tl.constexpr,
     SUBN: tl.constexpr,
+    DOT16: tl.constexpr,
 ):
     """V tile values; per-group INT tiles are dequantized here (per-token scales are folded
     into P by the caller instead)."""
-    vt = _tile_values(raw, BITS, USE_ASM, SUBN)
+    vt = _tile_values(raw, BITS, USE_ASM, SUBN, DOT16)
     if BITS != 16 and GS != HEAD_DIM:
         vt = (vt.to(tl.float32) * sc.to(tl.float32) + zr.to(tl.float32)).to(tl.float16)
     return vt
@@ -373,11 +386,17 @@ def _decode_split_kernel(
     K_ROT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, USE_ASM: tl.constexpr,
     K_SUBN: tl.constexpr, V_SUBN: tl.constexpr,
+    K_NAT: tl.constexpr, V_NAT: tl.constexpr, K_DOT16: tl.constexpr, V_DOT16: tl.constexpr,
 ):
     """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
 
     Writes ML[b, h, split] = (running max in log2 units, sum of exp2) and ACC[b, h, split, :]
     = the unnormalised weighted sum of V, still in V's rotated basis (natural channel order).
+    The context is cut into as many chunks as the grid has splits (tl.num_programs(2));
+    ``num_splits`` is the split axis of ML / ACC, which may be larger (other head groups).
+    K_NAT / V_NAT: that side's tiles are in natural channel order (INT8 and 16-bit pools: each
+    thread reads contiguous 16-byte runs of a row) instead of the INT4 unpack order; K_DOT16 /
+    V_DOT16: a 16-bit side's dots run in its storage dtype (fp16/bf16) instead of float32.
     """
     tl.static_assert(BLOCK_G >= 16)
     tl.static_assert(8 * BLOCK_W >= HEAD_DIM)
@@ -392,7 +411,7 @@ def _decode_split_kernel(
     start = 0
     if HAS_WINDOW:
         start = tl.maximum(length - window, 0)
-    chunk = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length - start, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, length)
 
@@ -400,7 +419,14 @@ def _decode_split_kernel(
     row_ok = rows < GROUP
     heads = kvh * GROUP + rows  # [BLOCK_G] query heads
     chan = _channel_map(BLOCK_W)  # [BLOCK_D] channel of each tile column
-    chan_ok = chan < HEAD_DIM
+    if K_NAT:
+        k_chan = tl.arange(0, 8 * BLOCK_W)
+    else:
+        k_chan = chan
+    if V_NAT:
+        v_chan = tl.arange(0, 8 * BLOCK_W)
+    else:
+        v_chan = chan
     words = tl.arange(0, BLOCK_W)
     q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
 
@@ -413,7 +439,9 @@ def _decode_split_kernel(
         qp = _rotate_rows(q.to(tl.float32), HK, k_rot_scale, d * (8 * BLOCK_W), d,
                           d_ok[:, None])
     else:
-        qp = tl.load(q_row + chan[None, :], mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
+        qp = tl.load(
+            q_row + k_chan[None, :], mask=row_ok[:, None] & (k_chan < HEAD_DIM)[None, :], other=0.0
+        )
         qp = qp.to(tl.float32)
     # Codes are exact in fp16, so the dots see the rotated q rounded once; 16-bit heads dot in
     # float32 (tf32 on the GPU; bf16 dots are wrong in the interpreter).
@@ -422,6 +450,8 @@ def _decode_split_kernel(
         qp = tl.where(odd, qp * 0.0625, qp)
     if K_BITS != 16:
         qp = qp.to(tl.float16)
+    elif K_DOT16:
+        qp = qp.to(KC.dtype.element_ty)
     if K_SUBN:  # sum(q) in code units, of the very values the dots use
         q_sum = tl.sum(tl.where(odd, qp.to(tl.float32) * 16.0, qp.to(tl.float32)), 1)
     else:
@@ -445,10 +475,10 @@ def _decode_split_kernel(
     v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
     ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
     vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
-    nk = _load_tile_raw(KC, k_tok, chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
-    nv = _load_tile_raw(VC, v_tok, chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
-    nk_s, nk_z = _load_params(KS, KZ, ks_tok, chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
-    nv_s, nv_z = _load_params(VS, VZ, vs_tok, chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+    nk = _load_tile_raw(KC, k_tok, k_chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
+    nv = _load_tile_raw(VC, v_tok, v_chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
+    nk_s, nk_z = _load_params(KS, KZ, ks_tok, k_chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+    nv_s, nv_z = _load_params(VS, VZ, vs_tok, v_chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
     pos2 = pos + BLOCK_N
     page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
@@ -466,17 +496,17 @@ def _decode_split_kernel(
         v_tok = page2 * stride_vcp + vp * stride_vch + off1 * stride_vct
         ks_tok = page2 * stride_ksp + kp * stride_ksh + off1 * stride_kst
         vs_tok = page2 * stride_vsp + vp * stride_vsh + off1 * stride_vst
-        nk = _load_tile_raw(KC, k_tok, chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
-        nk_s, nk_z = _load_params(KS, KZ, ks_tok, chan, ok1, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
-        nv = _load_tile_raw(VC, v_tok, chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
-        nv_s, nv_z = _load_params(VS, VZ, vs_tok, chan, ok1, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+        nk = _load_tile_raw(KC, k_tok, k_chan, words, ok1, HEAD_DIM, K_BITS, K_WORDS)
+        nk_s, nk_z = _load_params(KS, KZ, ks_tok, k_chan, ok1, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+        nv = _load_tile_raw(VC, v_tok, v_chan, words, ok1, HEAD_DIM, V_BITS, V_WORDS)
+        nv_s, nv_z = _load_params(VS, VZ, vs_tok, v_chan, ok1, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
         pos2 = pos + 2 * BLOCK_N
         page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
         # ---- scores, transposed: s^T = K q'^T  [BLOCK_N, BLOCK_G]. Both MMAs of the loop have
         # M = 128 (tokens, then channels), so Hopper's wgmma runs them; the GQA group (4 heads,
         # padded to 16) is the narrow N side.
-        kt = _tile_values(k_raw, K_BITS, USE_ASM, K_SUBN)  # [BLOCK_N, BLOCK_D]
+        kt = _tile_values(k_raw, K_BITS, USE_ASM, K_SUBN, K_DOT16)  # [BLOCK_N, BLOCK_D]
         if K_BITS != 16 and K_GS != HEAD_DIM:  # per-group scales: dequantize in registers
             kt = (kt.to(tl.float32) * k_s.to(tl.float32) + k_z.to(tl.float32)).to(tl.float16)
         s = tl.dot(kt, q_t)
@@ -498,8 +528,10 @@ def _decode_split_kernel(
         m_i = m_new
 
         # ---- acc^T += V^T P^T  [BLOCK_D, BLOCK_G]; per-token V scales go into P
-        vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN)
-        if V_BITS == 16:
+        vt = _v_tile(v_raw, v_s, v_z, V_BITS, V_GS, HEAD_DIM, USE_ASM, V_SUBN, V_DOT16)
+        if V_BITS == 16 and V_DOT16:
+            acc += tl.dot(tl.trans(vt), p.to(vt.dtype))
+        elif V_BITS == 16:
             acc += tl.dot(tl.trans(vt), p)
         elif V_GS == HEAD_DIM:
             pv = (p * v_s.to(tl.float32)[:, None]).to(tl.float16)
@@ -515,8 +547,8 @@ def _decode_split_kernel(
     if V_SUBN:  # subnormal V codes: even channels came as code * 2**-24, odd as code * 2**-20
         acc = acc * tl.where(chan % 2 == 1, 1048576.0, 16777216.0)[:, None]
     acc = acc + z_i[None, :]
-    a_ptr = ACC + part[None, :] * HEAD_DIM + chan[:, None]
-    tl.store(a_ptr, acc, mask=row_ok[None, :] & chan_ok[:, None])
+    a_ptr = ACC + part[None, :] * HEAD_DIM + v_chan[:, None]
+    tl.store(a_ptr, acc, mask=row_ok[None, :] & (v_chan < HEAD_DIM)[:, None])
 # fmt: on
 
 
@@ -545,8 +577,15 @@ def _decode_combine_kernel(
     for s in range(num_splits):
         m = tl.load(ML + 2 * (base + s), mask=h_ok, other=0.0)
         w = tl.exp2(m - m_max)  # 0 for an empty split (m = -inf)
-        l_sum += w * tl.load(ML + 2 * (base + s) + 1, mask=h_ok, other=0.0)
-        a = tl.load(ACC + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        # m = -inf: an empty split, or a slot no program wrote (a head group with fewer
+        # splits; the launcher set its m to -inf): its l and acc are not read.
+        live = h_ok & (m > float("-inf"))
+        l_sum += w * tl.load(ML + 2 * (base + s) + 1, mask=live, other=0.0)
+        a = tl.load(
+            ACC + (base + s)[:, None] * HEAD_DIM + d[None, :],
+            mask=mask & live[:, None],
+            other=0.0,
+        )
         acc += w[:, None] * a
     o = acc / tl.where(h_ok, l_sum, 1.0)[:, None]
     # Un-rotate: o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs).
@@ -642,7 +681,8 @@ def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: tor
     """Context splits per (sequence, KV head): about 4 programs per SM (2 resident at a time:
     the kernel's registers allow 2 per SM), a power of two, and no split shorter than 256 tokens.
     From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2 (2 % faster than 1), 8x32k -> 8
-    (within 1 % of 4), 1x4k -> 16, 32x4k demo -> 4.
+    (within 1 % of 4), 1x4k -> 16, 32x4k demo -> 4. ``num_kv_heads``: the heads of ONE launch
+    (head group), so a lone fallback head at batch 64 gets 8 splits where the INT4 group gets 1.
     """
     key = str(device)
     if key not in _SM_COUNT:
@@ -664,14 +704,16 @@ def _channel_order(block_w: int) -> list[int]:
 _PERMUTED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _permuted_columns(matrix: torch.Tensor, block_w: int) -> torch.Tensor:
-    """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D), cached."""
-    key = (id(matrix), block_w)
+def _permuted_columns(matrix: torch.Tensor, block_w: int, *, natural: bool = False) -> torch.Tensor:
+    """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D), cached;
+    ``natural``: chan[c'] = c' (only padded), for tiles in natural channel order."""
+    key = (id(matrix), block_w, natural)
     hit = _PERMUTED.get(key)
     if hit is not None and hit[0] is matrix:
         return hit[1]
     d = matrix.shape[1]
-    chan = torch.tensor(_channel_order(block_w), device=matrix.device)
+    order = list(range(8 * block_w)) if natural else _channel_order(block_w)
+    chan = torch.tensor(order, device=matrix.device)
     out = torch.zeros(matrix.shape[0], 8 * block_w, dtype=matrix.dtype, device=matrix.device)
     ok = chan < d
     out[:, ok] = matrix[:, chan[ok]]
@@ -679,6 +721,20 @@ def _permuted_columns(matrix: torch.Tensor, block_w: int) -> torch.Tensor:
         _PERMUTED.clear()
     _PERMUTED[key] = (matrix, out)
     return out
+
+
+# Tokens per tile for head groups with a 16-bit side or an INT8 V side: their raw tiles are
+# 2-4x larger than packed INT4 words and the hand prefetch keeps the next K and V tiles in
+# registers; at BLOCK_N 128 these builds spill (ptxas, triton 3.9, sm_90a, d 128: 72-416 B of
+# stack), at 64 none does (197-232 registers). INT4 / INT4 and INT8 K / INT4 V (248 registers)
+# keep 128.
+_WIDE_BLOCK_N = 64
+
+
+def _dot16(codes: torch.Tensor, use_asm: bool, legacy: bool) -> bool:
+    """A 16-bit pool's dots run in its storage dtype (fp16 / bf16 tensor cores, as SDPA does)
+    on the GPU; float32 elsewhere (the interpreter's bf16 dots are not exact) and for fp32."""
+    return use_asm and not legacy and codes.dtype in (torch.float16, torch.bfloat16)
 
 
 def _word_aligned(codes: torch.Tensor) -> bool:
@@ -772,33 +828,52 @@ def paged_decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_table = block_table.contiguous()
     max_len = block_table.shape[1] * page
-    if num_splits is None:
-        num_splits = _default_splits(b, h_kv, max_len, device)
-    num_splits = int(max(1, num_splits))
+    groups = _launch_groups(k_store, v_store, device)
+    tuning = dict(_TUNING)
+    subn = bool(tuning.pop("SUBN", 1))
+    # LEGACY (benchmarks only): the round-2 handling of INT8 / 16-bit pools (INT4 channel order,
+    # float32 16-bit dots, one split count for every head group), for before/after timings.
+    legacy = bool(tuning.pop("LEGACY", 0))
+    fallback_block_n = tuning.pop("FALLBACK_BLOCK_N", None)  # BLOCK_N of non-INT4 groups only
+    if num_splits is not None:
+        splits = [int(max(1, num_splits))] * len(groups)
+    elif legacy:
+        splits = [_default_splits(b, h_kv, max_len, device)] * len(groups)
+    else:  # each launch fills the GPU on its own: a lone fallback head gets more splits
+        splits = [_default_splits(b, g[2].numel(), max_len, device) for g in groups]
+    num_splits = max(splits)
 
     ml = torch.empty(b, h_q, num_splits, 2, dtype=torch.float32, device=device)
+    if min(splits) < num_splits:  # slots some group leaves unwritten: m = -inf, weight 0
+        ml.fill_(float("-inf"))
     acc = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
     block_g = max(16, _next_pow2(group))
     block_w = _next_pow2(max(-(-d // 8), 2))  # 32-bit words (8 INT4 codes) per row, padded
-    # BLOCK_N 128 / 4 warps was fastest at the H100 target shapes (RESULTS.md: 64, 256 with 8
-    # warps, 8 warps at 128 all slower); heads wider than 128 (not measured) halve it to bound
-    # registers. SUBN (subnormal INT4 unpack) 1 was 1-2 % faster than 0.
-    cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2, **_TUNING}
-    subn = bool(cfg.pop("SUBN", 1))
     # Inline PTX for the INT4 unpack on NVIDIA GPUs; the interpreter (CPU tensors) cannot run it.
     use_asm = device.type == "cuda" and torch.version.hip is None
     hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
-    for k_bits, v_bits, heads, k_idx, v_idx in _launch_groups(k_store, v_store, device):
+    for (k_bits, v_bits, heads, k_idx, v_idx), g_splits in zip(groups, splits):
+        # BLOCK_N 128 / 4 warps was fastest for INT4 at the H100 target shapes (RESULTS.md: 64,
+        # 256 with 8 warps, 8 warps at 128 all slower); heads wider than 128 (not measured)
+        # halve it to bound registers. SUBN (subnormal INT4 unpack) 1 was 1-2 % faster than 0.
+        cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2}
+        if not legacy and (k_bits, v_bits) not in ((4, 4), (8, 4)):
+            cfg["BLOCK_N"] = _WIDE_BLOCK_N if d <= 128 else 32
+        cfg.update(tuning)
+        if fallback_block_n and (k_bits, v_bits) != (4, 4):
+            cfg["BLOCK_N"] = fallback_block_n
+        k_nat = k_bits != 4 and not legacy
+        v_nat = v_bits != 4 and not legacy
         kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
         # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
         ks = kpool.scale if kpool.scale is not None else kpool.codes
         kz = kpool.zero if kpool.zero is not None else kpool.codes
         vs = vpool.scale if vpool.scale is not None else vpool.codes
         vz = vpool.zero if vpool.zero is not None else vpool.codes
-        grid = (b, heads.numel(), num_splits)
+        grid = (b, heads.numel(), g_splits)
         # The rotation matrix with its columns in the kernel's channel order ([D, 8 BLOCK_W]).
-        rot = None if hk is None else _permuted_columns(hk, block_w)
+        rot = None if hk is None else _permuted_columns(hk, block_w, natural=k_nat)
         # fmt: off
         _decode_split_kernel[grid](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
@@ -818,6 +893,9 @@ def paged_decode_attention(
             V_WORDS=_word_aligned(vpool.codes), USE_ASM=use_asm,
             K_SUBN=subn and k_bits == 4 and kpool.spec.groups_divisor == d,
             V_SUBN=subn and v_bits == 4 and vpool.spec.groups_divisor == d,
+            K_NAT=k_nat, V_NAT=v_nat,
+            K_DOT16=_dot16(kpool.codes, use_asm, legacy),
+            V_DOT16=_dot16(vpool.codes, use_asm, legacy),
             **cfg,
         )
         # fmt: on

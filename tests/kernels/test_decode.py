@@ -202,3 +202,35 @@ def test_int4_unpack_variants_match(subnormal, monkeypatch):
     rel = ((out - ref).norm() / ref.norm()).item()
     print(f"relative error, SUBN={subnormal}: {rel:.2e}")
     assert rel < 2e-3
+
+
+@pytest.mark.parametrize("legacy", [0, 1])
+def test_fallback_groups_with_their_own_split_counts(legacy, monkeypatch):
+    """INT8 / 16-bit head groups (natural channel order, BLOCK_N 64) next to an INT4 group:
+    with automatic splits a lone fallback head gets more splits than the INT4 group, and the
+    split slots it leaves unwritten must weigh nothing in the merge (NaN-poisoned workspace).
+    LEGACY=1 is the earlier handling (INT4 channel order, one split count), kept for benchmarks.
+    """
+    monkeypatch.setitem(decode._TUNING, "LEGACY", legacy)
+    monkeypatch.setitem(decode._SM_COUNT, "cpu", 6)  # 4 programs per "SM": 24 per launch
+    torch.manual_seed(0)
+    lens = [300, 37]
+    k_store, v_store, table = build_cache(
+        lens=lens, num_kv_heads=4, head_dim=64, page_size=16, block=32,
+        k_bits=(4, 8, 4, 16), v_bits=(4, 4, 4, 16), dtype=torch.float16,
+    )  # fmt: skip
+    # A wide block table (4096 positions) lets the split rule go past the 256-token floor.
+    table = torch.cat([table, table[:, :1].expand(-1, 256 - table.shape[1])], 1).contiguous()
+    groups = decode._launch_groups(k_store, v_store, torch.device("cpu"))
+    splits = [decode._default_splits(2, g[2].numel(), 4096, torch.device("cpu")) for g in groups]
+    print("groups (k_bits, v_bits, heads):", [(g[0], g[1], g[2].tolist()) for g in groups])
+    print("own split counts:", splits)
+    assert len(set(splits)) > 1  # the test covers unequal split counts
+    q = (torch.randn(2, 8, 64) * 2).to(torch.float16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(softmax_scale=0.125)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
+    lowp = _torch_lowp(q, k_store, v_store, table, seq_lens, scale=0.125)
+    poison_float_allocations(monkeypatch)
+    out = paged_decode_attention(q, k_store, v_store, table, seq_lens, **kw)
+    check_close(out, ref.float(), lowp)
