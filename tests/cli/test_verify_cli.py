@@ -133,3 +133,21 @@ def test_bad_options_exit_2(tiny_export):
     assert invoke(str(tiny_export), "--tokens", "100", "--seq-len", "128").exit_code == 2
     assert invoke(str(tiny_export), "--prefix", "600").exit_code == 2
     assert invoke(str(tiny_export), "--tokens", "abc").exit_code == 2
+
+
+def test_config_file_on_a_plain_checkpoint(tiny_checkpoint, tmp_path):
+    from transformers import AutoConfig
+
+    cfg = tiny_config(AutoConfig.from_pretrained(tiny_checkpoint))
+    path = tmp_path / "kv.json"
+    path.write_text(cfg.to_json())
+    report = tmp_path / "r.json"
+    result = invoke(
+        str(tiny_checkpoint), *SMALL, *LOOSE, "--config", str(path), "--json", str(report)
+    )
+    assert result.exit_code == 0, result.output
+    d = json.loads(report.read_text())
+    assert d["config_source"] == str(path)
+    assert d["simulated"]["sawquant"]["avg_bits"] == pytest.approx(cfg.average_bits())
+    missing = invoke(str(tiny_checkpoint), *SMALL, "--config", str(tmp_path / "none.json"))
+    assert missing.exit_code == 2 and "does not exist" in missing.output
