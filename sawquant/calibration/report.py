@@ -11,7 +11,7 @@ from sawquant.errors import InputError
 
 __all__ = ["check_plotting", "plot_outliers"]
 
-_INSTALL = "pip install 'sawquant[plot]' (or pip install matplotlib)"
+_INSTALL = "pip install matplotlib (the 'plot' extra of sawquant)"
 
 
 def check_plotting() -> None:
@@ -37,20 +37,22 @@ def plot_outliers(result: CalibrationResult, path: str | os.PathLike) -> Path:
             "this calibration file has no statistics to plot; re-run sawquant calibrate"
         )
     num_heads = result.config.model.num_kv_heads
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.2 * num_heads, 1.5 + 0.22 * len(layers)))
+    width = max(9.0, 3.0 + 1.0 * num_heads)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 2.0 + 0.22 * len(layers)))
     for ax, side in zip(axes, ("k", "v")):
         grid = [[math.log10(max(r, 1.0)) for r in layer[side]["outlier_ratio"]] for layer in layers]
         image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
         for i, layer_cfg in enumerate(result.config.layers):
             for head, bits in getattr(layer_cfg, side).fallback_heads.items():
                 ax.text(head, i, str(bits), ha="center", va="center", color="cyan", fontsize=7)
-        ax.set_title(f"{side.upper()}: log10(max channel / median channel)")
+        ax.set_title(f"{side.upper()}: log10 outlier ratio")
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(num_heads))
         fig.colorbar(image, ax=ax)
     fig.suptitle(
-        f"sawquant calibrate: KV outliers ({result.model or 'model'}); numbers = fallback bits"
+        f"{result.model or 'model'}: max channel / median channel per KV head\n"
+        "(numbers: fallback heads, 8 = INT8, 16 = BF16)"
     )
     fig.tight_layout()
     out = Path(path).expanduser()
