@@ -61,3 +61,13 @@ def test_loader_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_calibration(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_mistral_sliding"])
+def test_other_architectures(fixture, request):
+    model = request.getfixturevalue(fixture)
+    windows = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    res = calibrate(model, None, windows, RECIPE.replace(fisher_windows=1))
+    assert res.stats["objective"] == "fisher" and res.avg_bits <= 5.0
+    for row in res.layer_summaries():
+        assert row.chosen_err <= row.naive_err + 1e-9
