@@ -17,7 +17,7 @@ from sawquant.config import KVConfig, SideConfig
 from sawquant.quant.hadamard import random_signs, rotate, unrotate
 from sawquant.quant.int4 import dequantize, quantize
 
-__all__ = ["fake_quant_side", "simulated_perplexity"]
+__all__ = ["fake_quant_side", "input_device", "simulated_perplexity"]
 
 
 def fake_quant_side(x: torch.Tensor, side: SideConfig) -> torch.Tensor:
@@ -78,7 +78,7 @@ def simulated_perplexity(
         v = fake_quant_side(call.value, v_side).to(call.value.dtype)
         return k, v
 
-    device = _input_device(model)
+    device = input_device(model)
     nll, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
@@ -95,6 +95,7 @@ def simulated_perplexity(
     return math.exp(nll / count)
 
 
-def _input_device(model: Any) -> torch.device:
-    emb = model.get_input_embeddings()
-    return emb.weight.device
+def input_device(model: Any) -> torch.device:
+    """Where the token ids go: the embedding's device (CPU when accelerate offloaded it)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device

@@ -40,6 +40,7 @@ from sawquant.calibration.select import SideChoice, select
 from sawquant.calibration.stats import SIDES, Candidate, StatsAccumulator, make_candidates
 from sawquant.config import KVConfig, LayerConfig, SideConfig
 from sawquant.errors import ConfigError, InputError
+from sawquant.simulate import input_device
 
 __all__ = ["CalibrationResult", "LayerSummary", "calibrate", "load_calibration"]
 
@@ -237,7 +238,7 @@ def calibrate(
         query_samples=recipe.query_samples,
         seed=recipe.seed,
     )
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
