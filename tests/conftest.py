@@ -44,16 +44,6 @@ def demo_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A seeded random-weight Llama (2 layers, hidden 64, 4 q / 2 KV heads, head_dim 16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _tiny import tiny_causal_lm
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("Llama")

@@ -96,20 +96,9 @@ def test_runtime_scores_of_a_no_op_runtime_equal_full_precision(tiny_llama):
 @pytest.fixture
 def sharp_llama():
     """A random Llama with larger weights (init 0.1): next-token distributions far from uniform."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _tiny import tiny_causal_lm
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal_lm("Llama", initializer_range=0.1)
 
 
 def test_runtime_scores_catch_a_runtime_that_breaks_attention(sharp_llama):

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from _tiny import tiny_causal_lm
 
 
 def _tiny(kind: str, **extra):
-    import transformers
-
-    torch.manual_seed(0)
-    config_cls = getattr(transformers, f"{kind}Config")
-    model_cls = getattr(transformers, f"{kind}ForCausalLM")
-    config = config_cls(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        **extra,
-    )
-    return model_cls(config).eval()
+    return tiny_causal_lm(kind, head_dim=32, max_position_embeddings=512, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _tiny import tiny_causal_lm
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.runtime import dispatch, patch
@@ -21,18 +21,7 @@ def _run(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_triton_kernels_match_the_twins_through_the_model(monkeypatch):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_causal_lm("Llama", head_dim=16)
     # Signs, an INT8 fallback head and a rotated V: every branch of write and decode.
     k = SideConfig(rotation_block=16, sign_seed=1, fallback_heads={1: 8})
     kv = KVConfig.uniform(ModelFacts(2, 2, 16, "llama"), k=k, v=SideConfig(rotation_block=16))

@@ -1,0 +1,27 @@
+"""One builder for the tiny random-weight models the tests use (seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_causal_lm(kind: str = "Llama", *, seed: int = 0, **overrides):
+    """A seeded random ``{kind}ForCausalLM``: 2 layers, hidden 64, 4 q / 2 KV heads, vocab 128.
+
+    ``overrides`` replace or add config fields (head_dim, initializer_range, sliding_window...).
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    fields.update(overrides)
+    config = getattr(transformers, f"{kind}Config")(**fields)
+    return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
