@@ -25,7 +25,7 @@ from sawquant.format import allocate_side
 from sawquant.kernels import decode
 from sawquant.kernels.decode import paged_decode_attention, paged_decode_attention_ref
 from sawquant.kernels.prefill import _dequant_into, paged_prefill_attention
-from sawquant.quant import paged_write_ref, random_signs
+from sawquant.quant import paged_write_ref, random_signs, slots_for
 
 __all__ = ["run"]
 
@@ -118,7 +118,7 @@ def _quantized_case(device, h_q, h_kv, d, block, page, lens, dtype, seed=0, bits
         )
         for b, n in enumerate(lens):
             pos = torch.arange(n, device=device)
-            slots = table[b].long()[pos // page] * page + pos % page
+            slots = slots_for(table[b : b + 1], pos[None], page)[0]
             x = torch.randn(n, h_kv, d, device=device, generator=g) * 2
             for pb, pool in st.pools.items():
                 paged_write_ref(
@@ -204,38 +204,20 @@ def check_correctness(device: torch.device) -> list[dict]:
             (torch.float16, dict(softcap=30.0)),
             (torch.bfloat16, dict(sliding_window=300, num_splits=3)),
         ):
-            g = torch.Generator(device=device).manual_seed(len(rows))
             lens, page, d, h_kv = case["lens"], case["page"], case["d"], case["h_kv"]
-            maxp = math.ceil(max(lens) / page)
-            table = torch.randperm(len(lens) * maxp + 2, device=device, generator=g)
-            table = table[: len(lens) * maxp].view(len(lens), maxp).to(torch.int32)
-            bits = case["bits"] or ((4,) * h_kv, (4,) * h_kv)
-            stores = []
-            for side, hb in enumerate(bits):
-                st = allocate_side(
-                    num_kv_heads=h_kv,
-                    head_dim=d,
-                    head_bits=hb,
-                    num_pages=table.numel() + 2,
-                    page_size=page,
-                    block=case["block"],
-                    group_size=case.get("gs"),
-                    signs=random_signs(d, side) if side == 0 else None,
-                    device=device,
-                    dtype=dtype,
-                )
-                for b, n in enumerate(lens):
-                    pos = torch.arange(n, device=device)
-                    slots = table[b].long()[pos // page] * page + pos % page
-                    x = torch.randn(n, h_kv, d, device=device, generator=g) * 2
-                    for pb, pool in st.pools.items():
-                        paged_write_ref(
-                            x[:, st.heads[pb].long()], slots, pool, block=st.block, signs=st.signs
-                        )
-                stores.append(st)
-            q = torch.randn(len(lens), case["h_q"], d, device=device, generator=g).to(dtype)
-            sl = torch.tensor(lens, dtype=torch.int32, device=device)
-            args = (q, stores[0], stores[1], table, sl)
+            args = _quantized_case(
+                device,
+                case["h_q"],
+                h_kv,
+                d,
+                case["block"],
+                page,
+                lens,
+                dtype,
+                seed=len(rows),
+                bits=case["bits"],
+                gs=case.get("gs"),
+            )
             out = paged_decode_attention(*args, softmax_scale=d**-0.5, **kw)
             ref = paged_decode_attention_ref(*args, softmax_scale=d**-0.5, **kw).float()
             rel = ((out.float() - ref).norm() / ref.norm()).item()

@@ -9,7 +9,7 @@ import math
 import torch
 
 from sawquant.format import SideStore, allocate_side
-from sawquant.quant import paged_write_ref, random_signs
+from sawquant.quant import paged_write_ref, random_signs, slots_for
 
 
 def build_cache(
@@ -50,7 +50,7 @@ def build_cache(
         )
         for b, n in enumerate(lens):
             pos = torch.arange(n)
-            slots = table[b].long()[pos // page_size] * page_size + pos % page_size
+            slots = slots_for(table[b : b + 1], pos[None], page_size)[0]
             # Channel-dependent scale: some outlier channels, as real K/V have.
             x = torch.randn(n, num_kv_heads, head_dim, generator=g)
             x = x * (1 + 3 * torch.rand(head_dim, generator=g))

@@ -9,6 +9,7 @@ import torch
 from sawquant.config import SideConfig
 from sawquant.kernels.decode import paged_decode_attention_ref
 from sawquant.kernels.write import rotate_quantize_paged_ref
+from sawquant.quant import slots_for
 from sawquant.runtime.cache import make_side_store
 from sawquant.runtime.cpu import paged_decode_attention_cpu
 
@@ -42,7 +43,7 @@ def test_batched_cpu_decode_equals_the_twin(k_side, v_side, h_q, h_kv, d, window
     for i in range(b):
         n = int(lens[i])
         pos = torch.arange(n)
-        slots = table[i].long()[pos // page] * page + pos % page
+        slots = slots_for(table[i : i + 1], pos[None], page)[0]
         k = torch.randn(n, h_kv, d, generator=gen) * 2
         v = torch.randn(n, h_kv, d, generator=gen)
         rotate_quantize_paged_ref(k, v, slots, ks, vs)
