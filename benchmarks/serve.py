@@ -45,6 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.runtime import SawquantCache, kv_memory, patch, unpatch
+from sawquant.runtime.compat import cache_kwargs, returned_cache
 
 SHAPES = {
     # Qwen3-8B: 36 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096.
@@ -220,7 +221,7 @@ def time_decode(model, cache, device, steps: int, graph: bool) -> dict:
         for _ in range(steps):
             _sync(device)
             t = time.perf_counter()
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             _sync(device)
             times.append(time.perf_counter() - t)
         res["eager_s"] = statistics.median(times[1:] or times)
@@ -242,7 +243,7 @@ def _graph_step(model, cache, ids, device, replays: int = 20) -> float:
         cache.reuse_plan = True
     else:
         cache.frozen = True
-    kw = dict(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kw = dict(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -377,10 +378,10 @@ def sanity_check(device: torch.device, dtype: torch.dtype) -> dict:
         for name, config in cache_configs(facts).items():
             patch(model, config)
             out = model(ids[:, :12], use_cache=True)
-            cache, logits = out.past_key_values, [out.logits]
+            cache, logits = returned_cache(out), [out.logits]
             for t in range(12, 18):
-                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
-            logits.append(model(ids[:, 18:22], past_key_values=cache).logits)
+                logits.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
+            logits.append(model(ids[:, 18:22], **cache_kwargs(model, cache)).logits)
             got = torch.cat(logits, 1).float()
             errors[name] = ((got - full).norm() / full.norm()).item()
             unpatch(model)
@@ -390,10 +391,10 @@ def sanity_check(device: torch.device, dtype: torch.dtype) -> dict:
         cache = ContiguousBF16Cache(
             facts.num_layers, 3, facts.num_kv_heads, facts.head_dim, 22, device=device, dtype=dtype
         )
-        logits = [model(ids[:, :12], past_key_values=cache).logits]
+        logits = [model(ids[:, :12], **cache_kwargs(model, cache)).logits]
         for t in range(12, 18):
-            logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
-        logits.append(model(ids[:, 18:22], past_key_values=cache).logits)
+            logits.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits)
+        logits.append(model(ids[:, 18:22], **cache_kwargs(model, cache)).logits)
         got = torch.cat(logits, 1).float()
         errors["bf16-sdpa"] = ((got - full).norm() / full.norm()).item()
         model.set_attn_implementation(original)

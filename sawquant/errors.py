@@ -5,7 +5,13 @@ The CLI prints these without a traceback and exits with code 2; library callers 
 
 from __future__ import annotations
 
-__all__ = ["SawquantError", "ConfigError", "InputError", "UnsupportedModelError"]
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "RuntimeBypassError",
+    "SawquantError",
+    "UnsupportedModelError",
+]
 
 
 class SawquantError(Exception):
@@ -22,3 +28,9 @@ class InputError(SawquantError, ValueError):
 
 class UnsupportedModelError(SawquantError):
     """A checkpoint sawquant cannot serve (not a causal LM, MLA, unknown head layout)."""
+
+
+class RuntimeBypassError(RuntimeError):
+    """A patched model ran a step without the sawquant cache (an engine or transformers change
+    routed K/V elsewhere). Not a user error: the INT4 path silently not running is a defect, so
+    it is raised instead of serving from a full-precision cache."""

@@ -132,15 +132,17 @@ def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progr
     and scores its prediction of token prefix + j + 1. Returns [N, L - 1 - prefix, V] float32.
     All windows decode together as one batch (one sequence each in the paged cache).
     """
+    from sawquant.runtime.compat import cache_kwargs, returned_cache
+
     n, length = windows.shape
     out = model(input_ids=windows[:, :prefix], use_cache=True)
-    past = out.past_key_values
+    past = returned_cache(out)
     steps = length - 1 - prefix
     logps = []
     for j in range(steps):
         tok = windows[:, prefix + j : prefix + j + 1]  # [N, 1]
-        out = model(input_ids=tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=tok, use_cache=True, **cache_kwargs(model, past))
+        past = returned_cache(out)
         logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # [N, V]
         if progress is not None:
             progress("runtime", j + 1, steps)

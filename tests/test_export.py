@@ -26,6 +26,7 @@ from sawquant.export import (
     fold_value_rotation,
 )
 from sawquant.quant.hadamard import block_hadamard
+from sawquant.runtime.compat import cache_kwargs, returned_cache
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, HIDDEN = 3, 2, 4, 32, 64
 # Layer 0: block 32 with signs; layer 1: block 16; layer 2: no V rotation (nothing to fold).
@@ -357,7 +358,7 @@ def _forward(path: Path, dtype: torch.dtype, ids: torch.Tensor):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    values = [layer.values for layer in out.past_key_values.layers]  # [B, H_kv, S, D] each
+    values = [layer.values for layer in returned_cache(out).layers]  # [B, H_kv, S, D] each
     return out.logits, values
 
 
@@ -456,10 +457,10 @@ def test_runtime_serves_a_folded_export_like_the_unfolded_model(ckpts, tmp_path)
     def decode(model):  # 12-token prefill, then 8 single-token steps through the INT4 cache
         with torch.no_grad():
             out = model(ids[:, :12], use_cache=True)
-            cache, logits = out.past_key_values, []
+            cache, logits = returned_cache(out), []
             for t in range(12, 20):
-                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
+                cache = returned_cache(out)
                 logits.append(out.logits[:, -1])
         return torch.stack(logits, 1)
 

@@ -100,6 +100,7 @@ def sawquant_attention(
     cache, layer_idx, _ = last
     plan = cache.plan.on(query.device)
     if plan.past == 0:
+        cache.calls["first_chunk"] += 1
         # First chunk: it is the whole context, attend in full precision (pads masked).
         return _dense_attention(
             module, query, key, value, attention_mask,
@@ -107,6 +108,7 @@ def sawquant_attention(
         )  # fmt: skip
     k_store, v_store = cache.stores(layer_idx)
     if query.shape[2] == 1:
+        cache.calls["decode"] += 1
         out = dispatch.decode_attention(
             query[:, :, 0],  # [B, H_q, D]
             k_store,
@@ -118,6 +120,7 @@ def sawquant_attention(
             softcap=softcap,
         )
         return out[:, None], None  # [B, 1, H_q, D]
+    cache.calls["prefill"] += 1
     out = dispatch.prefill_attention(
         query,
         key,

@@ -22,18 +22,26 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, SideConfig
-from sawquant.errors import SawquantError
+from sawquant.errors import RuntimeBypassError, SawquantError
 from sawquant.format import SideStore, allocate_side
 from sawquant.quant import random_signs
 from sawquant.runtime import dispatch
 
-__all__ = ["CacheFullError", "SawquantCache", "StepPlan", "last_update", "make_side_store"]
+__all__ = [
+    "CacheFullError",
+    "RuntimeBypassError",
+    "SawquantCache",
+    "StepPlan",
+    "last_update",
+    "make_side_store",
+]
 
 # The attention function finds the cache through the last ``update`` call: the model calls
 # ``past_key_values.update`` right before the attention function of the same layer, and the
@@ -218,6 +226,9 @@ class SawquantCache(Cache):
         # Set by a caller that replays one captured step (CUDA graphs): every update reuses the
         # current plan, whose tensors the caller refreshes in place, and no host work is done.
         self.reuse_plan = False
+        # How often each path ran (write, decode, prefill, first_chunk): proof that the paged
+        # INT4 path really serves the model (tests and verify read it).
+        self.calls: Counter[str] = Counter()
 
     # -- transformers Cache API --------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -301,6 +312,12 @@ class SawquantCache(Cache):
     def seq_lens(self) -> torch.Tensor:
         """Tokens stored per sequence ([B] int64, CPU); pad columns are not counted."""
         return torch.zeros(0, dtype=torch.int64) if self._lens is None else self._lens.clone()
+
+    def layers_not_written(self) -> list[int]:
+        """Layers that did not write into the pages during the current step (should be none)."""
+        if self._plan is None or self.reuse_plan:
+            return []
+        return [i for i in range(len(self.layers)) if i not in self._plan.done]
 
     def free_pages(self) -> int:
         return len(self._free)
@@ -439,6 +456,7 @@ class SawquantCache(Cache):
         k = key_states.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H_kv, D]
         v = value_states.transpose(1, 2).reshape(b * t, h, d)
         dispatch.write_kv(k, v, plan.on(k.device).slots, layer.k_store, layer.v_store)
+        self.calls["write"] += 1
         if not self.reuse_plan:
             layer.seen += t
             plan.done.add(layer.layer_idx)

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import DynamicCache
 
 from sawquant.config import KVConfig
 from sawquant.errors import ConfigError, InputError
 from sawquant.runtime.attention import ATTN_NAME, register
-from sawquant.runtime.cache import SawquantCache
+from sawquant.runtime.cache import RuntimeBypassError, SawquantCache
+from sawquant.runtime.compat import cache_kwargs, pop_cache, returned_cache
 from sawquant.runtime.memory import KVMemory, kv_memory
 
 __all__ = [
@@ -47,7 +49,8 @@ class _PatchState:
     config: KVConfig
     page_size: int
     original_attn: str | None
-    hook: Any  # torch.utils.hooks.RemovableHandle
+    hooks: tuple  # torch.utils.hooks.RemovableHandle: the pre- and post-forward hooks
+    expected: SawquantCache | None = None  # the cache the current forward must return
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -63,7 +66,8 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     state: _PatchState = model._sawquant_state
-    if len(args) > 1:  # past_key_values passed positionally: leave the call alone
+    state.expected = None
+    if len(args) > 1:  # the cache passed positionally: leave the call alone
         return args, kwargs
     x = _first_tensor(args, kwargs)  # [B, T] ids or [B, T, hidden] embeddings
     use_cache = kwargs.get("use_cache")
@@ -71,11 +75,11 @@ def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         use_cache = getattr(model.config, "use_cache", True)
     if x is None or not use_cache:
         return args, kwargs
-    cache = kwargs.get("past_key_values")
+    cache = pop_cache(kwargs)  # whichever name generate or the caller used
     fresh_dynamic = type(cache) is DynamicCache and cache.get_seq_length() == 0
     if cache is None or fresh_dynamic:
         cache = SawquantCache(state.config, page_size=state.page_size)
-        kwargs["past_key_values"] = cache
+    kwargs.update(cache_kwargs(model, cache))
     if isinstance(cache, SawquantCache):
         mask = kwargs.get("attention_mask")
         cache.prepare_step(
@@ -84,7 +88,32 @@ def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
             device=x.device,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
         )
+        state.expected = cache
     return args, kwargs
+
+
+def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Refuse a forward that bypassed the sawquant cache: it would have served the step from a
+    full-precision cache while the user believes the INT4 one is in use."""
+    state: _PatchState = model._sawquant_state
+    expected, state.expected = state.expected, None
+    if expected is None:
+        return
+    got = returned_cache(output)
+    if got is not expected:
+        raise RuntimeBypassError(
+            f"the patched model returned a {type(got).__name__} instead of the sawquant cache: "
+            f"transformers {transformers.__version__} passed the cache in a way sawquant does "
+            "not handle, so this step did not use the INT4 cache; report it with your "
+            "transformers version"
+        )
+    missing = expected.layers_not_written()
+    if missing:
+        raise RuntimeBypassError(
+            f"layers {missing} did not write into the sawquant cache in this step (their "
+            "attention does not go through the cache update); this model cannot be served "
+            "with sawquant as it is, report it with its architecture"
+        )
 
 
 def _sawquant_memory(self: torch.nn.Module) -> KVMemory:
@@ -110,8 +139,11 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     register()
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
-    model._sawquant_state = _PatchState(config, page_size, original, hook)
+    hooks = (
+        model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        model.register_forward_hook(_after_forward, with_kwargs=True),
+    )
+    model._sawquant_state = _PatchState(config, page_size, original, hooks)
     model.sawquant_config = config
     model.sawquant_memory = types.MethodType(_sawquant_memory, model)
     return model
@@ -122,7 +154,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     state: _PatchState | None = getattr(model, "_sawquant_state", None)
     if state is None:
         return model
-    state.hook.remove()
+    for hook in state.hooks:
+        hook.remove()
     model.set_attn_implementation(state.original_attn or "sdpa")
     for name in ("_sawquant_state", "sawquant_config", "sawquant_memory"):
         if name in model.__dict__:

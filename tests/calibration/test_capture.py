@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sawquant.calibration.capture import intercept_attention
+from sawquant.runtime.compat import returned_cache
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen3", "tiny_mistral_sliding"])
@@ -27,7 +28,7 @@ def test_captured_kv_equals_cache_and_output_is_unchanged(fixture, request):
     assert model.config._attn_implementation == "sdpa"  # restored
     assert sorted(seen) == [0, 1]
     for layer, call in seen.items():
-        cache = ref.past_key_values.layers[layer]
+        cache = returned_cache(ref).layers[layer]
         # Post-RoPE (and post k-norm) keys, one per KV head: what the cache stores.
         assert call.key.shape == (2, 2, 24, 32) and call.query.shape == (2, 4, 24, 32)
         kept = cache.keys.shape[2]  # a sliding-window cache keeps only the last tokens

@@ -13,6 +13,7 @@ import torch
 
 from sawquant.config import KVConfig, SideConfig
 from sawquant.runtime import SawquantCache, from_pretrained
+from sawquant.runtime.compat import cache_kwargs, returned_cache
 
 NUM_PROMPTS, NEW_TOKENS = 8, 64
 
@@ -65,7 +66,7 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
     with torch.no_grad():
         prompt_pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate sets them
         step = quant(ids, attention_mask=mask, position_ids=prompt_pos, use_cache=True)
-        cache = step.past_key_values
+        cache = returned_cache(step)
         assert isinstance(cache, SawquantCache)
         lengths = mask.sum(1)  # [8] real prompt tokens
         agree = [step.logits[:, -1].argmax(-1) == ref[:, 0]]
@@ -73,7 +74,7 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
         for t in range(1, NEW_TOKENS):
             step = quant(
                 ref[:, t - 1 : t],
-                past_key_values=cache,
+                **cache_kwargs(quant, cache),
                 attention_mask=full_mask[:, : ids.shape[1] + t],
                 position_ids=(lengths + t - 1)[:, None],
                 use_cache=True,
@@ -99,16 +100,16 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
 
     # The decode step reads the INT4 pages: flip every code of sequence 0's first page.
     with torch.no_grad():
-        a = quant(ids, attention_mask=mask, position_ids=prompt_pos).past_key_values
-        b = quant(ids, attention_mask=mask, position_ids=prompt_pos).past_key_values
+        a = returned_cache(quant(ids, attention_mask=mask, position_ids=prompt_pos))
+        b = returned_cache(quant(ids, attention_mask=mask, position_ids=prompt_pos))
         page = int(b.plan.block_table[0, 0])
         for layer in range(facts.num_layers):
             for store in b.stores(layer):
                 store.pools[4].codes[page] = ~store.pools[4].codes[page]
         nxt = dict(attention_mask=full_mask[:, : ids.shape[1] + 1], use_cache=True)
         nxt["position_ids"] = lengths[:, None]
-        clean = quant(ref[:, :1], past_key_values=a, **nxt).logits[:, -1]
-        broken = quant(ref[:, :1], past_key_values=b, **nxt).logits[:, -1]
+        clean = quant(ref[:, :1], **cache_kwargs(quant, a), **nxt).logits[:, -1]
+        broken = quant(ref[:, :1], **cache_kwargs(quant, b), **nxt).logits[:, -1]
     moved = (broken - clean).abs().amax(-1)  # [8]
     print(f"corrupted page: sequence 0 logits moved {moved[0]:.2f}, others {moved[1:].max()}")
     assert moved[0] > 1.0

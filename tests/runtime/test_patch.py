@@ -29,6 +29,7 @@ from sawquant.runtime import (
     patch,
     unpatch,
 )
+from sawquant.runtime.compat import cache_kwargs, returned_cache
 
 SMALL = dict(
     vocab_size=128,
@@ -75,10 +76,10 @@ def _config(model, **side) -> KVConfig:
 def _stepwise_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Prefill 4 tokens, decode 4 one at a time, then a 2-token chunk: [B, 10, vocab]."""
     out = model(ids[:, :4], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = returned_cache(out), [out.logits]
     for t in range(4, 8):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    logits.append(model(ids[:, 8:10], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache)).logits)
+    logits.append(model(ids[:, 8:10], use_cache=True, **cache_kwargs(model, cache)).logits)
     assert isinstance(cache, SawquantCache)
     return torch.cat(logits, dim=1)
 
@@ -108,14 +109,15 @@ def test_int4_is_close_and_corrupting_a_page_changes_the_output():
         assert 1e-4 < rel < 0.1  # quantized (not exact), but close
 
         out = model(ids[:, :8], use_cache=True)
-        clean = model(ids[:, 8:9], past_key_values=out.past_key_values, use_cache=True).logits
+        cache = returned_cache(out)
+        clean = model(ids[:, 8:9], use_cache=True, **cache_kwargs(model, cache)).logits
         out = model(ids[:, :8], use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         page = int(cache.plan.block_table[0, 0])
         for layer in range(2):
             for store in cache.stores(layer):  # K and V: every nibble of sequence 0's first page
                 store.pools[4].codes[page] = ~store.pools[4].codes[page]
-        broken = model(ids[:, 8:9], past_key_values=cache, use_cache=True).logits
+        broken = model(ids[:, 8:9], use_cache=True, **cache_kwargs(model, cache)).logits
     diff0 = (broken[0] - clean[0]).abs().max().item()
     diff1 = (broken[1] - clean[1]).abs().max().item()
     spread = clean[0].std().item()
@@ -148,14 +150,68 @@ def test_generate_uses_the_paged_cache_and_unpatch_restores():
         ref = model.generate(ids, **kw)
         patch(model, _config(model, bits=16))
         out = model.generate(ids, **kw)
-        assert isinstance(out.past_key_values, SawquantCache)
-        assert out.past_key_values.seq_lens().tolist() == [10]  # the last token is not cached
+        cache = returned_cache(out)
+        assert isinstance(cache, SawquantCache)
+        assert cache.seq_lens().tolist() == [10]  # the last token is not cached
         assert torch.equal(out.sequences, ref.sequences)
         assert model.config._attn_implementation == "sawquant"
         unpatch(model)
         assert not is_patched(model) and model.config._attn_implementation == "sdpa"
-        plain = model(ids, use_cache=True).past_key_values
+        plain = returned_cache(model(ids, use_cache=True))
     assert isinstance(plain, DynamicCache)
+
+
+def _count_dispatch(monkeypatch) -> dict[str, int]:
+    """Count the calls that reach the kernels (or their twins) through the dispatcher."""
+    from sawquant.runtime import dispatch
+
+    counts = {"write_kv": 0, "decode_attention": 0, "prefill_attention": 0}
+    for name in counts:
+        real = getattr(dispatch, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, name, counted)
+    return counts
+
+
+def test_generate_runs_the_sawquant_write_and_decode_on_this_transformers(monkeypatch):
+    """What users run: generate() on a patched model must go through the sawquant write and
+    decode every step, on every transformers the pins allow (the test runs on both ends)."""
+    import warnings
+
+    import transformers
+
+    model = patch(_llama(), _config(_llama(), rotation_block=16))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(6))
+    counts = _count_dispatch(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Our own calls never use a deprecated argument name.
+        warnings.simplefilter("error", FutureWarning)
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = returned_cache(out)
+    print(f"transformers {transformers.__version__}: dispatch {counts}, cache {dict(cache.calls)}")
+    # 1 prefill + 4 decode forwards (the 5th token is not fed back), 2 layers each.
+    assert counts == {"write_kv": 10, "decode_attention": 8, "prefill_attention": 0}
+    assert dict(cache.calls) == {"write": 10, "first_chunk": 2, "decode": 8}
+
+
+def test_a_forward_that_bypasses_the_cache_raises(monkeypatch):
+    """If transformers stops passing our cache through (a renamed argument, say), the step
+    would run on a full-precision cache: that must raise, not silently serve."""
+    import importlib
+
+    from sawquant.errors import RuntimeBypassError
+
+    patch_module = importlib.import_module("sawquant.runtime.patch")  # the module, not patch()
+
+    model = patch(_llama(), _config(_llama(), rotation_block=16))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(patch_module, "cache_kwargs", lambda m, c: {})  # the cache gets lost
+    with torch.no_grad(), pytest.raises(RuntimeBypassError, match="instead of the sawquant"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
 
 
 def test_config_for_another_shape_is_refused():

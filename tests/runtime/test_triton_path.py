@@ -7,16 +7,19 @@ from _tiny import tiny_causal_lm
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.runtime import dispatch, patch
+from sawquant.runtime.compat import cache_kwargs, returned_cache
 
 
 def _run(model, ids: torch.Tensor) -> torch.Tensor:
     """Prefill 4, decode 4 one by one, then a 2-token chunk: logits [B, 10, vocab]."""
     with torch.no_grad():
         out = model(ids[:, :4], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = returned_cache(out), [out.logits]
         for t in range(4, 8):
-            logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-        logits.append(model(ids[:, 8:10], past_key_values=cache, use_cache=True).logits)
+            logits.append(
+                model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True).logits
+            )
+        logits.append(model(ids[:, 8:10], **cache_kwargs(model, cache), use_cache=True).logits)
     return torch.cat(logits, 1)
 
 
