@@ -21,9 +21,10 @@ import time
 import torch
 
 from sawquant import data
+from sawquant.architectures import model_facts
 from sawquant.calibration import calibrate, load_calibration, load_recipe
 from sawquant.config import KVConfig, SideConfig
-from sawquant.models import load_model, model_facts
+from sawquant.models import load_model
 from sawquant.simulate import simulated_perplexity
 
 

@@ -87,10 +87,11 @@ def calibrate(model, data_source, samples, seq_len, recipe_name, device, max_mem
     group size and the heads that fall back to INT8/BF16. MODEL is a local Hugging Face
     checkpoint directory; without it, the embedded demo model."""
     from sawquant import data as text_data
+    from sawquant.architectures import model_facts
     from sawquant.calibration import calibrate as run_calibration
     from sawquant.calibration import default_recipe_name, load_recipe
     from sawquant.calibration.report import check_plotting, plot_outliers
-    from sawquant.models import load_model, model_facts
+    from sawquant.models import load_model
 
     err = Console(file=sys.stderr)
     # Resolved now, so click's test runner captures it too; wide enough for the table in logs.

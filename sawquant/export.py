@@ -41,51 +41,21 @@ from pathlib import Path
 
 import torch
 
+from sawquant.checkpoint import CONFIG_KEY, KV_CONFIG_FILE, envelope
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.errors import ConfigError, InputError, UnsupportedModelError
 from sawquant.quant.hadamard import block_hadamard
 
 __all__ = [
-    "CONFIG_FILE",
-    "CONFIG_KEY",
     "ExportResult",
     "export_checkpoint",
     "fold_value_rotation",
 ]
 
-CONFIG_FILE = "sawquant_kv.json"
-CONFIG_KEY = "kv_cache_quantization"
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
 # Written by export itself, so never carried over from the source (a re-export replaces them).
-_GENERATED = {"config.json", CONFIG_FILE}
-
-# model_type -> where a decoder layer's attention projections live in the safetensors names.
-# Only architectures with separate v_proj / o_proj and nothing between them that a rotation
-# would not commute with (a scaled v_norm would not) may be listed here.
-_LLAMA_STYLE = ("model.layers.{i}.self_attn",)
-_ATTENTION_PREFIXES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        (
-            "llama",
-            "mistral",
-            "qwen2",
-            "qwen3",
-            "qwen2_moe",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "mixtral",
-        ),
-        _LLAMA_STYLE,
-    ),
-    # Multimodal Gemma 3: transformers 5 names the text stack model.language_model, 4.x did not.
-    "gemma3": (
-        "model.language_model.layers.{i}.self_attn",
-        "language_model.model.layers.{i}.self_attn",
-    ),
-}
+_GENERATED = {"config.json", KV_CONFIG_FILE}
 
 
 @dataclass(frozen=True)
@@ -106,7 +76,7 @@ class ExportResult:
 # -- reading inputs ------------------------------------------------------------------------------
 def _resolve_source(source: str | Path | None) -> Path:
     if source is None:
-        from sawquant.models import demo_checkpoint_dir
+        from sawquant.demo import demo_checkpoint_dir
 
         return Path(demo_checkpoint_dir()).resolve()
     path = Path(source).expanduser()
@@ -133,7 +103,7 @@ def _model_facts(source: Path) -> tuple[ModelFacts, int]:
     """(facts the KV config must match, number of query heads) from the source's config.json."""
     from transformers import AutoConfig
 
-    from sawquant.models import check_supported, text_config
+    from sawquant.architectures import check_supported, text_config
 
     try:
         hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
@@ -244,13 +214,16 @@ def _apply_fold(name: str, tensor: torch.Tensor, fold: tuple[str, torch.Tensor])
 
 def _attention_names(model_type: str, weight_names: set[str], num_layers: int) -> list[str]:
     """The safetensors prefix of each layer's attention (``...self_attn``), or a clear error."""
-    prefixes = _ATTENTION_PREFIXES.get(model_type)
-    if prefixes is None:
+    from sawquant.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None or not arch.foldable:
+        foldable = sorted(t for t, a in ARCHITECTURES.items() if a.foldable)
         raise UnsupportedModelError(
             f"--fold-values does not know where v_proj/o_proj live in model type {model_type!r} "
-            f"(supported: {', '.join(sorted(_ATTENTION_PREFIXES))}); export without --fold-values"
+            f"(supported: {', '.join(foldable)}); export without --fold-values"
         )
-    for prefix in prefixes:
+    for prefix in arch.attention_prefixes:
         names = [prefix.format(i=i) for i in range(num_layers)]
         if all(f"{n}.v_proj.weight" in weight_names for n in names):
             if all(f"{n}.o_proj.weight" in weight_names for n in names):
@@ -434,16 +407,12 @@ def _build(
         else:
             copied.append(str(rel))
     hf_json = dict(hf_json)
-    hf_json[CONFIG_KEY] = {
-        "method": config.method,
-        "format_version": config.format_version,
-        "config_file": CONFIG_FILE,
-    }
-    _write_text(tmp / CONFIG_FILE, config.to_json() + "\n")
+    hf_json[CONFIG_KEY] = envelope(config)
+    _write_text(tmp / KV_CONFIG_FILE, config.to_json() + "\n")
     _write_text(tmp / "config.json", json.dumps(hf_json, indent=2) + "\n")
     for d in sorted({tmp / rel.parent for rel in map(Path, linked + copied + rewritten)} | {tmp}):
         _fsync(d)
-    return linked, copied, rewritten, ["config.json", CONFIG_FILE]
+    return linked, copied, rewritten, ["config.json", KV_CONFIG_FILE]
 
 
 def _swap_into_place(tmp: Path, out: Path) -> list[str]:

@@ -66,7 +66,7 @@ def simulated_perplexity(
 
     sides = None
     if config is not None:
-        from sawquant.models import model_facts
+        from sawquant.architectures import model_facts
 
         facts = model_facts(model.config)
         config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sawquant.checkpoint import is_export
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.errors import InputError
 from sawquant.quant.hadamard import SUPPORTED_BLOCKS
@@ -63,7 +64,6 @@ DEFAULT_MAX_PPL_INCREASE = 5.0  # percent, runtime sawquant vs runtime full prec
 DEFAULT_MIN_RECOVERY = 50.0  # percent of naive INT4's simulated loss won back
 
 Progress = Callable[[str, int, int], None]
-CONFIG_FILE = "sawquant_kv.json"
 
 
 # -- baselines ------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def demo_export_dir() -> Path:
 
     import sawquant
     from sawquant.calibration import load_recipe
-    from sawquant.models import cache_root, demo_checkpoint_dir
+    from sawquant.demo import cache_root, demo_checkpoint_dir
 
     key = json.dumps(
         [sawquant.__version__, demo_checkpoint_dir().name, load_recipe("demo").to_dict()],
@@ -391,7 +391,7 @@ def demo_export(progress: Progress | None = None) -> Path:
     from sawquant.export import export_checkpoint
 
     target = demo_export_dir()
-    if (target / CONFIG_FILE).is_file():
+    if is_export(target):
         return target
     model, tokenizer = models.load_demo()
     recipe = load_recipe("demo")
@@ -435,6 +435,7 @@ def verify(
     Raises InputError / ConfigError for bad input.
     """
     from sawquant import models, runtime
+    from sawquant.architectures import model_facts
     from sawquant.simulate import simulated_perplexity
 
     _check_sizes(tokens, seq_len, prefix)
@@ -462,7 +463,7 @@ def verify(
     if config is not None and not isinstance(config, KVConfig) and str(config) != "fixed":
         from_file = load_config_file(config)
     model, tokenizer = models.load_model(path)
-    facts = models.model_facts(model.config)
+    facts = model_facts(model.config)
     if isinstance(config, KVConfig):
         cfg, source = config, "given"
     elif from_file is not None:

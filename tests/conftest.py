@@ -36,7 +36,7 @@ def demo_tokenizer():
     """The demo tokenizer alone (no model load)."""
     from transformers import AutoTokenizer
 
-    from sawquant.models import demo_checkpoint_dir
+    from sawquant.demo import demo_checkpoint_dir
 
     return AutoTokenizer.from_pretrained(demo_checkpoint_dir(), local_files_only=True)
 

@@ -16,12 +16,12 @@ import torch
 from click.testing import CliRunner
 
 import sawquant.export as export_mod
+from sawquant.checkpoint import CONFIG_KEY
+from sawquant.checkpoint import KV_CONFIG_FILE as CONFIG_FILE
 from sawquant.cli.main import cli
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.errors import ConfigError, InputError, UnsupportedModelError
 from sawquant.export import (
-    CONFIG_FILE,
-    CONFIG_KEY,
     export_checkpoint,
     fold_value_rotation,
 )
@@ -218,9 +218,9 @@ def test_fold_refused_for_fused_qkv(tmp_path):
 
 
 def test_default_source_is_the_demo_checkpoint(ckpts, tmp_path, monkeypatch):
-    import sawquant.models
+    import sawquant.demo
 
-    monkeypatch.setattr(sawquant.models, "demo_checkpoint_dir", lambda: ckpts["llama"])
+    monkeypatch.setattr(sawquant.demo, "demo_checkpoint_dir", lambda: ckpts["llama"])
     result = export_checkpoint(None, _kv_config(), tmp_path / "out")
     assert result.source == ckpts["llama"].resolve()
 

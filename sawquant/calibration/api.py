@@ -221,7 +221,7 @@ def calibrate(
     are per-head sums, and windows run one at a time without a KV cache (the first
     ``recipe.fisher_windows`` windows also keep their activations for one backward pass).
     """
-    from sawquant.models import model_facts
+    from sawquant.architectures import model_facts
 
     del tokenizer  # the windows are already tokenized; kept for a uniform signature
     facts = model_facts(model.config)

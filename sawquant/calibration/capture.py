@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sawquant.architectures import attention_modules
+
 __all__ = ["AttentionCall", "intercept_attention"]
 
 # Two registered names because the mask a model builds is chosen by the implementation name:
@@ -115,16 +117,6 @@ def _inner_function(module: torch.nn.Module, needs_eager: bool) -> Callable:
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int)
-        and hasattr(m, "config")
-        and any(hasattr(m, p) for p in ("k_proj", "qkv_proj", "kv_proj"))
-    ]
-
-
 def _set_impl(model: Any, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     try:
@@ -153,7 +145,7 @@ def intercept_attention(
     exit.
     """
     _register()
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise RuntimeError(f"{type(model).__name__} has no attention layers with a layer_idx")
     original = model.config._attn_implementation or "sdpa"

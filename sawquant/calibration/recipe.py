@@ -136,11 +136,15 @@ def available_recipes() -> list[str]:
 
 
 def default_recipe_name(model_type: str, *, demo: bool = False) -> str:
-    """The shipped recipe for a model family (``demo`` for the embedded demo model)."""
+    """The shipped recipe for a model family (``demo`` for the embedded demo model): the
+    architecture registry names the family, and families without a recipe of their own use
+    ``default``."""
+    from sawquant.architectures import ARCHITECTURES
+
     if demo:
         return "demo"
-    family = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3", "qwen2": "qwen3"}
-    name = family.get(model_type, "default")
+    arch = ARCHITECTURES.get(model_type)
+    name = arch.family if arch is not None else "default"
     return name if name in available_recipes() else "default"
 
 

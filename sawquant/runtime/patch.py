@@ -12,7 +12,6 @@ replaced; ``unpatch`` restores the previous attention implementation.
 
 from __future__ import annotations
 
-import json
 import types
 import warnings
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from sawquant.checkpoint import CONFIG_KEY, KV_CONFIG_FILE, read_kv_config
 from sawquant.config import KVConfig
-from sawquant.errors import ConfigError, InputError
 from sawquant.runtime.attention import ATTN_NAME, register
 from sawquant.runtime.cache import RuntimeBypassError, SawquantCache
 from sawquant.runtime.compat import cache_kwargs, pop_cache, returned_cache
@@ -39,9 +38,6 @@ __all__ = [
     "read_kv_config",
     "unpatch",
 ]
-
-CONFIG_KEY = "kv_cache_quantization"  # the config.json key an exported checkpoint carries
-KV_CONFIG_FILE = "sawquant_kv.json"
 
 
 @dataclass
@@ -130,7 +126,7 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     ``model.sawquant_memory()`` reports the KV bytes per token. Raises ConfigError when the
     config was made for another model shape. Returns the model.
     """
-    from sawquant.models import model_facts
+    from sawquant.architectures import model_facts
 
     facts = model_facts(model.config)
     config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
@@ -163,47 +159,6 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _read_text(path: str | Path, filename: str, **hub_kwargs: Any) -> str | None:
-    local = Path(path)
-    if local.is_dir():
-        f = local / filename
-        return f.read_text() if f.is_file() else None
-    from transformers.utils import cached_file
-
-    hub = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")}
-    resolved = cached_file(
-        str(path),
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        **hub,
-    )
-    return Path(resolved).read_text() if resolved else None
-
-
-def read_kv_config(path: str | Path, **hub_kwargs: Any) -> KVConfig | None:
-    """The KVConfig an exported checkpoint carries, or None when its config.json has no
-    ``kv_cache_quantization`` key. Raises ConfigError for a key that points nowhere valid."""
-    text = _read_text(path, "config.json", **hub_kwargs)
-    if text is None:
-        raise InputError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
-    entry = json.loads(text).get(CONFIG_KEY)
-    if entry is None:
-        return None
-    if not isinstance(entry, dict) or entry.get("method") != "sawquant":
-        raise ConfigError(
-            f"config.json {CONFIG_KEY} is {entry!r}, not a sawquant entry; re-export the "
-            "checkpoint with sawquant export"
-        )
-    name = entry.get("config_file", KV_CONFIG_FILE)
-    body = _read_text(path, name, **hub_kwargs)
-    if body is None:
-        raise ConfigError(
-            f"config.json names {name!r} but {path} has no such file; re-export the checkpoint "
-            "with sawquant export"
-        )
-    return KVConfig.from_json(body)
-
-
 def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
     """Load a causal LM with transformers and install the runtime its checkpoint describes.
 
@@ -212,7 +167,7 @@ def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
     """
     from transformers import AutoModelForCausalLM
 
-    config = read_kv_config(path, **hf_kwargs)
+    config = read_kv_config(path, **hf_kwargs)  # a mistyped local path fails here, at once
     model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
     if config is None:
         warnings.warn(

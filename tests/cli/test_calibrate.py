@@ -17,7 +17,7 @@ def tiny_checkpoint(tmp_path_factory):
     """A random-weight 2-layer Llama (head_dim 32, GQA) with the demo tokenizer, saved to disk."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sawquant.models import demo_checkpoint_dir
+    from sawquant.demo import demo_checkpoint_dir
 
     tok = AutoTokenizer.from_pretrained(demo_checkpoint_dir(), local_files_only=True)
     torch.manual_seed(0)

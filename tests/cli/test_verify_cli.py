@@ -22,7 +22,7 @@ LOOSE = ["--max-ppl-increase", "1000", "--min-recovery", "-1000000"]
 
 
 def tiny_config(model_config) -> KVConfig:
-    from sawquant.models import model_facts
+    from sawquant.architectures import model_facts
 
     facts = model_facts(model_config)
     layer = LayerConfig(

@@ -35,8 +35,9 @@ def _prompts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.slow
 def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
+    from sawquant.architectures import model_facts
+    from sawquant.demo import demo_checkpoint_dir
     from sawquant.export import export_checkpoint
-    from sawquant.models import demo_checkpoint_dir, model_facts
 
     model, tokenizer = demo_model
     ids, mask = _prompts(tokenizer)

@@ -244,6 +244,39 @@ def test_from_pretrained_reads_the_checkpoint_key(tmp_path):
     assert not is_patched(normal)
 
 
+def test_from_pretrained_never_reads_outside_the_checkpoint(tmp_path):
+    """config_file comes from a downloaded config.json: it may not name another path."""
+    model = _llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    outside = tmp_path / "secret.json"
+    outside.write_text(_config(model, rotation_block=16).to_json())
+    hf_path = tmp_path / "ckpt" / "config.json"
+    hf = json.loads(hf_path.read_text())
+    for name in (str(outside), "../secret.json", "/etc/passwd"):
+        hf[CONFIG_KEY] = {"method": "sawquant", "format_version": 1, "config_file": name}
+        hf_path.write_text(json.dumps(hf))
+        with pytest.raises(ConfigError, match="file name inside the checkpoint"):
+            from_pretrained(tmp_path / "ckpt")
+    # A symlink inside the checkpoint that points out is refused too.
+    (tmp_path / "ckpt" / "kv.json").symlink_to(outside)
+    hf[CONFIG_KEY]["config_file"] = "kv.json"
+    hf_path.write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="outside the checkpoint"):
+        from_pretrained(tmp_path / "ckpt")
+
+
+def test_from_pretrained_on_a_mistyped_path_fails_at_once(tmp_path):
+    import time
+
+    from sawquant.errors import InputError
+
+    start = time.perf_counter()
+    for path in (str(tmp_path / "nope"), "smollm2-sawquant-typo", "./typo", "~/typo"):
+        with pytest.raises(InputError, match="no such directory"):
+            from_pretrained(path)
+    assert time.perf_counter() - start < 2  # no network lookups, no retries
+
+
 def test_top_level_names():
     import sawquant
 
