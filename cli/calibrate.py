@@ -6,34 +6,11 @@ import sys
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-
-from sawquant.errors import InputError
 
 
 def _fallbacks(fb: dict[int, int]) -> str:
     return " ".join(f"h{h}:{'int8' if b == 8 else 'bf16'}" for h, b in sorted(fb.items())) or "-"
-
-
-def _device_map(device: str):
-    import torch
-
-    if device == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} but no CUDA GPU is visible; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device {device!r} unknown; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 @click.command()
@@ -55,6 +32,14 @@ def _device_map(device: str):
     metavar="NAME|PATH",
     help="A shipped recipe (default, llama, qwen3, demo) or a YAML file. "
     "Default: chosen from the model family.",
+)
+@click.option(
+    "--max-bits",
+    "max_bits",
+    type=float,
+    default=None,
+    help="Bit budget per cached K/V element, scales included (4.5 = plain INT4's memory). "
+    "Default: the recipe's.",
 )
 @click.option(
     "--device",
@@ -82,57 +67,44 @@ def _device_map(device: str):
     type=click.Path(dir_okay=False),
     help="Also write a PNG heatmap of per-layer/per-head outlier strength.",
 )
-def calibrate(model, data_source, samples, seq_len, recipe_name, device, max_memory, output, plot):
+def calibrate(
+    model, data_source, samples, seq_len, recipe_name, max_bits, device, max_memory, output, plot
+):
     """Profile MODEL's post-RoPE K/V outliers and choose, per layer, the Hadamard block size, the
     group size and the heads that fall back to INT8/BF16. MODEL is a local Hugging Face
     checkpoint directory; without it, the embedded demo model."""
-    from sawquant import data as text_data
-    from sawquant.architectures import model_facts
-    from sawquant.calibration import calibrate as run_calibration
-    from sawquant.calibration import default_recipe_name, load_recipe
+    from sawquant.calibration import calibrate_checkpoint, load_recipe
     from sawquant.calibration.report import check_plotting, plot_outliers
-    from sawquant.models import load_model
+    from sawquant.cli.progress import StageProgress
+    from sawquant.fileio import check_output_file
 
-    err = Console(file=sys.stderr)
     # Resolved now, so click's test runner captures it too; wide enough for the table in logs.
     out = Console(file=sys.stdout)
     out.width = max(out.width, 110)
+    # Everything that can be wrong with the arguments fails before a model is loaded.
+    check_output_file(output, "calibration output")
     if plot:
         check_plotting()
-    # A bad recipe fails before a large model is loaded.
+        check_output_file(plot, "plot")
     recipe = load_recipe(recipe_name) if recipe_name else None
-    with err.status("loading model..."):
-        mdl, tokenizer = load_model(model, device_map=_device_map(device), max_memory=max_memory)
-    facts = model_facts(mdl.config)
-    if recipe is None:
-        recipe = load_recipe(default_recipe_name(facts.model_type, demo=model is None))
-    recipe = recipe.replace(data=data_source, samples=samples, seq_len=seq_len)
-    with err.status("tokenizing calibration text..."):
-        text = text_data.load_text(recipe.data)
-        windows = text_data.token_windows(
-            tokenizer, text, num=recipe.samples, seq_len=recipe.seq_len
-        )
-
-    columns = (
-        SpinnerColumn(),
-        TextColumn("[bold]capturing K/V/Q"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("calibrate", total=recipe.samples)
-        result = run_calibration(
-            model=mdl,
-            tokenizer=tokenizer,
-            windows=windows,
+    labels = {
+        "load": "loading the model",
+        "tokenize": "tokenizing calibration text",
+        "capture": "capturing K/V/Q (windows)",
+    }
+    with StageProgress(labels) as progress:
+        result = calibrate_checkpoint(
+            model,
             recipe=recipe,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-            model_name=model or "demo (SmolLM2-135M-Instruct)",
-            data_name=recipe.data,
+            data=data_source,
+            samples=samples,
+            seq_len=seq_len,
+            max_avg_bits=max_bits,
+            device=device,
+            max_memory=max_memory,
+            progress=progress,
         )
+    recipe = result.recipe
     path = result.save(output)
 
     table = Table(

@@ -32,17 +32,42 @@ from rich.table import Table
     show_default=True,
     help="Fold each layer's value rotation into v_proj/o_proj (exact; no V rotation at run time).",
 )
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT directory.")
-def export(model: str | None, calibration: Path, out: Path, fold_values: bool, force: bool) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT if it is an earlier sawquant export (never any other directory).",
+)
+@click.option(
+    "--check-weights/--no-check-weights",
+    default=True,
+    show_default=True,
+    help="Read every weight once before writing and refuse unreadable or NaN/Inf weights.",
+)
+def export(
+    model: str | None,
+    calibration: Path,
+    out: Path,
+    fold_values: bool,
+    force: bool,
+    check_weights: bool,
+) -> None:
     """Export MODEL (a checkpoint directory; default: the demo model) with its KV config to OUT."""
     from sawquant.calibration import load_calibration
+    from sawquant.cli.progress import StageProgress
     from sawquant.export import export_checkpoint
 
     console = Console()
     config = load_calibration(calibration).config
-    with console.status("exporting..."):
+    with StageProgress({"weights": "checking the weights"}) as progress:
         result = export_checkpoint(
-            model, config=config, out=out, fold_values=fold_values, force=force
+            model,
+            config=config,
+            out=out,
+            fold_values=fold_values,
+            force=force,
+            protect=[calibration],
+            check_weights=check_weights,
+            progress=progress,
         )
 
     cfg = result.config

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sawquant.verify import (
@@ -109,24 +108,14 @@ def verify(
     config (simulated), then teacher-forces held-out text through the paged INT4 runtime (KL,
     top-1 agreement). Exits 0 when it passes, 1 when it fails, 2 on bad input.
     """
+    from sawquant.cli.progress import StageProgress
+    from sawquant.fileio import check_output_file, write_text_atomic
     from sawquant.verify import verify as run_verify
 
     err = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    if json_path is not None:  # a bad path fails now, not after the whole run
+        check_output_file(json_path, "--json report")
+    with StageProgress(_STAGES, console=err) as progress:
         report = run_verify(
             model,
             data=data,
@@ -140,7 +129,7 @@ def verify(
             progress=progress,
         )
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n", "--json report")
         err.print(f"report written to {json_path}", highlight=False)
     Console().print(_table(report))
     sys.exit(0 if report.passed else 1)

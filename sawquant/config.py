@@ -1,7 +1,10 @@
 """The exported KV-cache config: what precision and rotation every layer's K and V use.
 
-Versioned and validated; JSON round-trip is exact (``KVConfig.from_json(c.to_json()) == c``).
-Every validation error is a one-line ``ConfigError`` naming the field and the fix.
+Versioned, validated and immutable; JSON round-trip is exact (``KVConfig.from_json(c.to_json())
+== c``). Every validation error is a one-line ``ConfigError`` naming the field and the fix.
+Importable without torch: engines and tools read configs without loading a model. The facts
+every layer of sawquant checks against (which rotation blocks and group sizes exist, what a
+cached element costs in bits) are defined here once.
 
 JSON shape (``sawquant_kv.json``)::
 
@@ -20,20 +23,102 @@ runtime stores V as produced (no rotation at run time).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import Any
 
 from sawquant.errors import ConfigError
-from sawquant.format import FORMAT_VERSION, KVLayout
-from sawquant.quant.hadamard import SUPPORTED_BLOCKS
 
-__all__ = ["KVConfig", "LayerConfig", "ModelFacts", "SideConfig"]
+__all__ = [
+    "CONFIG_VERSION",
+    "SUPPORTED_BLOCKS",
+    "SUPPORTED_GROUPS",
+    "FrozenMap",
+    "KVConfig",
+    "KVLayout",
+    "LayerConfig",
+    "ModelFacts",
+    "SideConfig",
+    "bits_per_element",
+    "check_block",
+    "check_group",
+]
 
+CONFIG_VERSION = 1  # the JSON schema version (the "format_version" key)
+SUPPORTED_BLOCKS = (1, 16, 32, 64, 128, 256)  # Hadamard block sizes (1 = no rotation)
+# Group sizes below head_dim: powers of two that every kernel and twin handles. Smaller groups
+# cost more than INT8 (g = 8 adds 4 bits of fp16 scale/zero per element).
+SUPPORTED_GROUPS = (16, 32, 64, 128)
 _BITS = (4, 8, 16)
 _FALLBACK_BITS = (8, 16)
+MAX_SIGN_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
-def _forbid_extra(obj: str, data: dict, allowed: set[str]) -> None:
+class KVLayout(str, Enum):
+    """Storage layouts a config can ask for. New layouts get a new member and version."""
+
+    PAGED_V1 = "sawquant-paged-v1"
+
+
+def check_block(head_dim: int, block: int, where: str = "rotation block") -> None:
+    """Raise ConfigError unless ``block`` is a supported Hadamard block dividing head_dim."""
+    if isinstance(block, bool) or not isinstance(block, int) or block not in SUPPORTED_BLOCKS:
+        raise ConfigError(f"{where} is {block!r}; use one of {SUPPORTED_BLOCKS}")
+    if head_dim % block:
+        raise ConfigError(
+            f"{where} {block} does not divide head_dim {head_dim}; use a block that divides it"
+        )
+
+
+def check_group(head_dim: int, group: int | None, where: str = "group size") -> None:
+    """Raise ConfigError unless ``group`` is None (whole head), head_dim, or a supported
+    power of two that divides head_dim (the rule every kernel and twin follows)."""
+    if group is None or group == head_dim:
+        return
+    ok = [g for g in SUPPORTED_GROUPS if g < head_dim and head_dim % g == 0]
+    if isinstance(group, bool) or not isinstance(group, int) or group not in ok:
+        raise ConfigError(
+            f"{where} is {group!r} for head_dim {head_dim}; use null (one scale per head) or "
+            f"one of {ok or 'none (head_dim too small)'}"
+        )
+
+
+def bits_per_element(bits: int, group_size: int | None, head_dim: int) -> float:
+    """Stored bits per cached element: the code plus an fp16 scale and zero per group."""
+    if bits == 16:
+        return 16.0
+    return bits + 32 / (group_size or head_dim)
+
+
+class FrozenMap(Mapping):
+    """An immutable, hashable mapping (a frozen config never holds a mutable dict)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, data: Mapping | None = None):
+        self._items = dict(sorted((data or {}).items()))
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _forbid_extra(obj: str, data: Any, allowed: set[str]) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{obj} must be a JSON object, got {type(data).__name__}")
     extra = sorted(set(data) - allowed)
@@ -45,7 +130,7 @@ def _forbid_extra(obj: str, data: dict, allowed: set[str]) -> None:
 
 def _newer_version(version: int) -> str:
     return (
-        f"format_version {version} is newer than this sawquant supports ({FORMAT_VERSION}); "
+        f"format_version {version} is newer than this sawquant supports ({CONFIG_VERSION}); "
         "upgrade sawquant (pip install -U sawquant)"
     )
 
@@ -53,6 +138,12 @@ def _newer_version(version: int) -> str:
 def _int(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
     return value
 
 
@@ -64,7 +155,11 @@ class SideConfig:
     rotation_block: int = 1  # 1 = no rotation
     sign_seed: int | None = None  # random +-1 signs before the Hadamard when set
     group_size: int | None = None  # None = head_dim: one scale/zero per token and head
-    fallback_heads: dict[int, int] = field(default_factory=dict)  # head -> 8 or 16
+    fallback_heads: Mapping[int, int] = field(default_factory=FrozenMap)  # head -> 8 or 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fallback_heads, FrozenMap):
+            object.__setattr__(self, "fallback_heads", FrozenMap(self.fallback_heads))
 
     def head_bits(self, num_kv_heads: int) -> tuple[int, ...]:
         """The precision of every KV head of this side."""
@@ -72,31 +167,25 @@ class SideConfig:
 
     def average_bits(self, num_kv_heads: int, head_dim: int) -> float:
         """Bits per cached element, fp16 scale and zero included."""
-        g = self.group_size or head_dim
-        per_head = [b if b == 16 else b + 32 / g for b in self.head_bits(num_kv_heads)]
+        per_head = [
+            bits_per_element(b, self.group_size, head_dim) for b in self.head_bits(num_kv_heads)
+        ]
         return sum(per_head) / num_kv_heads
 
     def validate(self, where: str, num_kv_heads: int, head_dim: int) -> None:
-        if self.bits not in _BITS:
+        if _int(f"{where}.bits", self.bits) not in _BITS:
             raise ConfigError(f"{where}.bits is {self.bits}; use one of {_BITS}")
-        if self.rotation_block not in SUPPORTED_BLOCKS:
-            raise ConfigError(
-                f"{where}.rotation_block is {self.rotation_block}; use one of {SUPPORTED_BLOCKS}"
-            )
-        if head_dim % self.rotation_block:
-            raise ConfigError(
-                f"{where}.rotation_block {self.rotation_block} does not divide head_dim "
-                f"{head_dim}; use a block that divides it"
-            )
-        if self.sign_seed is not None and (_int(f"{where}.sign_seed", self.sign_seed) < 0):
-            raise ConfigError(f"{where}.sign_seed must be >= 0 or null")
-        if self.group_size is not None:
-            g = _int(f"{where}.group_size", self.group_size)
-            if g <= 0 or head_dim % g or g % 2:
+        check_block(head_dim, _int(f"{where}.rotation_block", self.rotation_block),
+                    f"{where}.rotation_block")  # fmt: skip
+        if self.sign_seed is not None:
+            seed = _int(f"{where}.sign_seed", self.sign_seed)
+            if not 0 <= seed <= MAX_SIGN_SEED:
                 raise ConfigError(
-                    f"{where}.group_size {g} must be even and divide head_dim {head_dim}; "
-                    f"use null (whole head) or a divisor such as {head_dim // 2}"
+                    f"{where}.sign_seed {seed} is outside 0..2**63-1; use a smaller seed or null"
                 )
+        if self.group_size is not None:
+            _int(f"{where}.group_size", self.group_size)
+        check_group(head_dim, self.group_size, f"{where}.group_size")
         for head, bits in self.fallback_heads.items():
             _int(f"{where}.fallback_heads key", head)
             if not 0 <= head < num_kv_heads:
@@ -104,19 +193,23 @@ class SideConfig:
                     f"{where}.fallback_heads has head {head}, out of range for {num_kv_heads} "
                     f"KV heads; use 0..{num_kv_heads - 1}"
                 )
-            if bits not in _FALLBACK_BITS:
+            if isinstance(bits, bool) or bits not in _FALLBACK_BITS or not isinstance(bits, int):
                 raise ConfigError(
-                    f"{where}.fallback_heads[{head}] is {bits} bits; use 8 (INT8) or 16 (BF16)"
+                    f"{where}.fallback_heads[{head}] is {bits!r}; use 8 (INT8) or 16 (BF16)"
                 )
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["fallback_heads"] = {str(h): b for h, b in sorted(self.fallback_heads.items())}
-        return d
+        return {
+            "bits": self.bits,
+            "rotation_block": self.rotation_block,
+            "sign_seed": self.sign_seed,
+            "group_size": self.group_size,
+            "fallback_heads": {str(h): b for h, b in sorted(self.fallback_heads.items())},
+        }
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "side") -> SideConfig:
-        _forbid_extra(where, data, {f for f in cls.__dataclass_fields__})
+        _forbid_extra(where, data, {f.name for f in fields(cls)})
         data = dict(data)
         fb = data.get("fallback_heads") or {}
         if not isinstance(fb, dict):
@@ -158,6 +251,13 @@ class ModelFacts:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
             if _int(f"model.{name}", getattr(self, name)) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim {self.head_dim} is odd; INT4 packs pairs")
+        if not isinstance(self.model_type, str):
+            raise ConfigError(f"model.model_type must be a string, got {self.model_type!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -165,12 +265,17 @@ class KVConfig:
     model: ModelFacts
     layers: tuple[LayerConfig, ...]
     values_folded: bool = False
-    format_version: int = FORMAT_VERSION
-    layout: str = KVLayout.PAGED_V1.value
+    format_version: int = CONFIG_VERSION
+    layout: KVLayout = KVLayout.PAGED_V1
     method: str = "sawquant"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.layout, KVLayout):
+            known = {m.value: m for m in KVLayout}
+            if self.layout not in known:
+                raise ConfigError(f"layout {self.layout!r} is unknown; use one of {sorted(known)}")
+            object.__setattr__(self, "layout", known[self.layout])
         self.validate()
 
     # -- construction -------------------------------------------------------------------
@@ -194,14 +299,11 @@ class KVConfig:
         if self.method != "sawquant":
             raise ConfigError(f"method is {self.method!r}; this file is not a sawquant KV config")
         version = _int("format_version", self.format_version)
-        if version > FORMAT_VERSION:
+        if version > CONFIG_VERSION:
             raise ConfigError(_newer_version(version))
         if version < 1:
             raise ConfigError(f"format_version {version} is invalid; it starts at 1")
-        if self.layout not in {m.value for m in KVLayout}:
-            raise ConfigError(
-                f"layout {self.layout!r} is unknown; use one of {[m.value for m in KVLayout]}"
-            )
+        _bool("values_folded", self.values_folded)
         self.model.validate()
         if len(self.layers) != self.model.num_layers:
             raise ConfigError(
@@ -239,8 +341,8 @@ class KVConfig:
         return {
             "method": self.method,
             "format_version": self.format_version,
-            "layout": self.layout,
-            "model": asdict(self.model),
+            "layout": self.layout.value,
+            "model": self.model.to_dict(),
             "values_folded": self.values_folded,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -249,8 +351,8 @@ class KVConfig:
     def from_dict(cls, data: dict) -> KVConfig:
         if not isinstance(data, dict):
             raise ConfigError("KV config must be a JSON object; re-export it")
-        version = _int("format_version", data.get("format_version", FORMAT_VERSION))
-        if version > FORMAT_VERSION:
+        version = _int("format_version", data.get("format_version", CONFIG_VERSION))
+        if version > CONFIG_VERSION:
             # Checked first: a newer file may carry fields this version does not know.
             raise ConfigError(_newer_version(version))
         allowed = {"method", "format_version", "layout", "model", "values_folded", "layers"}
@@ -259,7 +361,7 @@ class KVConfig:
             if key not in data:
                 raise ConfigError(f"config is missing {key!r}; export it with sawquant calibrate")
         model = data["model"]
-        _forbid_extra("model", model, set(ModelFacts.__dataclass_fields__))
+        _forbid_extra("model", model, {f.name for f in fields(ModelFacts)})
         if not isinstance(data["layers"], list):
             raise ConfigError("layers must be a list with one entry per layer")
         layers = tuple(

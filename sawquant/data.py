@@ -29,6 +29,7 @@ __all__ = [
     "EVAL_BOOK_STRIDE",
     "KJV_INSTALL",
     "calibration_text",
+    "check_source",
     "evaluation_text",
     "kjv_books",
     "load_text",
@@ -104,6 +105,22 @@ _DEMO_SOURCES = {
 }
 
 
+def check_source(source: str | Path) -> None:
+    """Raise InputError now if ``source`` cannot be a text source (before any model loads)."""
+    if isinstance(source, str) and source in _DEMO_SOURCES:
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"text source {str(source)!r} is not a file; give a .txt or .jsonl file, or 'demo'"
+        )
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise InputError(
+            f"text source {str(path)!r} has suffix {path.suffix.lower()!r}; give a .txt or "
+            ".jsonl file"
+        )
+
+
 def load_text(source: str | Path) -> str:
     """Text from ``"demo"`` (calibration split), ``"demo:evaluation"``, a .txt or a .jsonl file.
 
@@ -112,16 +129,9 @@ def load_text(source: str | Path) -> str:
     """
     if isinstance(source, str) and source in _DEMO_SOURCES:
         return _DEMO_SOURCES[source]()
+    check_source(source)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise InputError(
-            f"text source {str(source)!r} is not a file; give a .txt or .jsonl file, or 'demo'"
-        )
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise InputError(
-            f"text source {str(path)!r} has suffix {suffix!r}; give a .txt or .jsonl file"
-        )
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -29,9 +29,10 @@ Layout ``sawquant-paged-v1`` (FORMAT_VERSION 1), for one layer and one side (K o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
+
+from sawquant.config import KVLayout, check_group
 
 __all__ = [
     "FORMAT_VERSION",
@@ -43,13 +44,9 @@ __all__ = [
     "allocate_side",
 ]
 
+# The in-memory page layout (not persisted: a checkpoint stores the config, and the runtime lays
+# out pages as this version says). Its name is the config's ``layout``.
 FORMAT_VERSION = 1
-
-
-class KVLayout(str, Enum):
-    """Storage layouts sawquant can read. New layouts get a new member and FORMAT_VERSION."""
-
-    PAGED_V1 = "sawquant-paged-v1"
 
 
 @dataclass(frozen=True)
@@ -68,8 +65,7 @@ class PoolSpec:
             raise ValueError(f"pool bits must be 4, 8 or 16, got {self.bits}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even")
-        if self.head_dim % self.groups_divisor:
-            raise ValueError(f"group size {self.group_size} must divide head_dim {self.head_dim}")
+        check_group(self.head_dim, self.group_size)
 
     @property
     def groups_divisor(self) -> int:

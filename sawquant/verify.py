@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from sawquant.checkpoint import is_export
-from sawquant.config import KVConfig, ModelFacts, SideConfig
+from sawquant.config import SUPPORTED_BLOCKS, KVConfig, ModelFacts, SideConfig
 from sawquant.errors import InputError
-from sawquant.quant.hadamard import SUPPORTED_BLOCKS
 
 __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
@@ -385,26 +384,19 @@ def demo_export(progress: Progress | None = None) -> Path:
     split verify reads) and exports without folding, so baselines run on the original weights.
     The export is atomic, so an interrupted build leaves nothing half-written behind.
     """
-    from sawquant import data as text_data
-    from sawquant import models
-    from sawquant.calibration import calibrate, load_recipe
+    from sawquant.calibration import calibrate_checkpoint, load_recipe
     from sawquant.export import export_checkpoint
 
     target = demo_export_dir()
     if is_export(target):
         return target
-    model, tokenizer = models.load_demo()
-    recipe = load_recipe("demo")
-    text = text_data.load_text(recipe.data)
-    windows = text_data.token_windows(tokenizer, text, num=recipe.samples, seq_len=recipe.seq_len)
 
-    def step(done: int, total: int) -> None:
-        if progress is not None:
+    def step(stage: str, done: int, total: int) -> None:
+        if progress is not None and stage == "capture":
             progress("demo", done, total)
 
-    result = calibrate(model, tokenizer, windows, recipe, step, model_name="demo", data_name="demo")
-    del model
-    export_checkpoint(None, result.config, target, force=True)
+    result = calibrate_checkpoint(None, recipe=load_recipe("demo"), progress=step)
+    export_checkpoint(None, result.config, target, force=True, check_weights=False)
     return target
 
 
@@ -492,6 +484,12 @@ def verify(
         model, windows, prefix=prefix, patches=patches, unpatch=runtime.unpatch, progress=progress
     )
     scores = all_scores["sawquant"]
+    if not math.isfinite(scores.ppl_full):
+        raise InputError(
+            f"the model's own full-precision perplexity is {scores.ppl_full} on this text, so "
+            "there is nothing to compare against; the weights are broken (NaN/Inf) or the model "
+            "overflows in its dtype (load it in float32 or bfloat16)"
+        )
     times["runtime"] = time.perf_counter() - t0
 
     # 2. simulated: every cached K/V quantized in a full-window forward

@@ -44,6 +44,6 @@ def demo_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A seeded random-weight Llama (2 layers, hidden 64, 4 q / 2 KV heads, head_dim 16)."""
-    from _tiny import tiny_causal_lm
+    from _builders import tiny_causal_lm
 
     return tiny_causal_lm("Llama")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from sawquant.config import CONFIG_VERSION as FORMAT_VERSION
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.errors import ConfigError
-from sawquant.format import FORMAT_VERSION
 
 FACTS = ModelFacts(num_layers=2, num_kv_heads=4, head_dim=64, model_type="llama")
 
@@ -44,8 +44,16 @@ def test_average_bits_counts_scales_and_fallbacks():
         (dict(bits=3), "bits is 3"),
         (dict(fallback_heads={4: 8}), "head 4, out of range"),
         (dict(fallback_heads={1: 4}), "use 8 \\(INT8\\) or 16"),
-        (dict(group_size=24), "group_size 24 must be even and divide"),
+        (dict(group_size=24), "group_size is 24 for head_dim 64; use null .* or one of"),
         (dict(sign_seed=-1), "sign_seed"),
+        # Values that compare equal to valid ones but are not of the type the schema says.
+        (dict(bits=4.0), "bits must be an integer, got 4.0"),
+        (dict(rotation_block=True), "rotation_block must be an integer, got True"),
+        (dict(group_size=32.0), "group_size must be an integer, got 32.0"),
+        (dict(fallback_heads={1: 8.0}), "fallback_heads\\[1\\] is 8.0"),
+        (dict(fallback_heads={1: True}), "fallback_heads\\[1\\] is True"),
+        # torch's generator takes a signed 64-bit seed: 2**70 used to pass, then overflow.
+        (dict(sign_seed=2**70), "sign_seed .* outside 0..2\\*\\*63-1"),
     ],
 )
 def test_bad_side_fields_are_named(side, match):
@@ -74,6 +82,9 @@ def test_newer_version_is_refused_with_upgrade_hint():
         (lambda d: d.pop("model"), "missing 'model'"),
         (lambda d: d["model"].update(head_dim=0), "model.head_dim must be positive"),
         (lambda d: d["layers"][1]["v"].update(fallback_heads={"x": 8}), "head indices"),
+        (lambda d: d.update(values_folded="no"), "values_folded must be true or false"),
+        (lambda d: d.update(values_folded=0), "values_folded must be true or false"),
+        (lambda d: d["model"].update(num_layers=2.0), "model.num_layers must be an integer"),
     ],
 )
 def test_bad_documents_are_refused(mutate, match):
@@ -93,3 +104,38 @@ def test_check_model_refuses_other_shapes():
     cfg.check_model(2, 4, 64)
     with pytest.raises(ConfigError, match="made for .* but the model has"):
         cfg.check_model(3, 4, 64)
+
+
+def test_group_rule_is_the_kernels_rule():
+    """head_dim 96 with group 24 used to validate, then the Triton writer refused it at the
+    first GPU write: the config now applies the one rule every kernel follows."""
+    from sawquant.config import check_group
+
+    facts = ModelFacts(num_layers=1, num_kv_heads=1, head_dim=96)
+    with pytest.raises(ConfigError, match="use null .* or one of \\[16, 32\\]"):
+        KVConfig.uniform(facts, k=SideConfig(group_size=24))
+    for ok in (None, 16, 32, 96):
+        check_group(96, ok)
+
+
+def test_config_is_immutable_and_hashable():
+    cfg = _config(fallback_heads={1: 8})
+    side = cfg.layers[0].k
+    with pytest.raises(TypeError):
+        side.fallback_heads[2] = 16  # a frozen config holds no mutable dict
+    assert side.fallback_heads == {1: 8} and hash(cfg) == hash(KVConfig.from_json(cfg.to_json()))
+
+
+def test_config_module_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from sawquant.config import KVConfig, ModelFacts\n"
+        "from sawquant.checkpoint import read_kv_config\n"
+        "print(KVConfig.uniform(ModelFacts(2, 2, 64)).average_bits())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    print(out.stdout, out.stderr)
+    assert out.returncode == 0 and out.stdout.strip() == "4.5"

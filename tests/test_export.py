@@ -154,13 +154,70 @@ def test_non_empty_out_needs_force(ckpts, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(InputError, match="not empty; pass --force"):
+    with pytest.raises(InputError, match="not empty; choose a new or empty directory"):
         export_checkpoint(ckpts["llama"], _kv_config(), out)
     assert (out / "old.txt").read_text() == "old"
 
-    export_checkpoint(ckpts["llama"], _kv_config(), out, force=True)
-    assert not (out / "old.txt").exists() and (out / CONFIG_FILE).is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old OUT was deleted
+    earlier = tmp_path / "earlier"
+    export_checkpoint(ckpts["llama"], _kv_config(), earlier)
+    (earlier / "old.txt").write_text("old")
+    export_checkpoint(ckpts["llama"], _kv_config(), earlier, force=True)
+    assert not (earlier / "old.txt").exists() and (earlier / CONFIG_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out"]  # old one deleted
+
+
+def test_force_never_replaces_what_is_not_an_export(ckpts, tmp_path, monkeypatch):
+    """`export -o . --force` inside a project once deleted its .git, its sources and the very
+    calibration file it was reading. --force replaces only an earlier export."""
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "train.py").write_text("print('hello')\n")
+    (project / "calibration.json").write_text(_kv_config().to_json())
+    before = _hashes(project)
+    monkeypatch.chdir(project)
+    for out in (Path("."), project):
+        with pytest.raises(InputError, match="not an earlier sawquant export") as err:
+            export_checkpoint(
+                ckpts["llama"], _kv_config(), out, force=True,
+                protect=[project / "calibration.json"],
+            )  # fmt: skip
+        assert "\n" not in str(err.value)
+    assert _hashes(project) == before and (project / ".git" / "HEAD").is_file()
+
+    # An earlier export holding the calibration file the new one is made from: refused too.
+    earlier = tmp_path / "earlier"
+    export_checkpoint(ckpts["llama"], _kv_config(), earlier)
+    (earlier / "calibration.json").write_text(_kv_config().to_json())
+    with pytest.raises(InputError, match="inside the output"):
+        export_checkpoint(
+            ckpts["llama"], _kv_config(), earlier, force=True,
+            protect=[earlier / "calibration.json"],
+        )  # fmt: skip
+    assert (earlier / "calibration.json").is_file()
+    # And the current directory is never the one replaced.
+    monkeypatch.chdir(earlier)
+    with pytest.raises(InputError, match="holds the current directory"):
+        export_checkpoint(ckpts["llama"], _kv_config(), Path("."), force=True)
+
+
+def test_leftovers_of_a_killed_export_are_removed_by_the_next(ckpts, tmp_path):
+    """kill -9 during the weight write leaves the hidden work directory (~514 MB for the demo):
+    the next export to the same OUT deletes it, once its process is gone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = export_mod._HOST
+    killed = tmp_path / f".out.sawquant-tmp-{host}-{dead.pid}-0123abcd"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"x" * 1000)
+    running = tmp_path / f".out.sawquant-tmp-{host}-{os.getpid()}-4567cdef"  # a live export
+    running.mkdir()
+    export_checkpoint(ckpts["llama"], _kv_config(), tmp_path / "out")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    print(names)
+    assert killed.name not in names and running.name in names and "out" in names
 
 
 def test_empty_out_is_accepted(ckpts, tmp_path):
@@ -225,17 +282,84 @@ def test_default_source_is_the_demo_checkpoint(ckpts, tmp_path, monkeypatch):
     assert result.source == ckpts["llama"].resolve()
 
 
+def _hub_snapshot(ckpt: Path, root: Path) -> Path:
+    """The Hub cache layout: snapshots/<rev>/<file> -> ../../blobs/<sha>."""
+    repo = root / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        blob = blobs / hashlib.sha256(f.name.encode()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    return snap
+
+
 def test_hf_cache_symlinks_are_followed(ckpts, tmp_path):
     # A hub cache snapshot holds symlinks to blobs; OUT must hold the files, not dangling links.
-    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    snap.mkdir()
-    for f in ckpts["llama"].iterdir():
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(blobs / f.name)
+    snap = _hub_snapshot(ckpts["llama"], tmp_path)
     export_checkpoint(snap, _kv_config(), tmp_path / "out")
     weights = tmp_path / "out" / "model.safetensors"
-    assert not weights.is_symlink() and os.path.samefile(weights, blobs / "model.safetensors")
+    assert not weights.is_symlink()
+    assert os.path.samefile(weights, os.path.realpath(snap / "model.safetensors"))
+
+
+def test_symlinks_out_of_the_checkpoint_and_loops_are_refused(ckpts, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["llama"], src)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of any checkpoint")
+    (src / "tokenizer.model").symlink_to(secret)
+    with pytest.raises(InputError, match="outside the checkpoint"):
+        export_checkpoint(src, _kv_config(), tmp_path / "out")
+    (src / "tokenizer.model").unlink()
+    (src / "sub").mkdir()
+    (src / "sub" / "loop").symlink_to(src / "sub")
+    with pytest.raises(InputError, match="symlink loop"):
+        export_checkpoint(src, _kv_config(), tmp_path / "out")
+    (src / "sub" / "loop").unlink()
+    (src / "self.json").symlink_to(src / "self.json")
+    with pytest.raises(InputError, match="broken or looping symlink"):
+        export_checkpoint(src, _kv_config(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated"])
+def test_unreadable_or_non_finite_weights_are_refused_before_writing(ckpts, tmp_path, damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["llama"], src)
+    weights = src / "model.safetensors"
+    if damage == "nan":
+        tensors = load_file(weights)
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+        match = "model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"
+    else:
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 100)
+        match = "cannot read the weights"
+    with pytest.raises(InputError, match=match):
+        export_checkpoint(src, _kv_config(), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_read_only_or_full_output_filesystem_is_one_line(ckpts, tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_mod, "_link_or_copy", full)
+    with pytest.raises(InputError, match="no space left on the device") as err:
+        export_checkpoint(ckpts["llama"], _kv_config(), tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_re_export_replaces_the_kv_config(ckpts, tmp_path):
@@ -285,8 +409,8 @@ def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, existing
     before = _hashes(src)
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("previous export")
+        export_checkpoint(ckpts["llama"], _kv_config(), out)  # an earlier export
+    previous = _hashes(out) if existing else None
     if step == "config":  # every weight is linked/written, then config.json fails
         monkeypatch.setattr(export_mod, "_write_text", _boom)
     else:  # a folded shard fails after a partial file was written
@@ -296,12 +420,11 @@ def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, existing
             raise OSError("simulated disk failure")
 
         monkeypatch.setattr("safetensors.torch.save_file", partial_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(InputError, match="cannot write the export .*simulated"):
         export_checkpoint(src, _kv_config(), out, fold_values=True, force=True)
 
     if existing:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
-        assert (out / "keep.txt").read_text() == "previous export"
+        assert _hashes(out) == previous
     else:
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
@@ -310,8 +433,8 @@ def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, existing
 
 def test_failed_rename_restores_old_out(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous export")
+    export_checkpoint(ckpts["llama"], _kv_config(), out)
+    previous = _hashes(out)
     real_rename = os.rename
 
     def rename(a, b):
@@ -320,10 +443,36 @@ def test_failed_rename_restores_old_out(ckpts, tmp_path, monkeypatch):
         return real_rename(a, b)
 
     monkeypatch.setattr(export_mod.os, "rename", rename)
-    with pytest.raises(OSError, match="simulated rename"):
+    with pytest.raises(InputError, match="simulated rename"):
         export_checkpoint(ckpts["llama"], _kv_config(), out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert (out / "keep.txt").read_text() == "previous export"
+    assert _hashes(out) == previous
+
+
+def test_sigterm_during_the_weight_write_leaves_nothing(ckpts, tmp_path, monkeypatch):
+    """The CLI treats SIGTERM like Ctrl-C, so the export's cleanup runs."""
+    import signal
+
+    calib = tmp_path / "calibration.json"
+    calib.write_text(_kv_config().to_json())
+    real = export_mod._link_or_copy
+
+    def terminated(src, dst):
+        if Path(src).name == "model.safetensors":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(src, dst)
+
+    monkeypatch.setattr(export_mod, "_link_or_copy", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        res = CliRunner().invoke(
+            cli, ["export", str(ckpts["llama"]), "-c", str(calib), "-o", str(tmp_path / "out")]
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(res.output)
+    assert res.exit_code == 143 and "interrupted" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json"]
 
 
 # -- folding -------------------------------------------------------------------------------------
@@ -483,7 +632,7 @@ def test_cli(ckpts, tmp_path):
     assert "1 rewritten" in ok.output and "values folded" in ok.output
 
     again = runner.invoke(cli, args)
-    assert again.exit_code == 2 and "not empty; pass --force" in again.output
+    assert again.exit_code == 2 and "not empty; choose a new" in again.output
     assert runner.invoke(cli, [*args, "--force"]).exit_code == 0
 
     bad = tmp_path / "bad.json"

@@ -96,7 +96,7 @@ def test_runtime_scores_of_a_no_op_runtime_equal_full_precision(tiny_llama):
 @pytest.fixture
 def sharp_llama():
     """A random Llama with larger weights (init 0.1): next-token distributions far from uniform."""
-    from _tiny import tiny_causal_lm
+    from _builders import tiny_causal_lm
 
     return tiny_causal_lm("Llama", initializer_range=0.1)
 

@@ -25,7 +25,6 @@ import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,11 +39,22 @@ from sawquant.calibration.select import SideChoice, select
 from sawquant.calibration.stats import SIDES, Candidate, StatsAccumulator, make_candidates
 from sawquant.config import KVConfig, LayerConfig, SideConfig
 from sawquant.errors import ConfigError, InputError
+from sawquant.fileio import write_text_atomic
 from sawquant.simulate import input_device
 
-__all__ = ["CalibrationResult", "LayerSummary", "calibrate", "load_calibration"]
+__all__ = [
+    "CalibrationResult",
+    "LayerSummary",
+    "calibrate",
+    "calibrate_checkpoint",
+    "load_calibration",
+]
 
 Progress = Callable[[int, int], None]
+StageProgress = Callable[[str, int, int], None]
+# Text sources that are held out for evaluation: calibrating on them would make every accuracy
+# figure measured on them meaningless.
+HELD_OUT_SOURCES = ("demo:evaluation",)
 
 
 @dataclass(frozen=True)
@@ -134,23 +144,7 @@ class CalibrationResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file in the same directory, then rename)."""
-        path = Path(path).expanduser()
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise InputError(
-                f"output directory {str(parent)!r} does not exist; create it or choose another -o"
-            )
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.to_json())
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_text_atomic(path, self.to_json() + "\n", "calibration output")
 
 
 def load_calibration(path: str | os.PathLike) -> CalibrationResult:
@@ -160,7 +154,14 @@ def load_calibration(path: str | os.PathLike) -> CalibrationResult:
         raise InputError(
             f"calibration file {str(path)!r} does not exist; create it with sawquant calibrate"
         )
-    return CalibrationResult.from_json(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(
+            f"calibration file {str(path)!r} is not a text JSON file ({type(err).__name__}); "
+            "give the calibration.json written by sawquant calibrate"
+        ) from None
+    return CalibrationResult.from_json(text)
 
 
 def _describe(side: SideConfig) -> str:
@@ -342,3 +343,69 @@ def _stats_dict(
         "query_samples": acc.query_samples,
         "layers": layers,
     }
+
+
+def calibrate_checkpoint(
+    model_path: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe | None = None,
+    data: str | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    max_avg_bits: float | None = None,
+    device: str = "auto",
+    max_memory: str | dict | None = None,
+    progress: StageProgress | None = None,
+) -> CalibrationResult:
+    """The whole ``sawquant calibrate``: load ``model_path`` (None: the demo), pick its
+    family's recipe unless one is given, override the recipe's data/samples/seq_len/budget
+    with the arguments that are not None, tokenize the calibration text and calibrate.
+
+    ``progress(stage, done, total)`` reports "load", "tokenize" and "capture". Refuses text
+    that is held out for evaluation (``demo:evaluation``).
+    """
+    from sawquant import data as text_data
+    from sawquant.architectures import model_facts
+    from sawquant.calibration.recipe import default_recipe_name, load_recipe
+    from sawquant.devices import device_map_for
+    from sawquant.models import load_model
+
+    def step(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    chosen = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(recipe)
+    if data is not None and str(data) in HELD_OUT_SOURCES:
+        raise InputError(
+            f"{data} is the held-out text verify measures accuracy on; calibrate on demo (the "
+            "calibration split) or your own text, never on the evaluation text"
+        )
+    if data is not None:  # a missing text file fails before the model is loaded
+        text_data.check_source(data)
+    device_map = device_map_for(device)
+    step("load", 0, 1)
+    model, tokenizer = load_model(model_path, device_map=device_map, max_memory=max_memory)
+    step("load", 1, 1)
+    facts = model_facts(model.config)
+    if chosen is None:
+        chosen = load_recipe(default_recipe_name(facts.model_type, demo=model_path is None))
+    chosen = chosen.replace(data=data, samples=samples, seq_len=seq_len, max_avg_bits=max_avg_bits)
+    if chosen.data in HELD_OUT_SOURCES:
+        raise InputError(
+            f"recipe {chosen.name!r} calibrates on {chosen.data}, the held-out evaluation text; "
+            "set its data to demo or your own text"
+        )
+    step("tokenize", 0, 1)
+    text = text_data.load_text(chosen.data)
+    windows = text_data.token_windows(tokenizer, text, num=chosen.samples, seq_len=chosen.seq_len)
+    step("tokenize", 1, 1)
+    name = str(model_path) if model_path is not None else "demo (SmolLM2-135M-Instruct)"
+    return calibrate(
+        model,
+        tokenizer,
+        windows,
+        chosen,
+        lambda done, total: step("capture", done, total),
+        model_name=name,
+        data_name=chosen.data,
+    )

@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sawquant.config import SUPPORTED_BLOCKS, SUPPORTED_GROUPS
 from sawquant.errors import ConfigError, InputError
-from sawquant.quant.hadamard import SUPPORTED_BLOCKS
 
 __all__ = ["Recipe", "available_recipes", "default_recipe_name", "load_recipe"]
 
@@ -72,9 +72,10 @@ class Recipe:
         if not self.sign_seeds:
             raise ConfigError(f"{where}: sign_seeds is empty; use [null] for no signs")
         for g in self.group_sizes:
-            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
+            if g is not None and (isinstance(g, bool) or g not in SUPPORTED_GROUPS):
                 raise ConfigError(
-                    f"{where}: group_sizes entries must be null or even integers, got {g!r}"
+                    f"{where}: group_sizes entries must be null or one of "
+                    f"{list(SUPPORTED_GROUPS)}, got {g!r}"
                 )
         if not self.group_sizes:
             raise ConfigError(f"{where}: group_sizes is empty; use [null] for one scale per head")

@@ -25,6 +25,7 @@ import torch
 
 from sawquant.calibration.recipe import Recipe
 from sawquant.calibration.stats import INT8, NAIVE, Candidate
+from sawquant.errors import ConfigError
 
 __all__ = ["SideChoice", "select"]
 
@@ -154,6 +155,13 @@ def select(
     budget = recipe.max_avg_bits * num_heads * len(sides)
     max_fallback = int(math.floor(recipe.max_fallback_fraction * num_heads * len(sides)))
     used = sum(s.cost() for s in sides)
+    if used > budget + 1e-9:
+        cheapest = used / (num_heads * len(sides))
+        raise ConfigError(
+            f"INT4 with an fp16 scale and zero per head costs {cheapest:g} bits per element at "
+            f"head_dim {head_dim}, above the {recipe.max_avg_bits:g}-bit budget; raise "
+            f"max_avg_bits (--max-bits) to at least {cheapest:g}"
+        )
     n_fallback = 0
     threshold_sq = recipe.fallback_threshold**2
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sawquant.calibration.capture import AttentionCall
-from sawquant.config import SideConfig
-from sawquant.quant.hadamard import SUPPORTED_BLOCKS, block_hadamard
+from sawquant.config import SUPPORTED_BLOCKS, SUPPORTED_GROUPS, SideConfig
+from sawquant.errors import InputError
+from sawquant.quant.hadamard import block_hadamard
 
 __all__ = ["Candidate", "SideStats", "StatsAccumulator", "make_candidates"]
 
@@ -75,7 +76,7 @@ def make_candidates(
     groups = sorted(
         {None if g in (None, head_dim) else g for g in group_sizes}, key=lambda g: -(g or head_dim)
     )
-    groups = [g for g in groups if g is None or (head_dim % g == 0 and g % 2 == 0)]
+    groups = [g for g in groups if g is None or (g in SUPPORTED_GROUPS and head_dim % g == 0)]
     for group in groups:
         for block in sorted(set(blocks)):
             if block not in SUPPORTED_BLOCKS or head_dim % block or block > head_dim:
@@ -232,6 +233,13 @@ class StatsAccumulator:
         q = call.query.float()  # [B, H_q, S_q, D]
         k = call.key.float()  # [B, H_kv, S, D]
         v = call.value.float()
+        for name, x in (("queries", q), ("keys", k), ("values", v)):
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(
+                    f"layer {layer} produced NaN/Inf {name} on the calibration text; the "
+                    "weights or activations are broken (check the checkpoint for NaN weights, "
+                    "or load it in float32 or bfloat16 instead of float16)"
+                )
         b, h_q, s_q, d = q.shape
         h_kv, s_kv = k.shape[1], k.shape[2]
         g = h_q // h_kv

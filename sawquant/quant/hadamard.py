@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from sawquant.config import SUPPORTED_BLOCKS, check_block
+
 __all__ = [
     "SUPPORTED_BLOCKS",
     "block_hadamard",
@@ -22,19 +24,6 @@ __all__ = [
     "rotate",
     "unrotate",
 ]
-
-SUPPORTED_BLOCKS = (1, 16, 32, 64, 128, 256)
-
-
-def check_block(head_dim: int, block: int) -> None:
-    """Raise ValueError unless ``block`` is a supported size that divides ``head_dim``."""
-    if block not in SUPPORTED_BLOCKS:
-        raise ValueError(f"rotation block {block} is not supported; use one of {SUPPORTED_BLOCKS}")
-    if head_dim % block:
-        raise ValueError(
-            f"rotation block {block} does not divide head_dim {head_dim}; "
-            f"pick a block that divides it (e.g. 16 or 32)"
-        )
 
 
 def hadamard_scale(block: int) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _tiny import tiny_causal_lm
+from _builders import tiny_causal_lm
 
 
 def _tiny(kind: str, **extra):

@@ -46,7 +46,7 @@ def test_load_by_path_and_unknown_keys(tmp_path):
         ("blocks", (3,), "subset of"),
         ("max_avg_bits", 4.0, "max_avg_bits must be a number > 4"),
         ("samples", 0, "samples must be an integer >= 1"),
-        ("group_sizes", (7,), "even integers"),
+        ("group_sizes", (7,), "null or one of \\[16, 32, 64, 128\\]"),
         ("max_fallback_fraction", 2.0, "<= 1"),
     ],
 )

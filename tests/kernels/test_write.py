@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sawquant.errors import InputError
+from sawquant.errors import ConfigError, InputError
 from sawquant.format import Pool, SideStore, allocate_side
 from sawquant.kernels.write import rotate_quantize_paged, rotate_quantize_paged_ref
 from sawquant.quant import paged_gather_ref, random_signs, rotate
@@ -251,17 +251,18 @@ def test_launcher_rejects_bad_stores():
     common = dict(heads=2, head_dim=96, page_size=16, num_pages=2)
     x = torch.randn(3, 2, 96, device=DEVICE)
     slots = torch.tensor([0, 1, 2], device=DEVICE)
-    odd_group = _store(block=32, seed=None, group=48, **common)
-    with pytest.raises(InputError, match="group size 48 is not a power of two"):
-        rotate_quantize_paged(x, x, slots, odd_group, _clone(odd_group))
-    rotate_quantize_paged_ref(x, x, slots, odd_group, _clone(odd_group))  # the twin handles it
+    # One group rule for config, stores, twins and kernels: 48 is refused when the store is
+    # made, not at the first GPU write (it used to pass the config, then fail in the writer).
+    with pytest.raises(ConfigError, match="group size is 48 for head_dim 96"):
+        _store(block=32, seed=None, group=48, **common)
 
+    good = _store(block=32, seed=None, group=32, **common)
     bad_block = _store(block=32, seed=None, group=None, **common)
     bad_block.block = 64  # does not divide 96
     with pytest.raises(InputError, match="rotation block 64"):
-        rotate_quantize_paged(x, x, slots, bad_block, _clone(odd_group))
+        rotate_quantize_paged(x, x, slots, bad_block, _clone(good))
 
     other_page = _store(block=32, seed=None, group=None, heads=2, head_dim=96, page_size=32,
                         num_pages=1)  # fmt: skip
     with pytest.raises(InputError, match="share one page size"):
-        rotate_quantize_paged(x, x, slots, odd_group, other_page)
+        rotate_quantize_paged(x, x, slots, good, other_page)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from _tiny import tiny_causal_lm
+from _builders import tiny_causal_lm
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.runtime import dispatch, patch

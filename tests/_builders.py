@@ -1,4 +1,4 @@
-"""One builder for the tiny random-weight models the tests use (seconds on 2 CPU cores)."""
+"""Shared test builders: tiny random-weight models and checkpoints (seconds on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def tiny_causal_lm(kind: str = "Llama", *, seed: int = 0, **overrides):
     fields.update(overrides)
     config = getattr(transformers, f"{kind}Config")(**fields)
     return getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+
+
+def save_tiny_checkpoint(path, tokenizer, *, kind: str = "Llama", seed: int = 0, **overrides):
+    """Save a tiny random ``{kind}ForCausalLM`` with ``tokenizer``'s vocabulary and files to
+    ``path`` (a Hugging Face checkpoint directory a CLI command can load). Returns the path."""
+    fields = dict(vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=512)
+    fields.update(overrides)
+    model = tiny_causal_lm(kind, seed=seed, **fields)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
