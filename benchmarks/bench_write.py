@@ -162,15 +162,19 @@ def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
     n_sets = max(2, min(64, (200 << 20) // in_set + 1))  # > 200 MB of inputs: none stays in L2
     sets = [_inputs(tokens, h_kv, d, device, gen) for _ in range(n_sets)]
     state = {"i": 0}
+    # As the runtime calls it: the kernel flags unstorable values, checked once per step
+    # (without a flag the launcher would synchronise on every call).
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def step():
         k, v = sets[state["i"] % n_sets]
         state["i"] += 1
-        rotate_quantize_paged(k, v, slots, k_store, v_store)
+        rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag)
 
     us = _us(step)
     nbytes = _bytes(tokens, h_kv, d)
     gbs = nbytes / us / 1e3
+    assert int(flag[0]) == 0, "random inputs were flagged as unstorable"
     row = {
         "model": spec["name"], "h_kv": h_kv, "head_dim": d, "tokens": tokens, "block": block,
         "signs": signs, "warps": write._NUM_WARPS, "us": round(us, 2), "bytes": nbytes,
@@ -179,7 +183,7 @@ def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
     if tokens <= 1024:  # a decode step: launch overhead dominates eager timing; graph = device
         k, v = sets[0]
         graph_us = triton.testing.do_bench_cudagraph(
-            lambda: rotate_quantize_paged(k, v, slots, k_store, v_store), rep=100,
+            lambda: rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag), rep=100,
             return_mode="median",
         ) * 1e3  # fmt: skip
         row["graph_us"] = round(graph_us, 2)

@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sawquant.errors import InputError
+from sawquant.errors import InputError, NonFiniteKVError
 from sawquant.format import SideStore
 from sawquant.quant import SUPPORTED_BLOCKS, paged_write_ref
 from sawquant.quant.hadamard import hadamard_scale
+from sawquant.quant.paged import check_storable, storable_limit
 
 __all__ = ["rotate_quantize_paged", "rotate_quantize_paged_ref"]
 
@@ -52,6 +53,9 @@ def rotate_quantize_paged_ref(
     slot_mapping: torch.Tensor,
     k_store: SideStore,
     v_store: SideStore,
+    *,
+    flag: torch.Tensor | None = None,
+    flag_value: int = 1,
 ) -> None:
     """Rotate, quantize and store K and V of T new tokens into their page slots, in place.
 
@@ -62,9 +66,15 @@ def rotate_quantize_paged_ref(
 
     Equivalent to ``sawquant.quant.paged_write_ref(x[:, heads], slot_mapping, pool, block=...,
     signs=...)`` for every pool of each side (pure torch; the CPU path of the runtime). Raises
-    ``InputError`` on mismatched shapes, dtypes or devices, ``ValueError`` on non-finite input.
+    ``InputError`` on mismatched shapes, dtypes or devices and NonFiniteKVError on values that
+    cannot be stored (``flag``/``flag_value``: accepted for parity with the kernel, which
+    flags instead of raising). NaN/Inf inputs are refused before anything is written.
     """
+    del flag, flag_value
     _check_inputs(k, v, slot_mapping, k_store, v_store)
+    keep = slot_mapping >= 0
+    for x in (k, v):
+        check_storable(x[keep].float(), 16, torch.float32)  # NaN/Inf: nothing written yet
     for x, store in ((k, k_store), (v, v_store)):
         for bits, pool in store.pools.items():
             heads = store.heads[bits].to(device=x.device, dtype=torch.long)
@@ -197,7 +207,9 @@ def _write_rows(
     codes_ptr,  # [P, Hp, page, D/2 | D] uint8, or [P, Hp, page, D] 16-bit
     scale_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
     zero_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
+    flag_ptr,  # [1] int32: set to flag_value when a value cannot be stored (NaN/Inf, range)
     # sizes
+    flag_value,
     num_tokens,  # T
     num_rows,  # T * Hp
     num_pool_heads,  # Hp
@@ -215,6 +227,7 @@ def _write_rows(
     LOG_BLOCK: tl.constexpr,  # log2 of the rotation block (0: none)
     HSCALE: tl.constexpr,  # hadamard_scale(block), already a float32 value
     HAS_SIGNS: tl.constexpr,
+    LIMIT: tl.constexpr,  # largest storable magnitude (fp16 range for INT pools)
 ):
     tl.static_assert(D % VEC == 0)
     tl.static_assert(D_PAD % GROUP == 0 or GROUP == D)
@@ -239,6 +252,12 @@ def _write_rows(
     )  # [R, D_PAD] float32, signs applied  # fmt: skip
     if LOG_BLOCK > 0:
         x = _butterfly(x, ROWS, D_PAD, LOG_BLOCK) * HSCALE
+    # The storage policy of every write path (sawquant.quant.check_storable): a value that
+    # cannot be stored raises. A kernel cannot raise, so it flags; the runtime checks the flag
+    # once per step. Dead rows and padding were loaded as 0; NaN fails the comparison.
+    bad = tl.max(tl.max(tl.where(tl.abs(x) <= LIMIT, 0, 1), axis=1), axis=0)
+    if bad > 0:
+        tl.store(flag_ptr, flag_value)
 
     d = tl.arange(0, D_PAD)[None, :]
     row_mask = live[:, None]
@@ -305,7 +324,9 @@ def _rotate_quantize_paged_kernel(
     scale1_ptr,
     zero1_ptr,
     slot_ptr,
+    flag_ptr,
     # sizes
+    flag_value,
     num_tokens,
     num_rows0,
     num_pool_heads0,
@@ -332,6 +353,7 @@ def _rotate_quantize_paged_kernel(
     LOG_BLOCK1: tl.constexpr,
     HSCALE1: tl.constexpr,
     HAS_SIGNS1: tl.constexpr,
+    LIMIT: tl.constexpr,
 ):
     """Two write jobs (K and V pools of one precision) in one launch; see ``_write_rows``."""
     pid = tl.program_id(0)
@@ -339,17 +361,17 @@ def _rotate_quantize_paged_kernel(
         if pid * ROWS < num_rows0:
             _write_rows(
                 pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, codes0_ptr, scale0_ptr,
-                zero0_ptr, num_tokens, num_rows0, num_pool_heads0, page_size,
-                stride_x0t, stride_x0h,
-                D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
+                zero0_ptr, flag_ptr, flag_value, num_tokens, num_rows0, num_pool_heads0,
+                page_size, stride_x0t, stride_x0h,
+                D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0, LIMIT,
             )  # fmt: skip
     else:
         if pid * ROWS < num_rows1:
             _write_rows(
                 pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, codes1_ptr, scale1_ptr,
-                zero1_ptr, num_tokens, num_rows1, num_pool_heads1, page_size,
-                stride_x1t, stride_x1h,
-                D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
+                zero1_ptr, flag_ptr, flag_value, num_tokens, num_rows1, num_pool_heads1,
+                page_size, stride_x1t, stride_x1h,
+                D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1, LIMIT,
             )  # fmt: skip
 
 
@@ -364,19 +386,31 @@ def rotate_quantize_paged(
     slot_mapping: torch.Tensor,
     k_store: SideStore,
     v_store: SideStore,
+    *,
+    flag: torch.Tensor | None = None,
+    flag_value: int = 1,
 ) -> None:
     """Fused Triton write of K and V of T new tokens into their page slots, in place.
 
     Equivalent to :func:`rotate_quantize_paged_ref` (same arguments, bit-exact codes, scales
     and zeros). One launch for the INT4 pools of K and V; one more per other precision present
     (INT8, 16-bit). Slots must be < ``num_pages * page_size`` (not checked: it would sync).
-    Non-finite inputs are stored as garbage instead of raising as the reference does.
+
+    Values that cannot be stored (NaN/Inf, beyond the pool's range) cannot raise inside a
+    kernel: with ``flag`` (int32 [1] on k's device) the kernel sets ``flag[0] = flag_value``
+    and the caller checks it once per step (the runtime does); without it the launcher
+    synchronises and raises NonFiniteKVError as the twin does.
     """
     _check_inputs(k, v, slot_mapping, k_store, v_store)
     _check_kernel_limits(k, v, k_store, v_store)
     num_tokens, _, head_dim = k.shape
     if num_tokens == 0:
         return
+    own_flag = flag is None
+    if own_flag:
+        flag = torch.zeros(1, dtype=torch.int32, device=k.device)
+    elif flag.dtype != torch.int32 or flag.numel() < 1 or flag.device != k.device:
+        raise InputError(f"flag must be an int32 tensor on {k.device}, got {flag.dtype}")
     jobs: dict[int, list[dict]] = {}
     for x, store in ((k, k_store), (v, v_store)):
         for bits in sorted(store.pools):
@@ -390,8 +424,8 @@ def rotate_quantize_paged(
         _rotate_quantize_paged_kernel[grid](
             j0["x"], j0["heads"], j0["signs"], j0["codes"], j0["scale"], j0["zero"],
             j1["x"], j1["heads"], j1["signs"], j1["codes"], j1["scale"], j1["zero"],
-            slot_mapping,
-            num_tokens,
+            slot_mapping, flag,
+            flag_value, num_tokens,
             j0["num_rows"], j0["num_pool_heads"], j1["num_rows"], j1["num_pool_heads"],
             k_store.page_size,
             j0["x"].stride(0), j0["x"].stride(1), j1["x"].stride(0), j1["x"].stride(1),
@@ -400,10 +434,16 @@ def rotate_quantize_paged(
             HSCALE0=j0["hscale"], HAS_SIGNS0=j0["has_signs"],
             VEC1=j1["vec"], GROUP1=j1["group"], LOG_BLOCK1=j1["log_block"],
             HSCALE1=j1["hscale"], HAS_SIGNS1=j1["has_signs"],
+            LIMIT=storable_limit(bits, j0["codes"].dtype),
             num_warps=_NUM_WARPS,
             # Bit-exactness: the reference rounds every multiply and add separately.
             enable_fp_fusion=False,
         )  # fmt: skip
+    if own_flag and int(flag[0]):
+        raise NonFiniteKVError(
+            "keys/values hold NaN/Inf or values beyond the cache's range, which the cache "
+            "cannot store; the model's activations overflowed (load it in bfloat16 or float32)"
+        )
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "InputError",
+    "NonFiniteKVError",
     "RuntimeBypassError",
     "SawquantError",
     "UnsupportedModelError",
@@ -34,3 +35,8 @@ class RuntimeBypassError(RuntimeError):
     """A patched model ran a step without the sawquant cache (an engine or transformers change
     routed K/V elsewhere). Not a user error: the INT4 path silently not running is a defect, so
     it is raised instead of serving from a full-precision cache."""
+
+
+class NonFiniteKVError(SawquantError, ValueError):
+    """The model produced NaN/Inf keys or values (or values outside what the cache format can
+    hold). sawquant never stores them: every later attention over that page would be NaN."""

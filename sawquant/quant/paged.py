@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import torch
 
+from sawquant.errors import NonFiniteKVError
 from sawquant.format import Pool
 from sawquant.quant.hadamard import rotate
-from sawquant.quant.int4 import dequantize, pack_int4, quantize, unpack_int4
+from sawquant.quant.int4 import FP16_MAX, dequantize, pack_int4, quantize, unpack_int4
 
-__all__ = ["paged_gather_ref", "paged_write_ref", "slots_for"]
+__all__ = ["check_storable", "paged_gather_ref", "paged_write_ref", "slots_for", "storable_limit"]
+
+
+def storable_limit(bits: int, dtype: torch.dtype) -> float:
+    """The largest magnitude a pool stores: the fp16 range for INT4/INT8 (their fp16 scale and
+    zero), the storage dtype's finite range for a 16-bit pool."""
+    return FP16_MAX if bits != 16 else float(torch.finfo(dtype).max)
+
+
+def check_storable(xr: torch.Tensor, bits: int, dtype: torch.dtype) -> None:
+    """Raise NonFiniteKVError unless every rotated value fits the pool (the one policy of every
+    write path: the twins raise here, the Triton writer flags it for the runtime to raise)."""
+    limit = storable_limit(bits, dtype)
+    bad = ~(xr.abs() <= limit)  # NaN compares False: counted as bad
+    if bool(bad.any()):
+        raise NonFiniteKVError(
+            f"{int(bad.sum())} key/value element(s) are NaN/Inf or beyond {limit:.4g}, which the "
+            "cache cannot store; the model's activations overflowed (load it in bfloat16 or "
+            "float32 rather than float16, or check the weights for NaN)"
+        )
 
 
 def slots_for(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -45,6 +65,7 @@ def paged_write_ref(
     x, slots = x[keep], slot_mapping[keep].long()
     page, off = slots // spec.page_size, slots % spec.page_size
     xr = rotate(x, block, signs)  # [T, H, D] float32
+    check_storable(xr, spec.bits, pool.codes.dtype)
     if spec.bits == 16:
         pool.codes[page, :, off] = xr.to(pool.codes.dtype)
         return

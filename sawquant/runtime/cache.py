@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, SideConfig
-from sawquant.errors import RuntimeBypassError, SawquantError
+from sawquant.errors import NonFiniteKVError, RuntimeBypassError, SawquantError
 from sawquant.format import SideStore, allocate_side
 from sawquant.quant import random_signs
 from sawquant.runtime import dispatch
@@ -229,6 +229,9 @@ class SawquantCache(Cache):
         # How often each path ran (write, decode, prefill, first_chunk): proof that the paged
         # INT4 path really serves the model (tests and verify read it).
         self.calls: Counter[str] = Counter()
+        # Set by the Triton writer (to layer + 1) when a value cannot be stored; checked once
+        # per step by check_storable(), since a kernel cannot raise (the twins raise at once).
+        self._bad_write: torch.Tensor | None = None
 
     # -- transformers Cache API --------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -313,6 +316,22 @@ class SawquantCache(Cache):
         """Tokens stored per sequence ([B] int64, CPU); pad columns are not counted."""
         return torch.zeros(0, dtype=torch.int64) if self._lens is None else self._lens.clone()
 
+    def check_storable(self) -> None:
+        """Raise NonFiniteKVError if a kernel write of this cache met a value it cannot store
+        (one device-to-host read; the twins raise during the write instead)."""
+        flag = self._bad_write
+        if flag is None or self.reuse_plan:  # (a captured replay is checked by its caller)
+            return
+        layer = int(flag[0])
+        if layer:
+            flag.zero_()
+            raise NonFiniteKVError(
+                f"layer {layer - 1} produced NaN/Inf keys or values (or values beyond the "
+                "cache's range), which sawquant does not store; the model's activations "
+                "overflowed (load it in bfloat16 or float32 rather than float16). This cache "
+                "holds garbage for that step: start a new one"
+            )
+
     def layers_not_written(self) -> list[int]:
         """Layers that did not write into the pages during the current step (should be none)."""
         if self._plan is None or self.reuse_plan:
@@ -340,6 +359,7 @@ class SawquantCache(Cache):
         attention_mask: the 2D [B, past + length] mask of ``generate`` (0 = padding) or None.
         Padding is read only for multi-token steps; a decode step's token is always stored.
         """
+        self.check_storable()  # a bad write of the previous step is never silently kept
         if self._lens is None:
             self._device = torch.device(device)
             self._lens = torch.zeros(batch_size, dtype=torch.int64)
@@ -455,7 +475,12 @@ class SawquantCache(Cache):
             self._allocate_layer(layer, key_states)
         k = key_states.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H_kv, D]
         v = value_states.transpose(1, 2).reshape(b * t, h, d)
-        dispatch.write_kv(k, v, plan.on(k.device).slots, layer.k_store, layer.v_store)
+        if self._bad_write is None or self._bad_write.device != k.device:
+            self._bad_write = torch.zeros(1, dtype=torch.int32, device=k.device)
+        dispatch.write_kv(
+            k, v, plan.on(k.device).slots, layer.k_store, layer.v_store,
+            flag=self._bad_write, flag_value=layer.layer_idx + 1,
+        )  # fmt: skip
         self.calls["write"] += 1
         if not self.reuse_plan:
             layer.seen += t

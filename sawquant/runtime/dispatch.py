@@ -39,12 +39,18 @@ def write_kv(
     slot_mapping: torch.Tensor,
     k_store: SideStore,
     v_store: SideStore,
+    *,
+    flag: torch.Tensor | None = None,
+    flag_value: int = 1,
 ) -> None:
-    """Rotate, quantize and write T new tokens. k, v: [T, H_kv, D]; slot_mapping: [T] int64."""
+    """Rotate, quantize and write T new tokens. k, v: [T, H_kv, D]; slot_mapping: [T] int64.
+
+    Values that cannot be stored raise NonFiniteKVError in the twin; the kernel sets
+    ``flag[0] = flag_value`` instead (the caller checks it once per step)."""
     from sawquant.kernels import write
 
     fn = write.rotate_quantize_paged if use_triton(k) else write.rotate_quantize_paged_ref
-    fn(k, v, slot_mapping, k_store, v_store)
+    fn(k, v, slot_mapping, k_store, v_store, flag=flag, flag_value=flag_value)
 
 
 def decode_attention(

@@ -103,6 +103,7 @@ def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output: An
             "not handle, so this step did not use the INT4 cache; report it with your "
             "transformers version"
         )
+    expected.check_storable()
     missing = expected.layers_not_written()
     if missing:
         raise RuntimeBypassError(

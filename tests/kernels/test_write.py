@@ -266,3 +266,39 @@ def test_launcher_rejects_bad_stores():
                         num_pages=1)  # fmt: skip
     with pytest.raises(InputError, match="share one page size"):
         rotate_quantize_paged(x, x, slots, good, other_page)
+
+
+# ---- values the cache cannot store (one policy for twin and kernel) ------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.0e6], ids=["nan", "inf", "range"])
+@pytest.mark.parametrize("bits", [4, 16])
+def test_unstorable_values_raise_in_the_twin_and_flag_in_the_kernel(bad, bits):
+    """BF16 fallback pools used to store NaN/Inf silently (then every decode was NaN), and the
+    kernel stored garbage by design. Now the twin raises, the kernel sets the caller's flag,
+    and the kernel without a flag raises like the twin."""
+    from sawquant.errors import NonFiniteKVError
+
+    if bad == 1.0e6 and bits == 16:
+        bad = float("inf")  # a bf16 pool holds 1e6: only Inf is out of its range
+    common = dict(heads=2, head_dim=32, block=16, seed=None, group=None, page_size=16)
+    store = _store(head_bits=(bits, 4), num_pages=2, **common)
+    x = torch.randn(5, 2, 32, device=DEVICE)
+    x[3, 0, 7] = bad  # head 0: the pool of `bits`
+    slots = torch.arange(5, device=DEVICE)
+    with pytest.raises(NonFiniteKVError, match="cannot store"):
+        rotate_quantize_paged_ref(x, x.clone(), slots, _clone(store), _clone(store))
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    rotate_quantize_paged(
+        x, x.clone(), slots, _clone(store), _clone(store), flag=flag, flag_value=7
+    )
+    print("flag after a bad write:", flag.tolist())
+    assert flag.tolist() == [7]
+    with pytest.raises(NonFiniteKVError, match="cannot store"):
+        rotate_quantize_paged(x, x.clone(), slots, _clone(store), _clone(store))
+    flag.zero_()
+    x[3, 0, 7] = 1.0
+    rotate_quantize_paged(
+        x, x.clone(), slots, _clone(store), _clone(store), flag=flag, flag_value=7
+    )
+    assert flag.tolist() == [0]  # a clean write leaves it alone

@@ -77,3 +77,19 @@ def test_int4_bytes_per_token_matches_design():
     # DESIGN.md: 68 bytes per token and head at head_dim 128 (3.76x smaller than BF16)
     assert PoolSpec(1, 16, 1, 128, 4).bytes_per_token_head() == 68
     assert PoolSpec(1, 16, 1, 128, 16).bytes_per_token_head() == 256
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_no_pool_stores_nan_or_inf(bits):
+    """The storage policy: nothing non-finite is written, by any pool (BF16 used to)."""
+    from sawquant.errors import NonFiniteKVError
+    from sawquant.format import PoolSpec, allocate_pool
+    from sawquant.quant import paged_write_ref
+
+    pool = allocate_pool(PoolSpec(2, 4, 2, 16, bits))
+    before = pool.codes.clone()
+    x = torch.randn(3, 2, 16)
+    x[1, 1, 3] = float("nan")
+    with pytest.raises(NonFiniteKVError, match="NaN/Inf"):
+        paged_write_ref(x, torch.tensor([0, 1, 2]), pool)
+    assert torch.equal(pool.codes, before)

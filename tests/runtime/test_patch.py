@@ -294,3 +294,24 @@ def test_beam_search_matches_with_16bit_pools():
         out = model.generate(ids, **kw)
     print("beam search, plain:", ref[:, 7:].tolist(), "sawquant 16-bit:", out[:, 7:].tolist())
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("path", ["twins", "triton"])
+def test_nan_keys_are_refused_on_every_path(path, monkeypatch):
+    """A model whose activations overflow must not fill the cache with NaN: the twins raise
+    in the write, the Triton path flags it and the step raises (checked once per forward)."""
+    from sawquant.errors import NonFiniteKVError
+    from sawquant.runtime import dispatch
+
+    model = _llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    # A BF16 fallback head: the pool that used to store NaN silently.
+    patch(model, _config(model, rotation_block=16, fallback_heads={0: 16}))
+    if path == "triton":
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # interpreted on CPU
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    # The twin raises in the write; the kernel's flag names the layer after the step.
+    match = "element\\(s\\) are NaN/Inf" if path == "twins" else "layer 1 produced NaN/Inf"
+    with torch.no_grad(), pytest.raises(NonFiniteKVError, match=match):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
