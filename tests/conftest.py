@@ -6,8 +6,20 @@ load the cached dense copy (well under a second after transformers is imported).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter. Set before anything imports triton
+# (the JIT decorator reads it), which conftest.py guarantees by loading first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# One torch thread per test process, CLI commands included (they choose their own count): the
+# suite is many small ops, and with 2 threads on a busy 2-core machine they wait on each other
+# (the demo verify test took 30 min instead of 2).
+os.environ.setdefault("SAWQUANT_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["SAWQUANT_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 
 from sawquant.format import SideStore
 
-__all__ = ["decode_attention", "prefill_attention", "use_triton", "write_kv"]
+__all__ = ["backend_name", "decode_attention", "prefill_attention", "use_triton", "write_kv"]
 
 
 @functools.cache
@@ -26,6 +26,14 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def backend_name(device: torch.device) -> str:
+    """What runs for tensors on ``device``: the Triton kernels or the torch twins."""
+    if device.type == "cuda" and _triton_available():
+        return "Triton kernels (sawquant.kernels)"
+    why = "no CUDA device" if device.type != "cuda" else "triton is not installed"
+    return f"torch twins (sawquant.quant; {why})"
 
 
 def use_triton(t: torch.Tensor) -> bool:

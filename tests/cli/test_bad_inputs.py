@@ -181,3 +181,13 @@ def test_thread_count_follows_the_idle_cores(monkeypatch):
     assert choose_num_threads(cpus=8, load=20.0) == 1
     monkeypatch.setenv("SAWQUANT_NUM_THREADS", "3")
     assert choose_num_threads(cpus=2, load=2.0) == 3
+
+
+def test_info_names_the_backend_and_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAWQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    result = _run("info")
+    assert result.exit_code == 0
+    assert "kernels that will run" in result.output and "torch twins" in result.output
+    assert str(tmp_path / "cache") in result.output
+    assert "converted on first use" in result.output
