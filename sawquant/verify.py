@@ -31,7 +31,7 @@ import torch
 
 from sawquant.checkpoint import is_export
 from sawquant.config import SUPPORTED_BLOCKS, KVConfig, ModelFacts, SideConfig
-from sawquant.errors import InputError
+from sawquant.errors import InputError, RuntimeBypassError
 
 __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
@@ -107,6 +107,10 @@ class RuntimeScores:
     # Full precision over every prediction of the windows (N * (L - 1)): the same number as
     # ``simulated_perplexity(model, windows, None)``, from the reference forward it needs anyway.
     ppl_full_windows: float = math.nan
+    # Layer-steps the sawquant paged decode served (0 when the runtime is not sawquant's), and
+    # the one-token forward passes that should have produced them (one per layer each).
+    decode_calls: int = 0
+    decode_steps: int = 0
 
 
 def _full_logprobs(model, windows: torch.Tensor, start: int) -> tuple[torch.Tensor, float]:
@@ -145,7 +149,9 @@ def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progr
         logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # [N, V]
         if progress is not None:
             progress("runtime", j + 1, steps)
-    return torch.stack(logps, dim=1)
+    # How many layer steps the sawquant decode served: the proof the INT4 path ran.
+    decodes = past.calls["decode"] if hasattr(past, "calls") else 0
+    return torch.stack(logps, dim=1), decodes
 
 
 def runtime_scores(
@@ -174,6 +180,8 @@ def runtime_scores(
     steps = length - 1 - prefix
     # Per runtime: nll full, nll runtime, kl, top-1 agreements (sums over positions).
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in patches}
+    decode_calls = dict.fromkeys(patches, 0)
+    decode_steps = 0  # forward passes of one token per sequence, per runtime
     nll_windows = 0.0
     total = -(-n // batch_size) * len(patches) * steps
     done = 0
@@ -184,6 +192,7 @@ def runtime_scores(
 
     for start in range(0, n, batch_size):
         rows = windows[start : start + batch_size]  # [B, L]
+        decode_steps += steps
         targets = rows[:, prefix + 1 :, None]  # [B, C, 1] tokens predicted by the decode steps
         with torch.inference_mode():
             ref, nll = _full_logprobs(model, rows, prefix)  # [B, C, V]
@@ -191,7 +200,8 @@ def runtime_scores(
             for name, patch in patches.items():
                 patch(model)
                 try:
-                    got = _runtime_logprobs(model, rows, prefix, step_progress)  # [B, C, V]
+                    got, decodes = _runtime_logprobs(model, rows, prefix, step_progress)
+                    decode_calls[name] += decodes
                 finally:
                     unpatch(model)
                 done += steps
@@ -217,6 +227,8 @@ def runtime_scores(
             top1_agreement=agree,
             positions=count,
             ppl_full_windows=ppl_windows,
+            decode_calls=decode_calls[name],
+            decode_steps=decode_steps,
         )
     return scores
 
@@ -517,8 +529,21 @@ def verify(
         max_ppl_increase=max_ppl_increase,
         min_recovery=min_recovery,
     )
+    expected_calls = scores.decode_steps * facts.num_layers
+    for name, sc in all_scores.items():
+        if sc.decode_calls != expected_calls:
+            raise RuntimeBypassError(
+                f"the {name} runtime served {sc.decode_calls} of {expected_calls} decode layer "
+                "steps through the sawquant paged cache; its scores would not be the INT4 "
+                "cache's (report this with your transformers version)"
+            )
     runtime_report = {
-        name: {"ppl": sc.ppl, "kl": sc.kl, "top1_agreement": sc.top1_agreement}
+        name: {
+            "ppl": sc.ppl,
+            "kl": sc.kl,
+            "top1_agreement": sc.top1_agreement,
+            "decode_calls": sc.decode_calls,
+        }
         for name, sc in all_scores.items()
     }
     return VerifyReport(

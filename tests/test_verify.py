@@ -143,7 +143,7 @@ def test_report_has_exactly_the_documented_keys():
         },
         runtime={
             "full": {"ppl": 9.0},
-            "sawquant": {"ppl": 9.2, "kl": 0.01, "top1_agreement": 0.95},
+            "sawquant": {"ppl": 9.2, "kl": 0.01, "top1_agreement": 0.95, "decode_calls": 508},
         },
         recovery=0.7,
         passed=True,
@@ -165,7 +165,7 @@ def test_report_has_exactly_the_documented_keys():
     assert set(d["simulated"]) == {"full", "naive_int4", "saw_fixed", "sawquant"}
     assert set(d["simulated"]["sawquant"]) == {"ppl", "avg_bits"}
     assert set(d["runtime"]) == {"full", "sawquant"}
-    assert set(d["runtime"]["sawquant"]) == {"ppl", "kl", "top1_agreement"}
+    assert set(d["runtime"]["sawquant"]) == {"ppl", "kl", "top1_agreement", "decode_calls"}
     assert isinstance(d["passed"], bool) and isinstance(d["tokens"], int)
 
 

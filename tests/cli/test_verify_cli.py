@@ -85,6 +85,8 @@ def test_pass_writes_the_json_report(tiny_export, tmp_path):
     # Every scored position went through the paged INT4 decode path: not bit-equal to fp32.
     assert 0 < rt["kl"] < 0.1 and 0.5 < rt["top1_agreement"] <= 1
     assert d["scored_positions"] == 2 * (128 - 112 - 1)
+    # Proof the paged INT4 decode served every scored position of every layer.
+    assert rt["decode_calls"] == (128 - 112 - 1) * 2  # one batch of 2 windows, 2 layers
     assert d["simulated"]["sawquant"]["avg_bits"] == pytest.approx(
         KVConfig.from_json((tiny_export / "sawquant_kv.json").read_text()).average_bits()
     )
@@ -151,3 +153,20 @@ def test_config_file_on_a_plain_checkpoint(tiny_checkpoint, tmp_path):
     assert d["simulated"]["sawquant"]["avg_bits"] == pytest.approx(cfg.average_bits())
     missing = invoke(str(tiny_checkpoint), *SMALL, "--config", str(tmp_path / "none.json"))
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_runtime_that_did_not_decode_through_the_pages_is_an_error(tiny_export, monkeypatch):
+    """Scores are only the INT4 cache's if its decode served every step; otherwise verify stops
+    (exit 3: a defect, not a failed accuracy check)."""
+    import sawquant.verify
+
+    real = sawquant.verify._runtime_logprobs
+
+    def lost(*args, **kwargs):
+        logps, _ = real(*args, **kwargs)
+        return logps, 0  # as if transformers had routed the steps around the cache
+
+    monkeypatch.setattr(sawquant.verify, "_runtime_logprobs", lost)
+    result = invoke(str(tiny_export), *SMALL, *LOOSE)
+    assert result.exit_code == 3
+    assert "runtime served 0 of 30 decode" in result.output
