@@ -16,16 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import asdict, replace
 
 import torch
 import triton
 from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.format import allocate_side
-from sawquant.kernels import decode
-from sawquant.kernels.decode import paged_decode_attention, paged_decode_attention_ref
+from sawquant.kernels.decode import paged_decode_attention
+from sawquant.kernels.plans import DEFAULT_DECODE_TUNING, DecodePlan, DecodeTuning, PrefillPlan
 from sawquant.kernels.prefill import _dequant_into, paged_prefill_attention
 from sawquant.quant import paged_write_ref, random_signs, slots_for
+from sawquant.quant.decode import paged_decode_attention_ref
+from sawquant.testing import poisoned_side
 
 __all__ = ["run"]
 
@@ -48,6 +51,22 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * src.element_size() / us / 1e3
 
 
+def read_bandwidth(device: torch.device) -> float:
+    """The best read rate in GB/s: a read-only reduction over 4 GiB (what decode attention,
+    which reads far more than it writes, should be compared with; the copy rate counts writes).
+    The best of a few reduction shapes is kept."""
+    src = torch.randn(1 << 30, device=device)  # 4 GiB of float32
+    best = 0.0
+    for rows in (1 << 10, 1 << 14):
+        view = src.view(rows, -1)
+        out = torch.empty(rows, device=device)
+        us = _bench(lambda v=view, o=out: torch.sum(v, dim=1, out=o), graph=False)
+        best = max(best, src.numel() * src.element_size() / us / 1e3)
+    del src
+    torch.cuda.empty_cache()
+    return best
+
+
 def _random_stores(batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0):
     """Stores filled with random codes/scales (valid data for timing), permuted block table."""
     h_kv, d = spec["h_kv"], spec["d"]
@@ -58,21 +77,14 @@ def _random_stores(batch, ctx, spec, page, device, k_bits=None, v_bits=None, see
     table = table.view(batch, pages_per_seq).to(torch.int32)
     stores = []
     for bits in (k_bits, v_bits):
-        st = allocate_side(
-            num_kv_heads=h_kv,
-            head_dim=d,
-            head_bits=bits or (4,) * h_kv,
-            num_pages=num_pages,
-            page_size=page,
-            block=spec["block"],
-            signs=random_signs(d, 1),
-            device=device,
-        )
-        for pool in st.pools.values():
+        st = poisoned_side(
+            num_kv_heads=h_kv, head_dim=d, block=spec["block"], num_pages=num_pages,
+            page_size=page, seed=1, head_bits=bits, device=device,
+        )  # fmt: skip
+        for pool in st.pools.values():  # valid values (random bytes may be NaN/Inf patterns)
             if pool.scale is None:
                 pool.codes.normal_(generator=g)
                 continue
-            pool.codes.copy_(torch.randint(0, 256, pool.codes.shape, device=device, generator=g))
             pool.scale.uniform_(0.05, 0.2, generator=g)
             pool.zero.uniform_(-1.5, -0.5, generator=g)
         stores.append(st)
@@ -83,15 +95,15 @@ def _decode_bytes(k_store, v_store, batch, ctx, q_bytes):
     return (k_store.bytes_per_token() + v_store.bytes_per_token()) * batch * ctx + 2 * q_bytes
 
 
-# Launch variants of the sweep (decode._TUNING overrides). The designs that lost on the H100
-# and were removed from the kernel (the first round's half-width kernel, q K^T and K-as-A
-# orientations, Triton's pipeliner instead of the hand prefetch, maxnreg caps) are in
+# Launch variants of the sweep. The designs that lost on the H100 and were removed from the
+# kernel (the first round's half-width kernel, q K^T and K-as-A orientations, Triton's
+# pipeliner instead of the hand prefetch, maxnreg caps, the round-2 fallback handling) are in
 # bench_decode_variants_h100_2026-11-22_run1.json and bench_decode_h100_2026-11-22_run2.json.
 VARIANTS = [
-    {"SUBN": 1, "BLOCK_N": 128, "num_warps": 4},
-    {"SUBN": 0, "BLOCK_N": 128, "num_warps": 4},
-    {"SUBN": 1, "BLOCK_N": 256, "num_warps": 8},
-    {"SUBN": 1, "BLOCK_N": 64, "num_warps": 4},
+    DEFAULT_DECODE_TUNING,
+    DecodeTuning(subnormal_unpack=False),
+    DecodeTuning(block_n=256, num_warps=8),
+    DecodeTuning(block_n=64),
 ]
 
 
@@ -152,22 +164,20 @@ def sweep_variants(device: torch.device, bw: float) -> list[dict]:
         shapes[(batch, ctx)] = (q, k_store, v_store, table, lens, splits)
     rows = []
     for var in VARIANTS:
-        decode._TUNING.clear()
-        decode._TUNING.update(var)
-        row = {"kind": "variant", "config": dict(var)}
+        row = {"kind": "variant", "config": asdict(var)}
         try:
             errs = []
             # The second case compiles 4 more kernels: only for two variants (time on the GPU).
             full = var in (VARIANTS[0], VARIANTS[1])
             for case, ref in list(zip(checks, refs))[: 2 if full else 1]:
-                out = paged_decode_attention(*case, softmax_scale=0.1)
+                out = paged_decode_attention(*case, softmax_scale=0.1, tuning=var)
                 errs.append(((out.float() - ref).norm() / ref.norm()).item())
                 errs.append(float(torch.isfinite(out).all()))
             row["rel_err"] = errs
             for (batch, ctx), (q, ks, vs, table, lens, splits) in shapes.items():
                 for ns in splits:
                     fn = lambda: paged_decode_attention(  # noqa: E731
-                        q, ks, vs, table, lens, softmax_scale=0.088, num_splits=ns
+                        q, ks, vs, table, lens, softmax_scale=0.088, num_splits=ns, tuning=var
                     )
                     us = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
                     row[f"{batch}x{ctx}/s{ns}"] = us
@@ -175,7 +185,6 @@ def sweep_variants(device: torch.device, bw: float) -> list[dict]:
             row["error"] = repr(err)[:400]
         print(_variant_line(row), flush=True)
         rows.append(row)
-    decode._TUNING.clear()
     for (batch, ctx), (q, ks, vs, table, lens, splits) in shapes.items():
         nbytes = _decode_bytes(ks, vs, batch, ctx, q.numel() * 2)
         rows.append({"kind": "shape", "batch": batch, "context": ctx, "bytes_read": nbytes,
@@ -189,7 +198,7 @@ def _variant_line(r: dict) -> str:
     return f"{r['config']} err[{e}] {t} {r.get('error', '')}"
 
 
-def check_correctness(device: torch.device) -> list[dict]:
+def check_correctness(device: torch.device, tuning: DecodeTuning) -> list[dict]:
     """Kernel vs the fp32 twin on real quantized data (paged_write_ref), several layouts."""
     rows = []
     cases = [
@@ -218,7 +227,7 @@ def check_correctness(device: torch.device) -> list[dict]:
                 bits=case["bits"],
                 gs=case.get("gs"),
             )
-            out = paged_decode_attention(*args, softmax_scale=d**-0.5, **kw)
+            out = paged_decode_attention(*args, softmax_scale=d**-0.5, tuning=tuning, **kw)
             ref = paged_decode_attention_ref(*args, softmax_scale=d**-0.5, **kw).float()
             rel = ((out.float() - ref).norm() / ref.norm()).item()
             rows.append(
@@ -232,44 +241,48 @@ def check_correctness(device: torch.device) -> list[dict]:
     return rows
 
 
-def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
+def bench_decode_shape(
+    device, spec, batch, ctx, page, bw, read_bw, sweep=False, tuning=DEFAULT_DECODE_TUNING
+) -> dict:
     k_store, v_store, table = _random_stores(batch, ctx, spec, page, device)
+    # As engines call it: the layer's plan built once, outside the timed launches.
+    plan = DecodePlan.build(k_store, v_store, device)
     q = torch.randn(batch, spec["h_q"], spec["d"], device=device, dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
     scale = spec["d"] ** -0.5
     nbytes = _decode_bytes(k_store, v_store, batch, ctx, q.numel() * 2)
 
-    def kern(**kw):
+    def kern(tune=tuning, **kw):
         return lambda: paged_decode_attention(
-            q, k_store, v_store, table, lens, softmax_scale=scale, **kw
+            q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan, tuning=tune, **kw
         )
 
     variants = []
-    base = dict(decode._TUNING)  # the chosen kernel variant, if any; restored at the end
+    tuned = tuning
     if sweep:
         configs = [(bn, nw, ns) for bn in (32, 64, 128) for nw in (4, 8) for ns in (1, 2, 3)]
         for bn, nw, ns in configs:
-            decode._TUNING.update(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+            tune = replace(tuning, block_n=bn, num_warps=nw, num_stages=ns)
             try:
-                us = _bench(kern(), graph=True)
+                us = _bench(kern(tune), graph=True)
             except Exception as err:  # a config that does not compile (shared memory)
                 us = float("nan")
                 print("variant failed", bn, nw, ns, type(err).__name__)
-            variants.append({"BLOCK_N": bn, "num_warps": nw, "num_stages": ns, "graph_us": us})
+            variants.append({"block_n": bn, "num_warps": nw, "num_stages": ns, "graph_us": us})
         best = min(
             (v for v in variants if v["graph_us"] == v["graph_us"]), key=lambda v: v["graph_us"]
         )
-        decode._TUNING.update(
-            BLOCK_N=best["BLOCK_N"], num_warps=best["num_warps"], num_stages=best["num_stages"]
-        )
-        auto = decode._default_splits(batch, spec["h_kv"], ctx, device)
+        tuned = replace(
+            tuning, block_n=best["block_n"], num_warps=best["num_warps"],
+            num_stages=best["num_stages"],
+        )  # fmt: skip
+        auto = plan.splits(batch, spec["h_kv"], ctx)
         for ns in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, auto}):
-            variants.append({"num_splits": ns, "graph_us": _bench(kern(num_splits=ns), True)})
-    eager = _bench(kern(), graph=False)
-    graph = _bench(kern(), graph=True)
-    tuned = dict(decode._TUNING)
-    decode._TUNING.clear()
-    decode._TUNING.update(base)
+            variants.append(
+                {"num_splits": ns, "graph_us": _bench(kern(tuned, num_splits=ns), True)}
+            )
+    eager = _bench(kern(tuned), graph=False)
+    graph = _bench(kern(tuned), graph=True)
 
     # Baseline: SDPA bf16 on a contiguous cache [B, H_kv, ctx, D], GQA.
     kc = torch.randn(batch, spec["h_kv"], ctx, spec["d"], device=device, dtype=torch.bfloat16)
@@ -300,15 +313,18 @@ def bench_decode_shape(device, spec, batch, ctx, page, bw, sweep=False) -> dict:
         "pct_copy_bw_graph": 100 * nbytes / graph / 1e3 / bw,
         "GBps_eager": nbytes / eager / 1e3,
         "pct_copy_bw_eager": 100 * nbytes / eager / 1e3 / bw,
+        "pct_read_bw_graph": 100 * nbytes / graph / 1e3 / read_bw,
+        # An FP8 cache (1 byte per element, K and V) read at the measured read rate.
+        "fp8_at_read_bw_us": (2 * batch * ctx * spec["h_kv"] * spec["d"]) / read_bw / 1e3,
         "sdpa_bf16_us_eager": sdpa_eager,
         "sdpa_bf16_us_graph": sdpa_graph,
         "sdpa_gqa": gqa,
         "speedup_eager": sdpa_eager / eager,
         "speedup_graph": sdpa_graph / graph,
         "best_us": best,
-        "num_splits_auto": decode._default_splits(batch, spec["h_kv"], ctx, device),
+        "num_splits_auto": plan.splits(batch, spec["h_kv"], ctx),
         "variants": variants,
-        "tuning": tuned,
+        "tuning": asdict(tuned),
     }
 
 
@@ -319,26 +335,25 @@ FALLBACK_CONFIGS = {
     "bf16-k-head": ((16,) + (4,) * 7, (4,) * 8),
     "all-16bit": ((16,) * 8, (16,) * 8),
 }
-# The earlier handling of INT8 / 16-bit pools (decode._TUNING["LEGACY"]) and the current one;
-# "bn128": the current one with BLOCK_N 128 for the fallback groups too.
-FALLBACK_MODES = {"before": {"LEGACY": 1}, "now": {}, "now-bn128": {"FALLBACK_BLOCK_N": 128}}
+# The fallback groups' tile width: the default (64) and 128 as for INT4 groups. (The round-2
+# handling these were compared with is in bench_decode_fallback_h100_2026-11-22.json.)
+FALLBACK_MODES = {"now": DEFAULT_DECODE_TUNING, "now-bn128": DecodeTuning(wide_block_n=128)}
 
 
 def check_fallback_correctness(device: torch.device) -> list[dict]:
     """Kernel vs the fp32 twin with INT8 / 16-bit heads (Qwen3-8B layer, lengths 1/999/4096,
-    auto splits and 3 splits), in the current and the earlier (LEGACY) handling."""
+    auto splits and 3 splits)."""
     mixed = ((8, 16, 4, 4, 4, 4, 4, 4), (16, 8, 16, 4, 4, 4, 4, 4))  # groups 8/16 16/8 4/16 4/4
     rows = []
     for name, bits in [*FALLBACK_CONFIGS.items(), ("mixed", mixed)]:
         for dtype in (torch.bfloat16, torch.float16)[: 2 if name in ("mixed", "all-16bit") else 1]:
             args = _quantized_case(device, 32, 8, 128, 128, 16, [1, 999, 4096], dtype, bits=bits)
             ref = paged_decode_attention_ref(*args, softmax_scale=128**-0.5).float()
-            for mode, tuning in (("before", {"LEGACY": 1}), ("now", {})):
+            for mode, tuning in FALLBACK_MODES.items():
                 for splits in (None, 3):
-                    decode._TUNING.clear()
-                    decode._TUNING.update(tuning)
-                    out = paged_decode_attention(*args, softmax_scale=128**-0.5, num_splits=splits)
-                    decode._TUNING.clear()
+                    out = paged_decode_attention(
+                        *args, softmax_scale=128**-0.5, num_splits=splits, tuning=tuning
+                    )
                     rel = ((out.float() - ref).norm() / ref.norm()).item()
                     rows.append(
                         {
@@ -366,19 +381,18 @@ def bench_fallback(
         for mode, tuning in FALLBACK_MODES.items():
             if mode == "now-bn128" and name == "int4":
                 continue
-            decode._TUNING.clear()
-            decode._TUNING.update(tuning)
+            plan = DecodePlan.build(k_store, v_store, device)
             try:
                 us = _bench(
                     lambda: paged_decode_attention(
-                        q, k_store, v_store, table, lens, softmax_scale=scale
+                        q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan,
+                        tuning=tuning,
                     ),
                     graph=True,
-                )
+                )  # fmt: skip
             except Exception as err:  # report and go on
                 us = float("nan")
                 print("fallback bench failed", name, mode, repr(err)[:300])
-            decode._TUNING.clear()
             rows.append(
                 {
                     "kind": "fallback",
@@ -431,7 +445,13 @@ def bench_prefill(device, spec, chunk, cached, page) -> dict:
     )
     grp = h_q // h_kv
     buf = torch.empty(1, h_q, cached + chunk, d, device=device, dtype=torch.bfloat16)
-    gather = _bench(lambda: _dequant_into(buf, k_store, table, lens, cached, grp), graph=False)
+    plan = PrefillPlan.build(k_store, v_store, device)
+    gather = _bench(
+        lambda: _dequant_into(
+            buf, k_store, table, lens, cached, grp, plan.k_unrot, plan.k_rot_scale
+        ),
+        graph=False,
+    )
     kc = torch.randn(1, h_kv, cached + chunk, d, device=device, dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     mask = causal_lower_right(chunk, cached + chunk)
@@ -473,7 +493,7 @@ def run(
             "triton": triton.__version__,
         }
     ]
-    tuning: dict = {}
+    tuning = DEFAULT_DECODE_TUNING
     if variants:
         bw = copy_bandwidth(device)
         rows.append({"kind": "copy_bandwidth", "GBps": bw})
@@ -486,26 +506,28 @@ def run(
         def best_sum(r):  # best split count at each of the two long shapes
             return sum(min(v for k, v in r.items() if k.startswith(s)) for s in ("32x", "8x"))
 
-        tuning = min(ok, key=best_sum)["config"]
-        rows.append({"kind": "chosen_variant", "config": tuning})
+        tuning = DecodeTuning(**min(ok, key=best_sum)["config"])
+        rows.append({"kind": "chosen_variant", "config": asdict(tuning)})
         torch.cuda.empty_cache()
-    decode._TUNING.update(tuning)
-    rows += [{"kind": "correctness", **r} for r in check_correctness(device)]
+    rows += [{"kind": "correctness", **r} for r in check_correctness(device, tuning)]
     bw = copy_bandwidth(device)
+    read_bw = read_bandwidth(device)
     rows.append({"kind": "copy_bandwidth", "GBps": bw})
+    rows.append({"kind": "read_bandwidth", "GBps": read_bw})
     page = 16
+    common = dict(bw=bw, read_bw=read_bw, sweep=sweep, tuning=tuning)
     jobs = [
-        (bench_decode_shape, (device, QWEN3_8B, b, n, page, bw, sweep))
-        for b, n in ((32, 16384), (8, 32768), (1, 4096))
+        (bench_decode_shape, (device, QWEN3_8B, b, n, page), common)
+        for b, n in ((32, 16384), (8, 32768), (64, 8192), (1, 4096))
     ]
     jobs += [
-        (bench_decode_shape, (device, QWEN3_8B, 32, 16384, 64, bw, sweep)),
-        (bench_decode_shape, (device, DEMO, 32, 4096, page, bw, sweep)),
-        (bench_prefill, (device, QWEN3_8B, 2048, 16384, page)),
+        (bench_decode_shape, (device, QWEN3_8B, 32, 16384, 64), common),
+        (bench_decode_shape, (device, DEMO, 32, 4096, page), common),
+        (bench_prefill, (device, QWEN3_8B, 2048, 16384, page), {}),
     ]
-    for fn, args in jobs:
+    for fn, args, kwargs in jobs:
         try:
-            rows.append(fn(*args))
+            rows.append(fn(*args, **kwargs))
         except Exception as err:  # keep measuring the other shapes; the error is reported
             rows.append({"kind": "error", "job": fn.__name__, "error": repr(err)[:500]})
         torch.cuda.empty_cache()
@@ -520,8 +542,9 @@ def _table(rows: list[dict]) -> str:
                 f"decode h{r['layer']['h_q']}/{r['layer']['h_kv']} d{r['layer']['d']} "
                 f"B{r['batch']}x{r['context']} page{r['page_size']}: "
                 f"eager {r['kernel_us_eager']:.1f} us, graph {r['kernel_us_graph']:.1f} us, "
-                f"{r['GBps_graph']:.0f} GB/s "
-                f"({r['pct_copy_bw_graph']:.0f}% copy), SDPA eager {r['sdpa_bf16_us_eager']:.1f} "
+                f"{r['GBps_graph']:.0f} GB/s ({r['pct_read_bw_graph']:.0f}% read, "
+                f"{r['pct_copy_bw_graph']:.0f}% copy), FP8 at read rate "
+                f"{r['fp8_at_read_bw_us']:.0f} us, SDPA eager {r['sdpa_bf16_us_eager']:.1f} "
                 f"graph {r['sdpa_bf16_us_graph']:.1f} us, speedup eager "
                 f"{r['speedup_eager']:.2f}x graph {r['speedup_graph']:.2f}x"
             )
@@ -555,7 +578,7 @@ def main() -> None:
     parser.add_argument(
         "--fallback",
         action="store_true",
-        help="only the INT8 / 16-bit pool check and timings (before / now, batch 64 x 16k)",
+        help="only the INT8 / 16-bit pool check and timings (batch 64 x 16k)",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -21,10 +21,11 @@ import json
 import torch
 import triton
 
-from sawquant.format import Pool, SideStore, allocate_side
+from sawquant.format import SideStore
 from sawquant.kernels import write
-from sawquant.kernels.write import rotate_quantize_paged, rotate_quantize_paged_ref
-from sawquant.quant import random_signs
+from sawquant.kernels.write import rotate_quantize_paged
+from sawquant.quant.write import rotate_quantize_paged_ref
+from sawquant.testing import copy_side, poisoned_side
 
 __all__ = ["run"]
 
@@ -46,39 +47,14 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def _side(h_kv, d, block, *, pages, device, bits=None, group=None, seed=None) -> SideStore:
-    store = allocate_side(
-        num_kv_heads=h_kv,
-        head_dim=d,
-        head_bits=bits or (4,) * h_kv,
-        num_pages=pages,
-        page_size=PAGE,
-        block=block,
-        signs=None if seed is None else random_signs(d, seed),
-        group_size=group,
-        device=device,
-    )
-    for pool in store.pools.values():  # poison: untouched slots must keep these bytes
-        for t in (pool.codes, pool.scale, pool.zero):
-            if t is not None:
-                t.view(torch.uint8).random_(0, 256)
-                if t.is_floating_point():
-                    t.nan_to_num_(0.0, 0.0, 0.0)
-    return store
+    """Pools poisoned with random bytes: untouched slots must keep these bytes."""
+    return poisoned_side(
+        num_kv_heads=h_kv, head_dim=d, block=block, num_pages=pages, page_size=PAGE,
+        seed=seed, group=group, head_bits=bits, device=device,
+    )  # fmt: skip
 
 
-def _copy(store: SideStore, device: torch.device | None = None) -> SideStore:
-    """A deep copy of the store's pools (on ``device``, default: where they are)."""
-
-    def dup(t):
-        return None if t is None else t.to(device or t.device, copy=True)
-
-    pools = {
-        b: Pool(p.spec, dup(p.codes), dup(p.scale), dup(p.zero)) for b, p in store.pools.items()
-    }
-    heads = {b: dup(h) for b, h in store.heads.items()}
-    return SideStore(
-        store.num_kv_heads, store.head_dim, store.block, dup(store.signs), pools, heads
-    )
+_copy = copy_side
 
 
 def _slots(tokens: int, pages: int, device, gen) -> torch.Tensor:

@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
 from sawquant.runtime import SawquantCache, kv_memory, patch, unpatch
-from sawquant.runtime.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
 SHAPES = {
     # Qwen3-8B: 36 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096.
@@ -292,12 +292,10 @@ def _attention_only(model, cache: SawquantCache, device) -> dict:
     cfg = model.config
     h_q, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = torch.randn(b, h_q, d, device=device, dtype=torch.bfloat16)
-    k_store, v_store = cache.stores(0)
+    layer = cache.layer_kv(0)
 
     def paged():
-        dispatch.decode_attention(
-            q, k_store, v_store, plan.block_table, plan.seq_lens, softmax_scale=d**-0.5
-        )
+        dispatch.decode_attention(q, layer, plan.block_table, plan.seq_lens, softmax_scale=d**-0.5)
 
     out = {"attn_layer_s": _bench(paged, device)}
     length = int(plan.seq_lens.max())

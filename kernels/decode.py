@@ -23,97 +23,29 @@ in NATURAL channel order (16-byte loads along each row; q and the output follow 
 order), 16-bit heads dot in their storage dtype on the GPU, and each group gets its own split
 count, so a lone fallback head still fills the GPU (H100: one INT8 K head costs its layer
 1.16x the plain INT4 layer instead of 3.0x; RESULTS.md).
+
+Everything derived from the layer's stores (head groups, rotation matrices in channel order,
+SM count) comes in a ``DecodePlan`` built once per layer; launch parameters come in a
+``DecodeTuning`` (defaults from the sweeps). The twin, ``sawquant.quant.decode``, is the spec.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from sawquant.errors import InputError
 from sawquant.format import SideStore
-from sawquant.quant import block_hadamard, paged_gather_ref, rotate, unrotate
-from sawquant.quant.hadamard import hadamard_scale
+from sawquant.kernels.common import rotate_rows
+from sawquant.kernels.plans import (
+    DEFAULT_DECODE_TUNING,
+    DecodePlan,
+    DecodeTuning,
+    next_pow2,
+)
+from sawquant.quant.decode import check_decode_inputs
 
-__all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
-
-
-# --------------------------------------------------------------------------------------------
-# Reference
-# --------------------------------------------------------------------------------------------
-
-
-def _attention_fp32(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    allowed: torch.Tensor,
-    *,
-    softmax_scale: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """Plain float32 softmax attention. q: [H_q, T, D]; k, v: [H_q, S, D]; allowed: [T, S]."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * softmax_scale  # [H_q, T, S]
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v.float()
-
-
-def paged_decode_attention_ref(
-    q: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    softmax_scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Equivalent to float32 attention of the rotated query over the dequantized cache.
-
-    q: [B, H_q, D] (not rotated); block_table: [B, max_pages] int32; seq_lens: [B] (tokens in
-    the cache, the current one included). Returns [B, H_q, D] in q.dtype, un-rotated with the V
-    store's rotation. ``num_splits`` is accepted for signature parity and ignored.
-    """
-    del num_splits
-    b, h_q, _ = q.shape
-    group = h_q // k_store.num_kv_heads
-    keys = _gather_heads(k_store, block_table, seq_lens)  # B x [H_kv, L, D] rotated
-    values = _gather_heads(v_store, block_table, seq_lens)
-    qr = rotate(q, k_store.block, k_store.signs)  # [B, H_q, D] float32
-    out = torch.empty(b, h_q, q.shape[-1], dtype=torch.float32, device=q.device)
-    for i, length in enumerate(seq_lens.tolist()):
-        pos = torch.arange(length, device=q.device)
-        allowed = pos[None, :] >= length - (sliding_window or length)  # [1, L]
-        k = keys[i].repeat_interleave(group, dim=0)  # [H_q, L, D]
-        v = values[i].repeat_interleave(group, dim=0)
-        o = _attention_fp32(
-            qr[i][:, None], k, v, allowed, softmax_scale=softmax_scale, softcap=softcap
-        )
-        out[i] = o[:, 0]
-    return unrotate(out, v_store.block, v_store.signs).to(q.dtype)
-
-
-def _gather_heads(
-    store: SideStore, block_table: torch.Tensor, seq_lens: torch.Tensor
-) -> list[torch.Tensor]:
-    """Dequantize every pool and put its heads back in KV-head order: B x [H_kv, L, D] fp32."""
-    parts = {
-        bits: paged_gather_ref(pool, block_table, seq_lens) for bits, pool in store.pools.items()
-    }
-    out = []
-    for i, length in enumerate(seq_lens.tolist()):
-        x = torch.empty(store.num_kv_heads, length, store.head_dim, device=block_table.device)
-        for bits, heads in store.heads.items():
-            x[heads.long().to(x.device)] = parts[bits][i]
-        out.append(x)
-    return out
+__all__ = ["DecodePlan", "DecodeTuning", "paged_decode_attention"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,36 +60,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
-    """Even/odd column halves of a [BLOCK_N, D] tile: ([BLOCK_N, DH], [BLOCK_N, DH]) raw."""
-    if BITS == 4:
-        c = tl.load(ptr + tok[:, None] + cols[None, :], mask=mask, other=0)
-        lo = c & 15
-        hi = c >> 4
-    else:
-        lo = tl.load(ptr + tok[:, None] + 2 * cols[None, :], mask=mask, other=0)
-        hi = tl.load(ptr + tok[:, None] + 2 * cols[None, :] + 1, mask=mask, other=0)
-    return lo, hi
-
-
-@triton.jit
 def _codes_f16(c):
     """uint8 codes (0..255) to fp16 without the slow int->float converter: the bit pattern
     0x6400 | c is the fp16 number 1024 + c, and subtracting 1024 is exact."""
     return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
-
-
-@triton.jit
-def _rotate_rows(x, M, scale, rows_off, cols_off, mask):
-    """(x @ M[rows, cols]) * scale in ~float32 precision on the fp16 tensor cores.
-
-    M holds +-1 entries (exact in fp16); x is split as x_hi + x_lo, both fp16, so the two
-    fp32-accumulated dots lose only ~2**-22 relative (|x| must stay under the fp16 maximum).
-    """
-    m = tl.load(M + rows_off[:, None] + cols_off[None, :], mask=mask, other=0.0)
-    x_hi = x.to(tl.float16)
-    x_lo = (x - x_hi.to(tl.float32)).to(tl.float16)
-    return (tl.dot(x_hi, m) + tl.dot(x_lo, m)) * scale
 
 
 # INT4 codes are read as 32-bit words (8 nibbles = channels 8w .. 8w+7) and unpacked to 8 fp16
@@ -436,7 +342,7 @@ def _decode_split_kernel(
         d = tl.arange(0, 8 * BLOCK_W)
         d_ok = d < HEAD_DIM
         q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qp = _rotate_rows(q.to(tl.float32), HK, k_rot_scale, d * (8 * BLOCK_W), d,
+        qp = rotate_rows(q.to(tl.float32), HK, k_rot_scale, d * (8 * BLOCK_W), d,
                           d_ok[:, None])
     else:
         qp = tl.load(
@@ -590,7 +496,7 @@ def _decode_combine_kernel(
     o = acc / tl.where(h_ok, l_sum, 1.0)[:, None]
     # Un-rotate: o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs).
     if V_ROT:
-        o = _rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
+        o = rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
     out = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + d[None, :]
     tl.store(out, o.to(OUT.dtype.element_ty), mask=mask)
 # fmt: on
@@ -600,197 +506,16 @@ def _decode_combine_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 
-# Launch plans and Hadamard matrices are cached: building them reads head lists back from the
-# device, a synchronisation that would otherwise cost every decode step.
-_PLANS: dict[tuple[int, int], tuple] = {}
-_HADAMARD: dict[tuple, tuple] = {}
-# Launch-parameter overrides (BLOCK_N, num_warps, num_stages) for benchmark sweeps only.
-_TUNING: dict[str, int] = {}
-_SM_COUNT: dict[str, int] = {}
 
-
-def _next_pow2(n: int) -> int:
-    # Plain Python: triton.next_power_of_2 / cdiv go through the JIT's constexpr unwrapping,
-    # which costs ~10 us of host time per call, on every decode step.
-    return 1 << (int(n) - 1).bit_length()
-
-
-def _rotation_matrix(
-    store: SideStore, device: torch.device, *, inverse: bool
-) -> tuple[torch.Tensor | None, float]:
-    """The store's rotation as an fp16 matrix of +-1 entries and its float scale, cached.
-
-    Forward (``x @ R``): ``diag(signs) @ H``; inverse (``x @ R.T``): ``H @ diag(signs)``, H the
-    unnormalised Sylvester block (exact in fp16). (None, 1.0) when there is no rotation.
-    """
-    if store.block == 1 and store.signs is None:
-        return None, 1.0
-    signs = store.signs
-    if signs is None:  # content fully given by the key
-        key, check = (store.head_dim, store.block, str(device), inverse), None
-    else:
-        # Signs are data: cache per live store (a freed tensor's address can come back with
-        # other signs), and rebuild if the signs tensor was replaced or written in place.
-        key = ("store", id(store), str(device), inverse)
-        check = (store.block, signs.data_ptr(), signs._version)
-    hit = _HADAMARD.get(key)
-    if hit is not None and (check is None or (hit[2]() is store and hit[3] == check)):
-        return hit[0], hit[1]
-    h = block_hadamard(store.head_dim, store.block, dtype=torch.float64).to(device)
-    h = h / hadamard_scale(store.block)
-    if signs is not None:
-        s = signs.to(device=device, dtype=torch.float64)
-        h = h * s[None, :] if inverse else s[:, None] * h
-    if len(_HADAMARD) > 256:
-        _HADAMARD.clear()
-    matrix = h.round().to(torch.float16).contiguous()
-    _HADAMARD[key] = (matrix, hadamard_scale(store.block), weakref.ref(store), check)
-    return matrix, hadamard_scale(store.block)
-
-
-def _launch_groups(
-    k_store: SideStore, v_store: SideStore, device: torch.device
-) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One entry per (k_bits, v_bits) present: (k_bits, v_bits, kv heads, K pool idx, V pool idx).
-
-    The index lists are int32 tensors on ``device``; cached per store pair.
-    """
-    key = (id(k_store), id(v_store))
-    state = (
-        tuple((b, t.data_ptr(), t._version) for b, t in sorted(k_store.heads.items())),
-        tuple((b, t.data_ptr(), t._version) for b, t in sorted(v_store.heads.items())),
-    )
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is k_store and hit[1]() is v_store and hit[2] == state:
-        return hit[3]
-    k_where, v_where = k_store.pool_of(), v_store.pool_of()
-    by_bits: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-    for h, ((kb, ki), (vb, vi)) in enumerate(zip(k_where, v_where)):
-        by_bits.setdefault((kb, vb), []).append((h, ki, vi))
-    groups = []
-    for (kb, vb), rows in sorted(by_bits.items()):
-        t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
-        groups.append((kb, vb, t[0], t[1], t[2]))
-    if len(_PLANS) > 256:
-        _PLANS.clear()
-    _PLANS[key] = (weakref.ref(k_store), weakref.ref(v_store), state, groups)
-    return groups
-
-
-def _default_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Context splits per (sequence, KV head): about 4 programs per SM (2 resident at a time:
-    the kernel's registers allow 2 per SM), a power of two, and no split shorter than 256 tokens.
-    From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2 (2 % faster than 1), 8x32k -> 8
-    (within 1 % of 4), 1x4k -> 16, 32x4k demo -> 4. ``num_kv_heads``: the heads of ONE launch
-    (head group), so a lone fallback head at batch 64 gets 8 splits where the INT4 group gets 1.
-    """
-    key = str(device)
-    if key not in _SM_COUNT:
-        is_cuda = device.type == "cuda"
-        _SM_COUNT[key] = (
-            torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
-        )
-    want = max(1, (4 * _SM_COUNT[key]) // max(batch * num_kv_heads, 1))
-    cap = max(1, max_context // 256)
-    return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
-
-
-def _channel_order(block_w: int) -> list[int]:
-    """Host copy of _channel_map: the channel of each column of an unpacked INT4 tile."""
-    nib = (0, 4, 2, 6, 1, 5, 3, 7)
-    return [8 * (c // 8) + nib[c % 8] for c in range(8 * block_w)]
-
-
-_PERMUTED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _permuted_columns(matrix: torch.Tensor, block_w: int, *, natural: bool = False) -> torch.Tensor:
-    """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D), cached;
-    ``natural``: chan[c'] = c' (only padded), for tiles in natural channel order."""
-    key = (id(matrix), block_w, natural)
-    hit = _PERMUTED.get(key)
-    if hit is not None and hit[0] is matrix:
-        return hit[1]
-    d = matrix.shape[1]
-    order = list(range(8 * block_w)) if natural else _channel_order(block_w)
-    chan = torch.tensor(order, device=matrix.device)
-    out = torch.zeros(matrix.shape[0], 8 * block_w, dtype=matrix.dtype, device=matrix.device)
-    ok = chan < d
-    out[:, ok] = matrix[:, chan[ok]]
-    if len(_PERMUTED) > 256:
-        _PERMUTED.clear()
-    _PERMUTED[key] = (matrix, out)
-    return out
-
-
-# Tokens per tile for head groups with a 16-bit side or an INT8 V side: their raw tiles are
-# 2-4x larger than packed INT4 words and the hand prefetch keeps the next K and V tiles in
-# registers; at BLOCK_N 128 these builds spill (ptxas, triton 3.9, sm_90a, d 128: 72-416 B of
-# stack), at 64 none does (197-232 registers). INT4 / INT4 and INT8 K / INT4 V (248 registers)
-# keep 128.
-_WIDE_BLOCK_N = 64
-
-
-def _dot16(codes: torch.Tensor, use_asm: bool, legacy: bool) -> bool:
+def _dot16(codes: torch.Tensor, use_asm: bool) -> bool:
     """A 16-bit pool's dots run in its storage dtype (fp16 / bf16 tensor cores, as SDPA does)
     on the GPU; float32 elsewhere (the interpreter's bf16 dots are not exact) and for fp32."""
-    return use_asm and not legacy and codes.dtype in (torch.float16, torch.bfloat16)
+    return use_asm and codes.dtype in (torch.float16, torch.bfloat16)
 
 
 def _word_aligned(codes: torch.Tensor) -> bool:
     """Every INT4 row of ``codes`` starts on a 4-byte boundary (32-bit word loads)."""
     return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
-
-
-def _check_inputs(
-    q: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-) -> None:
-    if q.dim() != 3:
-        raise InputError(f"q must be [batch, q_heads, head_dim], got shape {tuple(q.shape)}")
-    b, h_q, d = q.shape
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise InputError(f"q dtype {q.dtype} is not supported; pass fp16, bf16 or fp32")
-    for name, st in (("k_store", k_store), ("v_store", v_store)):
-        if st.head_dim != d:
-            raise InputError(f"{name} head_dim {st.head_dim} != q head_dim {d}; use its layer")
-        for pool in st.pools.values():
-            if pool.codes.device != q.device:
-                raise InputError(f"{name} lives on {pool.codes.device}, q on {q.device}")
-            gs = pool.spec.groups_divisor
-            if pool.spec.bits != 16 and gs % 2:
-                raise InputError(f"{name} group size {gs} is odd; use an even group size")
-    if k_store.num_kv_heads != v_store.num_kv_heads:
-        raise InputError("k_store and v_store have different KV head counts; pass one layer's")
-    if k_store.page_size != v_store.page_size or k_store.num_pages != v_store.num_pages:
-        raise InputError("k_store and v_store have different page layouts; pass one layer's")
-    if h_q % k_store.num_kv_heads:
-        raise InputError(
-            f"{h_q} query heads are not a multiple of {k_store.num_kv_heads} KV heads (GQA)"
-        )
-    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
-        raise InputError(
-            f"block_table must be int32 [{b}, max_pages], got "
-            f"{block_table.dtype} {tuple(block_table.shape)}"
-        )
-    if seq_lens.shape != (b,) or seq_lens.dtype != torch.int32:
-        raise InputError(
-            f"seq_lens must be int32 [{b}], got {seq_lens.dtype} {tuple(seq_lens.shape)}"
-        )
-    if block_table.device != q.device or seq_lens.device != q.device:
-        raise InputError("block_table and seq_lens must be on q's device")
-    # Reading values back forces a device sync, so it is done only where they are on the CPU;
-    # on a GPU the kernel clamps lengths to the block table instead (no out-of-bounds reads).
-    if seq_lens.device.type == "cpu":
-        cap = block_table.shape[1] * k_store.page_size
-        if b and (int(seq_lens.min()) < 1 or int(seq_lens.max()) > cap):
-            raise InputError(
-                f"seq_lens must be in [1, {cap}] (block table pages x page size); "
-                "allocate more pages per sequence"
-            )
 
 
 def paged_decode_attention(
@@ -804,108 +529,89 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     num_splits: int | None = None,
+    plan: DecodePlan | None = None,
+    tuning: DecodeTuning = DEFAULT_DECODE_TUNING,
 ) -> torch.Tensor:
     """Decode attention over the paged quantized cache (Triton).
 
-    Equivalent to :func:`paged_decode_attention_ref`: q [B, H_q, D] (not rotated), block_table
-    [B, max_pages] int32, seq_lens [B] int32 (the current token included). Query head h reads KV
-    head ``h // (H_q // H_kv)``; ``sliding_window`` keeps the last that many positions;
-    ``softcap`` maps logits s to ``softcap * tanh(s / softcap)``. Returns [B, H_q, D] in
-    q.dtype, in the original (un-rotated) basis.
+    Equivalent to its twin ``sawquant.quant.decode.paged_decode_attention_ref``: q [B, H_q, D]
+    (not rotated), block_table [B, max_pages] int32, seq_lens [B] int32 (the current token
+    included). Query head h reads KV head ``h // (H_q // H_kv)``; ``sliding_window`` keeps the
+    last that many positions; ``softcap`` maps logits s to ``softcap * tanh(s / softcap)``.
+    Returns [B, H_q, D] in q.dtype, in the original (un-rotated) basis. ``plan`` is the layer's
+    :class:`DecodePlan` (built here when None: engines keep one per layer); ``tuning`` the
+    launch parameters (benchmarks only).
     """
-    _check_inputs(q, k_store, v_store, block_table, seq_lens)
-    if sliding_window is not None and sliding_window < 1:
-        raise InputError(f"sliding_window must be >= 1, got {sliding_window}; or pass None")
-    if softcap is not None and softcap <= 0:
-        raise InputError(f"softcap must be > 0, got {softcap}; or pass None")
+    check_decode_inputs(
+        q, k_store, v_store, block_table, seq_lens, sliding_window=sliding_window, softcap=softcap
+    )
     b, h_q, d = q.shape
     if b == 0:
         return torch.empty_like(q)
-    h_kv = k_store.num_kv_heads
-    group = h_q // h_kv
-    page = k_store.page_size
     device = q.device
+    if plan is None:
+        plan = DecodePlan.build(k_store, v_store, device)
+    group = h_q // k_store.num_kv_heads
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_table = block_table.contiguous()
-    max_len = block_table.shape[1] * page
-    groups = _launch_groups(k_store, v_store, device)
-    tuning = dict(_TUNING)
-    subn = bool(tuning.pop("SUBN", 1))
-    # LEGACY (benchmarks only): the round-2 handling of INT8 / 16-bit pools (INT4 channel order,
-    # float32 16-bit dots, one split count for every head group), for before/after timings.
-    legacy = bool(tuning.pop("LEGACY", 0))
-    fallback_block_n = tuning.pop("FALLBACK_BLOCK_N", None)  # BLOCK_N of non-INT4 groups only
+    max_len = block_table.shape[1] * k_store.page_size
     if num_splits is not None:
-        splits = [int(max(1, num_splits))] * len(groups)
-    elif legacy:
-        splits = [_default_splits(b, h_kv, max_len, device)] * len(groups)
+        splits = [int(max(1, num_splits))] * len(plan.groups)
     else:  # each launch fills the GPU on its own: a lone fallback head gets more splits
-        splits = [_default_splits(b, g[2].numel(), max_len, device) for g in groups]
-    num_splits = max(splits)
+        splits = [plan.splits(b, g.heads.numel(), max_len) for g in plan.groups]
+    total_splits = max(splits)
 
-    ml = torch.empty(b, h_q, num_splits, 2, dtype=torch.float32, device=device)
-    if min(splits) < num_splits:  # slots some group leaves unwritten: m = -inf, weight 0
+    ml = torch.empty(b, h_q, total_splits, 2, dtype=torch.float32, device=device)
+    if min(splits) < total_splits:  # slots some group leaves unwritten: m = -inf, weight 0
         ml.fill_(float("-inf"))
-    acc = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=device)
+    acc = torch.empty(b, h_q, total_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
-    block_g = max(16, _next_pow2(group))
-    block_w = _next_pow2(max(-(-d // 8), 2))  # 32-bit words (8 INT4 codes) per row, padded
-    # Inline PTX for the INT4 unpack on NVIDIA GPUs; the interpreter (CPU tensors) cannot run it.
-    use_asm = device.type == "cuda" and torch.version.hip is None
-    hk, k_rot_scale = _rotation_matrix(k_store, device, inverse=False)
-    for (k_bits, v_bits, heads, k_idx, v_idx), g_splits in zip(groups, splits):
-        # BLOCK_N 128 / 4 warps was fastest for INT4 at the H100 target shapes (RESULTS.md: 64,
-        # 256 with 8 warps, 8 warps at 128 all slower); heads wider than 128 (not measured)
-        # halve it to bound registers. SUBN (subnormal INT4 unpack) 1 was 1-2 % faster than 0.
-        cfg = {"BLOCK_N": 128 if d <= 128 else 64, "num_warps": 4, "num_stages": 2}
-        if not legacy and (k_bits, v_bits) not in ((4, 4), (8, 4)):
-            cfg["BLOCK_N"] = _WIDE_BLOCK_N if d <= 128 else 32
-        cfg.update(tuning)
-        if fallback_block_n and (k_bits, v_bits) != (4, 4):
-            cfg["BLOCK_N"] = fallback_block_n
-        k_nat = k_bits != 4 and not legacy
-        v_nat = v_bits != 4 and not legacy
-        kpool, vpool = k_store.pools[k_bits], v_store.pools[v_bits]
+    block_g = max(16, next_pow2(group))
+    for g, g_splits in zip(plan.groups, splits):
+        k_nat, v_nat = g.k_bits != 4, g.v_bits != 4
+        kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
         # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
         ks = kpool.scale if kpool.scale is not None else kpool.codes
         kz = kpool.zero if kpool.zero is not None else kpool.codes
         vs = vpool.scale if vpool.scale is not None else vpool.codes
         vz = vpool.zero if vpool.zero is not None else vpool.codes
-        grid = (b, heads.numel(), g_splits)
-        # The rotation matrix with its columns in the kernel's channel order ([D, 8 BLOCK_W]).
-        rot = None if hk is None else _permuted_columns(hk, block_w, natural=k_nat)
+        # The q rotation with its columns in this group's K channel order ([D, 8 BLOCK_W]).
+        rot = plan.k_rot_natural if k_nat else plan.k_rot
+        subn = tuning.subnormal_unpack
         # fmt: off
-        _decode_split_kernel[grid](
+        _decode_split_kernel[(b, g.heads.numel(), g_splits)](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
-            block_table, seq_lens, heads, k_idx, v_idx, q if rot is None else rot, ml, acc,
-            softmax_scale, k_rot_scale, softcap or 1.0, sliding_window or 0, num_splits, h_q,
-            max_len,
+            block_table, seq_lens, g.heads, g.k_index, g.v_index, q if rot is None else rot,
+            ml, acc,
+            softmax_scale, plan.k_rot_scale, softcap or 1.0, sliding_window or 0, total_splits,
+            h_q, max_len,
             q.stride(0), q.stride(1),
             *kpool.codes.stride()[:3], *ks.stride()[:3],
             *vpool.codes.stride()[:3], *vs.stride()[:3],
             block_table.stride(0),
-            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, PAGE=page,
-            K_BITS=k_bits, V_BITS=v_bits,
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, PAGE=k_store.page_size,
+            K_BITS=g.k_bits, V_BITS=g.v_bits,
             K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
-            K_ROT=hk is not None, HAS_WINDOW=sliding_window is not None,
+            K_ROT=rot is not None, HAS_WINDOW=sliding_window is not None,
             HAS_SOFTCAP=softcap is not None,
-            BLOCK_W=block_w, K_WORDS=_word_aligned(kpool.codes),
-            V_WORDS=_word_aligned(vpool.codes), USE_ASM=use_asm,
-            K_SUBN=subn and k_bits == 4 and kpool.spec.groups_divisor == d,
-            V_SUBN=subn and v_bits == 4 and vpool.spec.groups_divisor == d,
+            BLOCK_W=plan.block_w, K_WORDS=_word_aligned(kpool.codes),
+            V_WORDS=_word_aligned(vpool.codes), USE_ASM=plan.use_asm,
+            K_SUBN=subn and g.k_bits == 4 and kpool.spec.groups_divisor == d,
+            V_SUBN=subn and g.v_bits == 4 and vpool.spec.groups_divisor == d,
             K_NAT=k_nat, V_NAT=v_nat,
-            K_DOT16=_dot16(kpool.codes, use_asm, legacy),
-            V_DOT16=_dot16(vpool.codes, use_asm, legacy),
-            **cfg,
+            K_DOT16=_dot16(kpool.codes, plan.use_asm),
+            V_DOT16=_dot16(vpool.codes, plan.use_asm),
+            BLOCK_N=g.block_n(d, tuning), num_warps=tuning.num_warps,
+            num_stages=tuning.num_stages,
         )
         # fmt: on
-    hv, v_rot_scale = _rotation_matrix(v_store, device, inverse=True)
     block_h = 16
     # fmt: off
     _decode_combine_kernel[(b, -(-h_q // block_h))](
-        ml, acc, out if hv is None else hv, out, v_rot_scale, num_splits, h_q,
+        ml, acc, out if plan.v_unrot is None else plan.v_unrot, out, plan.v_rot_scale,
+        total_splits, h_q,
         out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=_next_pow2(max(d, 32)), BLOCK_H=block_h, V_ROT=hv is not None,
+        HEAD_DIM=d, BLOCK_D=next_pow2(max(d, 32)), BLOCK_H=block_h, V_ROT=plan.v_unrot is not None,
         num_warps=4,
     )
     # fmt: on

@@ -18,70 +18,25 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.errors import InputError
 from sawquant.format import SideStore
-from sawquant.kernels.decode import (
-    _attention_fp32,
-    _gather_heads,
-    _load_halves,
-    _next_pow2,
-    _rotate_rows,
-    _rotation_matrix,
-)
-from sawquant.quant import unrotate
+from sawquant.kernels.common import rotate_rows
+from sawquant.kernels.plans import PrefillPlan, next_pow2
+from sawquant.quant.attention import prefill_allowed
+from sawquant.quant.prefill import check_prefill_inputs
 
-__all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
+__all__ = ["paged_prefill_attention"]
 
 
-def _allowed(
-    cached: int, t: int, total: int, sliding_window: int | None, device: torch.device
-) -> torch.Tensor:
-    """[T, total] bool: query t (absolute cached + t) sees cached keys j < cached and the chunk
-    key at column total - T + t' when t' <= t, minus keys more than the window back."""
-    q_pos = cached + torch.arange(t, device=device)[:, None]  # [T, 1]
-    col = torch.arange(total, device=device)[None, :]
-    pad = total - t  # columns [cached, pad) are padding
-    k_pos = torch.where(col >= pad, col - pad + cached, col)
-    ok = (k_pos <= q_pos) & ((col < cached) | (col >= pad))
-    if sliding_window is not None:
-        ok &= q_pos - k_pos < sliding_window
-    return ok
-
-
-def paged_prefill_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
-    block_table: torch.Tensor,
-    cached_lens: torch.Tensor,
-    *,
-    softmax_scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Equivalent to float32 causal attention over [dequantized cache, chunk] per sequence.
-
-    q: [B, H_q, T, D]; k, v: [B, H_kv, T, D] (the chunk, full precision, not rotated);
-    cached_lens: [B] int32 tokens already in the pages. Returns [B, H_q, T, D] in q.dtype.
-    """
-    b, h_q, t, _ = q.shape
-    group = h_q // k.shape[1]
-    keys = _gather_heads(k_store, block_table, cached_lens)  # B x [H_kv, C, D] rotated
-    values = _gather_heads(v_store, block_table, cached_lens)
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for i, cached in enumerate(cached_lens.tolist()):
-        kk = torch.cat([unrotate(keys[i], k_store.block, k_store.signs), k[i].float()], dim=1)
-        vv = torch.cat([unrotate(values[i], v_store.block, v_store.signs), v[i].float()], dim=1)
-        allowed = _allowed(cached, t, cached + t, sliding_window, q.device)
-        out[i] = _attention_fp32(
-            q[i],
-            kk.repeat_interleave(group, dim=0),
-            vv.repeat_interleave(group, dim=0),
-            allowed,
-            softmax_scale=softmax_scale,
-            softcap=softcap,
-        )
-    return out.to(q.dtype)
+@triton.jit
+def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
+    """Even/odd column halves of a [BLOCK_N, D] tile: ([BLOCK_N, DH], [BLOCK_N, DH]) raw."""
+    if BITS == 4:
+        c = tl.load(ptr + tok[:, None] + cols[None, :], mask=mask, other=0)
+        lo = c & 15
+        hi = c >> 4
+    else:
+        lo = tl.load(ptr + tok[:, None] + 2 * cols[None, :], mask=mask, other=0)
+        hi = tl.load(ptr + tok[:, None] + 2 * cols[None, :] + 1, mask=mask, other=0)
+    return lo, hi
 
 
 # fmt: off
@@ -136,8 +91,8 @@ def _gather_dequant_kernel(
         d = tl.arange(0, 2 * BLOCK_DH)
         d_ok = d < HEAD_DIM
         h_mask = col_ok[:, None] & d_ok[None, :]
-        x = _rotate_rows(x_even, H, rot_scale, (2 * cols) * HEAD_DIM, d, h_mask)
-        x += _rotate_rows(x_odd, H, rot_scale, (2 * cols + 1) * HEAD_DIM, d, h_mask)
+        x = rotate_rows(x_even, H, rot_scale, (2 * cols) * HEAD_DIM, d, h_mask)
+        x += rotate_rows(x_odd, H, rot_scale, (2 * cols + 1) * HEAD_DIM, d, h_mask)
         x = x.to(OUT.dtype.element_ty)
         for r in tl.static_range(REPEAT):
             ptr = row + (kvh * REPEAT + r).to(tl.int64) * stride_oh + d[None, :]
@@ -159,12 +114,14 @@ def _dequant_into(
     cached_lens: torch.Tensor,
     width: int,
     repeat: int,
+    hmat: torch.Tensor | None,
+    rot_scale: float,
 ) -> None:
-    """Fill buf[:, :, :width] ([B, H_q, width + T, D]) from the pages, in the original basis."""
+    """Fill buf[:, :, :width] ([B, H_q, width + T, D]) from the pages, in the original basis
+    (``hmat``: the store's inverse rotation from the layer's PrefillPlan)."""
     b, _, _, d = buf.shape
     block_n = 32
-    block_dh = _next_pow2(max(d // 2, 16))
-    hmat, rot_scale = _rotation_matrix(store, buf.device, inverse=True)
+    block_dh = next_pow2(max(d // 2, 16))
     for bits, pool in store.pools.items():
         heads = store.heads[bits]
         s = pool.scale if pool.scale is not None else pool.codes
@@ -183,44 +140,6 @@ def _dequant_into(
         # fmt: on
 
 
-def _check_inputs(q, k, v, k_store, v_store, block_table, cached_lens) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise InputError(
-            f"q must be [B, H_q, T, D] and k, v [B, H_kv, T, D], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h_q, t, d = q.shape
-    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
-        raise InputError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in B, T or D")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise InputError(f"q dtype {q.dtype} is not supported; pass fp16, bf16 or fp32")
-    h_kv = k.shape[1]
-    for name, st in (("k_store", k_store), ("v_store", v_store)):
-        if st.num_kv_heads != h_kv or st.head_dim != d:
-            raise InputError(
-                f"{name} holds {st.num_kv_heads} heads of {st.head_dim}, "
-                f"the chunk {h_kv} of {d}; pass this layer's stores"
-            )
-        for pool in st.pools.values():
-            if pool.codes.device != q.device:
-                raise InputError(f"{name} lives on {pool.codes.device}, q on {q.device}")
-    if k_store.page_size != v_store.page_size:
-        raise InputError("k_store and v_store have different page sizes; pass one layer's")
-    if h_q % h_kv:
-        raise InputError(f"{h_q} query heads are not a multiple of {h_kv} KV heads (GQA)")
-    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
-        raise InputError(
-            f"block_table must be int32 [{b}, max_pages], got "
-            f"{block_table.dtype} {tuple(block_table.shape)}"
-        )
-    if cached_lens.shape != (b,) or cached_lens.dtype != torch.int32:
-        raise InputError(
-            f"cached_lens must be int32 [{b}], got {cached_lens.dtype} {tuple(cached_lens.shape)}"
-        )
-    if block_table.device != q.device or cached_lens.device != q.device:
-        raise InputError("block_table and cached_lens must be on q's device")
-
-
 def paged_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,20 +152,23 @@ def paged_prefill_attention(
     softmax_scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    plan: PrefillPlan | None = None,
 ) -> torch.Tensor:
     """Chunked-prefill attention over the paged quantized cache (Triton gather + SDPA).
 
-    Equivalent to :func:`paged_prefill_attention_ref`: q [B, H_q, T, D]; k, v [B, H_kv, T, D]
-    the chunk's own K/V (not rotated); cached_lens [B] int32. Query t of sequence b sees the
-    cached positions < cached_lens[b] and chunk positions <= t (within ``sliding_window`` of
-    it when given). Returns [B, H_q, T, D] in q.dtype.
+    Equivalent to its twin ``sawquant.quant.prefill.paged_prefill_attention_ref``: q [B, H_q,
+    T, D]; k, v [B, H_kv, T, D] the chunk's own K/V (not rotated); cached_lens [B] int32. Query
+    t of sequence b sees the cached positions < cached_lens[b] and chunk positions <= t (within
+    ``sliding_window`` of it when given). Returns [B, H_q, T, D] in q.dtype. ``plan``: the
+    layer's PrefillPlan (built here when None).
     """
-    _check_inputs(q, k, v, k_store, v_store, block_table, cached_lens)
-    if sliding_window is not None and sliding_window < 1:
-        raise InputError(f"sliding_window must be >= 1, got {sliding_window}; or pass None")
-    if softcap is not None and softcap <= 0:
-        raise InputError(f"softcap must be > 0, got {softcap}; or pass None")
+    check_prefill_inputs(
+        q, k, v, k_store, v_store, block_table, cached_lens,
+        sliding_window=sliding_window, softcap=softcap,
+    )  # fmt: skip
     b, h_q, t, d = q.shape
+    if plan is None:
+        plan = PrefillPlan.build(k_store, v_store, q.device)
     if b == 0 or t == 0:
         return torch.empty_like(q)
     group = h_q // k.shape[1]
@@ -259,9 +181,13 @@ def paged_prefill_attention(
     # keys/values: [B, H_q, width + T, D] = [cache (zero padded) | chunk], per query head.
     keys = torch.empty(b, h_q, width + t, d, dtype=q.dtype, device=q.device)
     values = torch.empty_like(keys)
-    for buf, store, chunk in ((keys, k_store, k), (values, v_store, v)):
+    sides = (
+        (keys, k_store, k, plan.k_unrot, plan.k_rot_scale),
+        (values, v_store, v, plan.v_unrot, plan.v_rot_scale),
+    )
+    for buf, store, chunk, hmat, rot_scale in sides:
         if width:
-            _dequant_into(buf, store, block_table, cached_lens, width, group)
+            _dequant_into(buf, store, block_table, cached_lens, width, group, hmat, rot_scale)
         buf[:, :, width:] = chunk.to(q.dtype).repeat_interleave(group, dim=1)
 
     if softcap is None and sliding_window is None and min(lens, default=0) == width:
@@ -271,7 +197,7 @@ def paged_prefill_attention(
 
         mask = causal_lower_right(t, width + t)
         return scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=softmax_scale)
-    masks = [_allowed(c, t, width + t, sliding_window, q.device) for c in lens]
+    masks = [prefill_allowed(c, t, width + t, sliding_window, q.device) for c in lens]
     allowed = torch.stack(masks)[:, None]  # [B, 1, T, width + T]
     if softcap is None:
         return scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=softmax_scale)

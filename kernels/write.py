@@ -4,10 +4,11 @@ One launch per layer step writes the INT4 pools of K and V together (grid axis 1
 that a calibration moved to an INT8 or 16-bit fallback pool are written by one extra launch per
 precision, issued only when such pools exist (the same kernel, other constexprs).
 
-Bit-exact with :func:`rotate_quantize_paged_ref` (codes, scales, zeros): the butterfly adds in
-the same stages and order as ``sawquant.quant.hadamard``, and the quantization does the float32
-operations of ``sawquant.quant.int4`` in the same order, with IEEE division (``div_rn``) and FMA
-contraction disabled (a fused ``a * b + c`` rounds once, the reference rounds twice).
+Bit-exact with its twin ``sawquant.quant.write.rotate_quantize_paged_ref`` (codes, scales,
+zeros): the butterfly adds in the same stages and order as ``sawquant.quant.hadamard``, and
+the quantization does the float32 operations of ``sawquant.quant.int4`` in the same order, with
+IEEE division (``div_rn``) and FMA contraction disabled (a fused ``a * b + c`` rounds once, the
+reference rounds twice).
 
 Register layout: each thread owns one whole row (one token of one head, ``[R, D]`` tile), built
 by joining one 16-byte load per chunk, so every butterfly stage, min/max and nibble packing stays
@@ -29,56 +30,16 @@ import triton.language as tl
 
 from sawquant.errors import InputError, NonFiniteKVError
 from sawquant.format import SideStore
-from sawquant.quant import SUPPORTED_BLOCKS, paged_write_ref
 from sawquant.quant.hadamard import hadamard_scale
-from sawquant.quant.paged import check_storable, storable_limit
+from sawquant.quant.paged import storable_limit
+from sawquant.quant.write import INPUT_DTYPES, check_write_inputs
 
-__all__ = ["rotate_quantize_paged", "rotate_quantize_paged_ref"]
+__all__ = ["rotate_quantize_paged"]
 
-_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROWS_PER_WARP = 32  # one row (token, head) per thread
 # H100, triton 3.6 (benchmarks/RESULTS.md): 1, 2 and 4 warps within 2% on the Qwen3-8B layer,
 # 8 warps 50% slower; 2 was the fastest on the small demo layer.
 _NUM_WARPS = 2
-
-
-# --------------------------------------------------------------------------------------------
-# Reference twin
-# --------------------------------------------------------------------------------------------
-
-
-def rotate_quantize_paged_ref(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
-    *,
-    flag: torch.Tensor | None = None,
-    flag_value: int = 1,
-) -> None:
-    """Rotate, quantize and store K and V of T new tokens into their page slots, in place.
-
-    k, v: [T, H_kv, D] post-RoPE (bf16/fp16/fp32); slot_mapping: [T] int64
-    (``page * page_size + offset``, -1 skips the token). Each KV head goes to its pool in the
-    store: INT4/INT8 pools get rotated quantized codes + fp16 scale/zero, a 16-bit pool the
-    rotated vectors in its dtype.
-
-    Equivalent to ``sawquant.quant.paged_write_ref(x[:, heads], slot_mapping, pool, block=...,
-    signs=...)`` for every pool of each side (pure torch; the CPU path of the runtime). Raises
-    ``InputError`` on mismatched shapes, dtypes or devices and NonFiniteKVError on values that
-    cannot be stored (``flag``/``flag_value``: accepted for parity with the kernel, which
-    flags instead of raising). NaN/Inf inputs are refused before anything is written.
-    """
-    del flag, flag_value
-    _check_inputs(k, v, slot_mapping, k_store, v_store)
-    keep = slot_mapping >= 0
-    for x in (k, v):
-        check_storable(x[keep].float(), 16, torch.float32)  # NaN/Inf: nothing written yet
-    for x, store in ((k, k_store), (v, v_store)):
-        for bits, pool in store.pools.items():
-            heads = store.heads[bits].to(device=x.device, dtype=torch.long)
-            paged_write_ref(x[:, heads], slot_mapping, pool, block=store.block, signs=store.signs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +362,7 @@ def rotate_quantize_paged(
     and the caller checks it once per step (the runtime does); without it the launcher
     synchronises and raises NonFiniteKVError as the twin does.
     """
-    _check_inputs(k, v, slot_mapping, k_store, v_store)
+    check_write_inputs(k, v, slot_mapping, k_store, v_store)
     _check_kernel_limits(k, v, k_store, v_store)
     num_tokens, _, head_dim = k.shape
     if num_tokens == 0:
@@ -482,67 +443,10 @@ def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
-) -> None:
-    for name, x, store in (("k", k, k_store), ("v", v, v_store)):
-        if x.dim() != 3:
-            raise InputError(f"{name} must be [T, H_kv, D], got shape {tuple(x.shape)}")
-        if x.dtype not in _INPUT_DTYPES:
-            raise InputError(f"{name} dtype {x.dtype} is not supported; pass bf16, fp16 or fp32")
-        if (x.shape[1], x.shape[2]) != (store.num_kv_heads, store.head_dim):
-            raise InputError(
-                f"{name} has {x.shape[1]} heads of dim {x.shape[2]} but its store holds "
-                f"{store.num_kv_heads} heads of dim {store.head_dim}; pass the matching store"
-            )
-        if store.block not in SUPPORTED_BLOCKS or store.head_dim % store.block:
-            raise InputError(
-                f"{name} store rotation block {store.block} must be one of {SUPPORTED_BLOCKS} "
-                f"and divide head_dim {store.head_dim}"
-            )
-        if store.signs is not None and tuple(store.signs.shape) != (store.head_dim,):
-            raise InputError(
-                f"{name} store signs must be [{store.head_dim}], got {tuple(store.signs.shape)}"
-            )
-    if k.shape[0] != v.shape[0]:
-        raise InputError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}; pass the same T")
-    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (k.shape[0],):
-        raise InputError(
-            f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
-            f"{tuple(slot_mapping.shape)}"
-        )
-    sizes = {p.spec.page_size for s in (k_store, v_store) for p in s.pools.values()}
-    if len(sizes) != 1:
-        raise InputError(f"k and v pools must share one page size, got {sorted(sizes)}")
-    device = k.device
-    for name, t in _tensors(k, v, slot_mapping, k_store, v_store):
-        if t.device != device:
-            raise InputError(f"{name()} is on {t.device} but k is on {device}; move it there")
-
-
-def _tensors(k, v, slot_mapping, k_store, v_store):
-    """(name, tensor) of every tensor the write touches; names are built only when needed."""
-    yield lambda: "v", v
-    yield lambda: "slot_mapping", slot_mapping
-    for side, store in (("k", k_store), ("v", v_store)):
-        if store.signs is not None:
-            yield lambda side=side: f"{side}_store.signs", store.signs
-        for bits, pool in store.pools.items():
-            yield lambda side=side, bits=bits: f"{side}_store.heads[{bits}]", store.heads[bits]
-            for field in ("codes", "scale", "zero"):
-                t = getattr(pool, field)
-                if t is not None:
-                    yield lambda s=side, b=bits, f=field: f"{s}_store.pools[{b}].{f}", t
-
-
 def _check_kernel_limits(
     k: torch.Tensor, v: torch.Tensor, k_store: SideStore, v_store: SideStore
 ) -> None:
-    """What the Triton kernel needs beyond the reference: contiguity, dtypes, power-of-2 groups."""
+    """What the Triton kernel needs beyond the twin: contiguity, dtypes."""
     if k.shape[2] != v.shape[2]:
         raise InputError(
             f"k head_dim {k.shape[2]} != v head_dim {v.shape[2]}; the Triton writer needs one "
@@ -555,17 +459,12 @@ def _check_kernel_limits(
         if store.signs is not None and store.signs.dtype != torch.float32:
             raise InputError(f"{side}_store.signs must be float32, got {store.signs.dtype}")
         for bits, pool in store.pools.items():
-            g = pool.spec.groups_divisor
-            if g != pool.spec.head_dim and g & (g - 1):
-                raise InputError(
-                    f"{side}_store.pools[{bits}] group size {g} is not a power of two; the "
-                    f"Triton writer needs one (or use rotate_quantize_paged_ref)"
-                )
+            # Group sizes need no check here: PoolSpec holds them to sawquant.config's rule.
             if bits != 16 and pool.codes.dtype != torch.uint8:
                 raise InputError(
                     f"{side}_store.pools[{bits}].codes must be uint8, got {pool.codes.dtype}"
                 )
-            if bits == 16 and pool.codes.dtype not in _INPUT_DTYPES:
+            if bits == 16 and pool.codes.dtype not in INPUT_DTYPES:
                 raise InputError(
                     f"{side}_store.pools[{bits}].codes dtype {pool.codes.dtype} is not a float "
                     f"dtype (bf16, fp16, fp32)"

@@ -135,7 +135,7 @@ def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progr
     and scores its prediction of token prefix + j + 1. Returns [N, L - 1 - prefix, V] float32.
     All windows decode together as one batch (one sequence each in the paged cache).
     """
-    from sawquant.runtime.compat import cache_kwargs, returned_cache
+    from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
     n, length = windows.shape
     out = model(input_ids=windows[:, :prefix], use_cache=True)

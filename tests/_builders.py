@@ -36,3 +36,7 @@ def save_tiny_checkpoint(path, tokenizer, *, kind: str = "Llama", seed: int = 0,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The paged-cache builders live in sawquant.testing, shared with the GPU benchmarks.
+from sawquant.testing import copy_side, paged_cache, poisoned_side  # noqa: E402, F401

@@ -26,7 +26,7 @@ from sawquant.export import (
     fold_value_rotation,
 )
 from sawquant.quant.hadamard import block_hadamard
-from sawquant.runtime.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, HIDDEN = 3, 2, 4, 32, 64
 # Layer 0: block 32 with signs; layer 1: block 16; layer 2: no V rotation (nothing to fold).

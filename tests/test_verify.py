@@ -184,10 +184,10 @@ def _read_keys_with_another_rotation(monkeypatch) -> None:
 
     real = dispatch.decode_attention
 
-    def wrong(q, k_store, v_store, block_table, seq_lens, **kwargs):
-        other = 16 if k_store.block != 16 else 64
-        k_wrong = dataclasses.replace(k_store, block=other, signs=None)
-        return real(q, k_wrong, v_store, block_table, seq_lens, **kwargs)
+    def wrong(q, layer, block_table, seq_lens, **kwargs):
+        other = 16 if layer.k.block != 16 else 64
+        k_wrong = dataclasses.replace(layer.k, block=other, signs=None)
+        return real(q, dataclasses.replace(layer, k=k_wrong), block_table, seq_lens, **kwargs)
 
     monkeypatch.setattr(dispatch, "decode_attention", wrong)
 

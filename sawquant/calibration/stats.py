@@ -12,7 +12,7 @@ per KV head (summed over its GQA query heads), a relative squared error (noise-t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -49,12 +49,7 @@ class Candidate:
         return f"INT{self.bits} b{self.block}{seed}{group}"
 
     def to_dict(self) -> dict:
-        return {
-            "bits": self.bits,
-            "block": self.block,
-            "sign_seed": self.sign_seed,
-            "group_size": self.group_size,
-        }
+        return asdict(self)
 
 
 NAIVE = Candidate()

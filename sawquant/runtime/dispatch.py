@@ -1,31 +1,35 @@
 """The one place that chooses between the fused Triton kernels and their pure-torch twins.
 
-CUDA tensors with triton importable go to ``sawquant.kernels``' Triton launchers; anything else
-(CPU, or a GPU box without triton) goes to the ``*_ref`` twin of the same signature, except
-decode attention on the CPU, which goes to ``runtime.cpu``'s batched equivalent of the twin (one
-set of torch calls per step instead of one per sequence; tested equal to the twin). Kernel
-modules are imported on first use, so importing the runtime never imports triton.
+CUDA tensors with triton importable go to ``sawquant.kernels``' launchers, with the layer's
+plan; anything else (CPU, or a GPU box without triton) goes to the twin in ``sawquant.quant``,
+which needs no triton at all (so macOS and Windows run the runtime). Kernel modules are
+imported on first use only.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any
 
 import torch
 
-from sawquant.format import SideStore
+from sawquant.quant.decode import paged_decode_attention_ref
+from sawquant.quant.prefill import paged_prefill_attention_ref
+from sawquant.quant.write import rotate_quantize_paged_ref
+from sawquant.runtime.layer import LayerKV
 
 __all__ = ["backend_name", "decode_attention", "prefill_attention", "use_triton", "write_kv"]
 
 
 @functools.cache
 def _triton_available() -> bool:
+    # find_spec, not an import: nothing outside sawquant.kernels imports triton, and where it
+    # is blocked or missing (macOS, Windows) the twins run.
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None
         return False
-    return True
 
 
 def backend_name(device: torch.device) -> str:
@@ -42,11 +46,10 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def write_kv(
+    layer: LayerKV,
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
     *,
     flag: torch.Tensor | None = None,
     flag_value: int = 1,
@@ -55,42 +58,45 @@ def write_kv(
 
     Values that cannot be stored raise NonFiniteKVError in the twin; the kernel sets
     ``flag[0] = flag_value`` instead (the caller checks it once per step)."""
-    from sawquant.kernels import write
+    if use_triton(k):
+        from sawquant.kernels.write import rotate_quantize_paged as fn
+    else:
+        fn = rotate_quantize_paged_ref
+    fn(k, v, slot_mapping, layer.k, layer.v, flag=flag, flag_value=flag_value)
 
-    fn = write.rotate_quantize_paged if use_triton(k) else write.rotate_quantize_paged_ref
-    fn(k, v, slot_mapping, k_store, v_store, flag=flag, flag_value=flag_value)
+
+def _attention(kind: str, twin, q: torch.Tensor, layer: LayerKV, args: tuple, kwargs: dict):
+    """Run ``kind`` ("decode" / "prefill") on the kernel with the layer's plan, or the twin."""
+    if use_triton(q):
+        import importlib
+
+        module = importlib.import_module(f"sawquant.kernels.{kind}")
+        fn = getattr(module, f"paged_{kind}_attention")
+        return fn(*args, plan=layer.plan(kind), **kwargs)
+    return twin(*args, **kwargs)
 
 
 def decode_attention(
     q: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
+    layer: LayerKV,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     **kwargs: Any,
 ) -> torch.Tensor:
     """One query token per sequence over the paged cache. q: [B, H_q, D] -> [B, H_q, D]."""
-    if use_triton(q):
-        from sawquant.kernels.decode import paged_decode_attention as fn
-    elif q.device.type == "cpu":
-        from sawquant.runtime.cpu import paged_decode_attention_cpu as fn
-    else:
-        from sawquant.kernels.decode import paged_decode_attention_ref as fn
-    return fn(q, k_store, v_store, block_table, seq_lens, **kwargs)
+    args = (q, layer.k, layer.v, block_table, seq_lens)
+    return _attention("decode", paged_decode_attention_ref, q, layer, args, kwargs)
 
 
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_store: SideStore,
-    v_store: SideStore,
+    layer: LayerKV,
     block_table: torch.Tensor,
     cached_lens: torch.Tensor,
     **kwargs: Any,
 ) -> torch.Tensor:
     """A chunk over its own K/V plus the cached prefix. q: [B, H_q, T, D] -> [B, H_q, T, D]."""
-    from sawquant.kernels import prefill
-
-    fn = prefill.paged_prefill_attention if use_triton(q) else prefill.paged_prefill_attention_ref
-    return fn(q, k, v, k_store, v_store, block_table, cached_lens, **kwargs)
+    args = (q, k, v, layer.k, layer.v, block_table, cached_lens)
+    return _attention("prefill", paged_prefill_attention_ref, q, layer, args, kwargs)

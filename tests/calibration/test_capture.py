@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sawquant.calibration.capture import intercept_attention
-from sawquant.runtime.compat import returned_cache
+from sawquant.runtime.hf.compat import returned_cache
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_gqa", "tiny_qwen3", "tiny_mistral_sliding"])

@@ -6,36 +6,18 @@ import importlib.util
 import json
 
 import pytest
-import torch
+from _builders import save_tiny_checkpoint
 from click.testing import CliRunner
 
 from sawquant.cli.main import cli
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoint(tmp_path_factory, demo_tokenizer):
     """A random-weight 2-layer Llama (head_dim 32, GQA) with the demo tokenizer, saved to disk."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sawquant.demo import demo_checkpoint_dir
-
-    tok = AutoTokenizer.from_pretrained(demo_checkpoint_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
     path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(path, demo_tokenizer, max_position_embeddings=256,
+                                tie_word_embeddings=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

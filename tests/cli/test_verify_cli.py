@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from _builders import save_tiny_checkpoint
 from click.testing import CliRunner
 
 from sawquant.cli.main import cli
@@ -35,23 +35,8 @@ def tiny_config(model_config) -> KVConfig:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, demo_tokenizer):
     """A plain HF checkpoint of a tiny random Llama that uses the demo tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(demo_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
     path = tmp_path_factory.mktemp("tiny-plain")
-    LlamaForCausalLM(config).save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_checkpoint(path, demo_tokenizer, head_dim=16, initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,13 @@
-"""Shared fixtures of the attention-kernel tests: a paged quantized cache built the way
-flash-attention's tests build theirs (random permuted block table), filled by the reference
-write, and NaN poisoning of every float buffer a kernel launcher allocates."""
+"""Shared fixtures of the attention-kernel tests: a paged quantized cache (the shared builder,
+with the kernels' test parameters), and NaN poisoning of every float buffer a kernel launcher
+allocates, and the tolerance rule."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from _builders import paged_cache
 
-from sawquant.format import SideStore, allocate_side
-from sawquant.quant import paged_write_ref, random_signs, slots_for
+from sawquant.config import SideConfig
 
 
 def build_cache(
@@ -24,41 +22,26 @@ def build_cache(
     group_size: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-) -> tuple[SideStore, SideStore, torch.Tensor]:
+):
     """K and V stores holding ``lens[b]`` random tokens per sequence, and the block table.
 
     K uses random signs on top of the block rotation, V the plain block rotation, so both
-    rotation paths (and their inverses) are exercised.
+    rotation paths (and their inverses) are exercised; ``k_bits``/``v_bits`` give each KV
+    head's precision (4 by default).
     """
-    g = torch.Generator().manual_seed(seed)
-    pages_per_seq = max(1, max(math.ceil(n / page_size) for n in lens)) + 1  # spare page
-    num_pages = len(lens) * pages_per_seq + 3
-    perm = torch.randperm(num_pages, generator=g)[: len(lens) * pages_per_seq]
-    table = perm.view(len(lens), pages_per_seq).to(torch.int32)
-    stores = []
-    for side, bits in enumerate((k_bits, v_bits)):
-        store = allocate_side(
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            head_bits=bits or (4,) * num_kv_heads,
-            num_pages=num_pages,
-            page_size=page_size,
-            block=block,
-            signs=random_signs(head_dim, seed + 7) if side == 0 and block > 1 else None,
-            group_size=group_size,
-            dtype=dtype,
-        )
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)
-            slots = slots_for(table[b : b + 1], pos[None], page_size)[0]
-            # Channel-dependent scale: some outlier channels, as real K/V have.
-            x = torch.randn(n, num_kv_heads, head_dim, generator=g)
-            x = x * (1 + 3 * torch.rand(head_dim, generator=g))
-            for pb, pool in store.pools.items():
-                heads = store.heads[pb].long()
-                paged_write_ref(x[:, heads], slots, pool, block=store.block, signs=store.signs)
-        stores.append(store)
-    return stores[0], stores[1], table
+
+    def side(bits, signs):
+        fallback = {h: b for h, b in enumerate(bits or ()) if b != 4}
+        return SideConfig(
+            rotation_block=block, sign_seed=seed + 7 if signs and block > 1 else None,
+            group_size=group_size, fallback_heads=fallback,
+        )  # fmt: skip
+
+    return paged_cache(
+        lens=lens, k_side=side(k_bits, True), v_side=side(v_bits, False),
+        num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
+        seed=seed,
+    )  # fmt: skip
 
 
 def poison_float_allocations(monkeypatch) -> None:

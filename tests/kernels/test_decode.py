@@ -7,13 +7,12 @@ import torch
 from _paged_fixture import build_cache, check_close, poison_float_allocations
 
 from sawquant.errors import InputError
-from sawquant.kernels import decode
-from sawquant.kernels.decode import (
-    _gather_heads,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-)
+from sawquant.kernels import decode, plans
+from sawquant.kernels.decode import paged_decode_attention
+from sawquant.kernels.plans import DecodePlan, DecodeTuning
 from sawquant.quant import rotate, unrotate
+from sawquant.quant.attention import gather_heads as _gather_heads
+from sawquant.quant.decode import paged_decode_attention_ref
 
 
 def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap=None):
@@ -168,7 +167,7 @@ def test_rotation_cache_follows_the_store():
 
 
 def test_channel_order_host_matches_kernel():
-    """The launcher permutes the rotation matrix with _channel_order; the kernel unpacks tiles
+    """The plan permutes the rotation matrix with channel_order; the kernel unpacks tiles
     in _channel_map's order. They must be the same permutation of 0..8W-1."""
     import triton
     import triton.language as tl
@@ -180,39 +179,37 @@ def test_channel_order_host_matches_kernel():
     for block_w in (2, 8, 16):
         got = torch.zeros(8 * block_w, dtype=torch.int32)
         _map_kernel[(1,)](got, BLOCK_W=block_w)
-        want = decode._channel_order(block_w)
+        want = plans.channel_order(block_w)
         print(block_w, got.tolist()[:16])
         assert got.tolist() == want
         assert sorted(want) == list(range(8 * block_w))
 
 
 @pytest.mark.parametrize("subnormal", [0, 1])
-def test_int4_unpack_variants_match(subnormal, monkeypatch):
+def test_int4_unpack_variants_match(subnormal):
     """Both INT4 unpack paths (code values, or the subnormal code * 2**-24 / 2**-20 with the
     factors folded into q, the scales and the output) give the same attention."""
-    monkeypatch.setitem(decode._TUNING, "SUBN", subnormal)
     k_store, v_store, table = build_cache(
         lens=[150, 40], num_kv_heads=2, head_dim=64, page_size=16, block=32
     )
     q = torch.randn(2, 8, 64) * 2
     lens = torch.tensor([150, 40], dtype=torch.int32)
     kw = dict(softmax_scale=0.125, num_splits=2)
-    out = paged_decode_attention(q, k_store, v_store, table, lens, **kw)
+    tuning = DecodeTuning(subnormal_unpack=bool(subnormal))
+    out = paged_decode_attention(q, k_store, v_store, table, lens, tuning=tuning, **kw)
     ref = paged_decode_attention_ref(q, k_store, v_store, table, lens, **kw)
     rel = ((out - ref).norm() / ref.norm()).item()
-    print(f"relative error, SUBN={subnormal}: {rel:.2e}")
+    print(f"relative error, subnormal unpack {subnormal}: {rel:.2e}")
     assert rel < 2e-3
 
 
-@pytest.mark.parametrize("legacy", [0, 1])
-def test_fallback_groups_with_their_own_split_counts(legacy, monkeypatch):
+def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     """INT8 / 16-bit head groups (natural channel order, BLOCK_N 64) next to an INT4 group:
     with automatic splits a lone fallback head gets more splits than the INT4 group, and the
     split slots it leaves unwritten must weigh nothing in the merge (NaN-poisoned workspace).
-    LEGACY=1 is the earlier handling (INT4 channel order, one split count), kept for benchmarks.
     """
-    monkeypatch.setitem(decode._TUNING, "LEGACY", legacy)
-    monkeypatch.setitem(decode._SM_COUNT, "cpu", 6)  # 4 programs per "SM": 24 per launch
+    import dataclasses
+
     torch.manual_seed(0)
     lens = [300, 37]
     k_store, v_store, table = build_cache(
@@ -221,9 +218,13 @@ def test_fallback_groups_with_their_own_split_counts(legacy, monkeypatch):
     )  # fmt: skip
     # A wide block table (4096 positions) lets the split rule go past the 256-token floor.
     table = torch.cat([table, table[:, :1].expand(-1, 256 - table.shape[1])], 1).contiguous()
-    groups = decode._launch_groups(k_store, v_store, torch.device("cpu"))
-    splits = [decode._default_splits(2, g[2].numel(), 4096, torch.device("cpu")) for g in groups]
-    print("groups (k_bits, v_bits, heads):", [(g[0], g[1], g[2].tolist()) for g in groups])
+    plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
+    plan = dataclasses.replace(plan, num_sms=6)  # 4 programs per "SM": 24 per launch
+    splits = [plan.splits(2, g.heads.numel(), 4096) for g in plan.groups]
+    print(
+        "groups (k_bits, v_bits, heads):",
+        [(g.k_bits, g.v_bits, g.heads.tolist()) for g in plan.groups],
+    )
     print("own split counts:", splits)
     assert len(set(splits)) > 1  # the test covers unequal split counts
     q = (torch.randn(2, 8, 64) * 2).to(torch.float16)
@@ -232,5 +233,5 @@ def test_fallback_groups_with_their_own_split_counts(legacy, monkeypatch):
     ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
     lowp = _torch_lowp(q, k_store, v_store, table, seq_lens, scale=0.125)
     poison_float_allocations(monkeypatch)
-    out = paged_decode_attention(q, k_store, v_store, table, seq_lens, **kw)
+    out = paged_decode_attention(q, k_store, v_store, table, seq_lens, plan=plan, **kw)
     check_close(out, ref.float(), lowp)

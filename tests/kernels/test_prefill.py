@@ -7,9 +7,10 @@ import torch
 from _paged_fixture import build_cache, check_close, poison_float_allocations
 
 from sawquant.errors import InputError
-from sawquant.kernels.decode import _gather_heads
-from sawquant.kernels.prefill import paged_prefill_attention, paged_prefill_attention_ref
+from sawquant.kernels.prefill import paged_prefill_attention
 from sawquant.quant import unrotate
+from sawquant.quant.attention import gather_heads as _gather_heads
+from sawquant.quant.prefill import paged_prefill_attention_ref
 
 
 def _torch_lowp(q, k, v, k_store, v_store, table, cached, *, scale, window=None, softcap=None):
@@ -77,8 +78,8 @@ def test_prefill_matches_reference(name, monkeypatch):
 
 def test_prefill_last_row_equals_decode_reference():
     """The chunk's last query sees exactly what a decode step over cache + chunk would see."""
-    from sawquant.kernels.decode import paged_decode_attention_ref
     from sawquant.quant import paged_write_ref
+    from sawquant.quant.decode import paged_decode_attention_ref
 
     k_store, v_store, table = build_cache(
         lens=[40], num_kv_heads=1, head_dim=64, page_size=16, block=32

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _builders import copy_side, poisoned_side
 
 from sawquant.errors import ConfigError, InputError
-from sawquant.format import Pool, SideStore, allocate_side
-from sawquant.kernels.write import rotate_quantize_paged, rotate_quantize_paged_ref
-from sawquant.quant import paged_gather_ref, random_signs, rotate
+from sawquant.format import SideStore
+from sawquant.kernels.write import rotate_quantize_paged
+from sawquant.quant import paged_gather_ref, rotate
+from sawquant.quant.write import rotate_quantize_paged_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -20,48 +22,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # ---- fixtures ------------------------------------------------------------------------------
 
 
-def _store(
-    *,
-    heads: int,
-    head_dim: int,
-    block: int,
-    seed: int | None,
-    group: int | None,
-    head_bits: tuple[int, ...] | None = None,
-    page_size: int,
-    num_pages: int,
-    dtype: torch.dtype = torch.bfloat16,
-) -> SideStore:
+def _store(*, heads: int, head_dim: int, **kw) -> SideStore:
     """A side whose pools are filled with random bytes, so untouched slots are recognisable."""
-    store = allocate_side(
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        head_bits=head_bits or (4,) * heads,
-        num_pages=num_pages,
-        page_size=page_size,
-        block=block,
-        signs=None if seed is None else random_signs(head_dim, seed),
-        group_size=group,
-        device=DEVICE,
-        dtype=dtype,
-    )
-    for pool in store.pools.values():
-        for t in (pool.codes, pool.scale, pool.zero):
-            if t is not None:
-                t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape))
-                if t.is_floating_point():  # keep poison finite: NaN != NaN would hide nothing
-                    t.nan_to_num_(0.0, 0.0, 0.0)
-    return store
+    return poisoned_side(num_kv_heads=heads, head_dim=head_dim, device=DEVICE, **kw)
 
 
-def _clone(store: SideStore) -> SideStore:
-    pools = {
-        b: Pool(p.spec, *(None if t is None else t.clone() for t in (p.codes, p.scale, p.zero)))
-        for b, p in store.pools.items()
-    }
-    return SideStore(
-        store.num_kv_heads, store.head_dim, store.block, store.signs, pools, dict(store.heads)
-    )
+_clone = copy_side
 
 
 def _slots(num_tokens: int, page_size: int, num_pages: int, gen: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from sawquant.config import KVConfig, SideConfig
 from sawquant.runtime import SawquantCache, from_pretrained
-from sawquant.runtime.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
 NUM_PROMPTS, NEW_TOKENS = 8, 64
 

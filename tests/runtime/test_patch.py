@@ -8,15 +8,8 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    DynamicCache,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from _builders import tiny_causal_lm
+from transformers import DynamicCache
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.errors import ConfigError
@@ -29,42 +22,27 @@ from sawquant.runtime import (
     patch,
     unpatch,
 )
-from sawquant.runtime.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+SMALL = dict(head_dim=16)  # with the shared tiny shape: 2 layers, 4 q / 2 KV heads, vocab 128
 
 
 def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
+    return tiny_causal_lm("Llama", seed=0, **SMALL)
 
 
 def _qwen3_sliding():
-    torch.manual_seed(1)
-    cfg = Qwen3Config(
-        **SMALL,
-        use_sliding_window=True,
-        sliding_window=6,
+    return tiny_causal_lm(
+        "Qwen3", seed=1, **SMALL, use_sliding_window=True, sliding_window=6,
         layer_types=["full_attention", "sliding_attention"],
-    )
-    return Qwen3ForCausalLM(cfg).eval()
+    )  # fmt: skip
 
 
 def _gemma2_softcap():
-    torch.manual_seed(2)
-    cfg = Gemma2Config(
-        **SMALL, sliding_window=6, attn_logit_softcapping=5.0, query_pre_attn_scalar=16
-    )
-    return Gemma2ForCausalLM(cfg).eval()
+    return tiny_causal_lm(
+        "Gemma2", seed=2, **SMALL, sliding_window=6, attn_logit_softcapping=5.0,
+        query_pre_attn_scalar=16,
+    )  # fmt: skip
 
 
 def _config(model, **side) -> KVConfig:
@@ -205,12 +183,12 @@ def test_a_forward_that_bypasses_the_cache_raises(monkeypatch):
 
     from sawquant.errors import RuntimeBypassError
 
-    patch_module = importlib.import_module("sawquant.runtime.patch")  # the module, not patch()
+    patch_module = importlib.import_module("sawquant.runtime.hf.patch")  # the module, not patch()
 
     model = patch(_llama(), _config(_llama(), rotation_block=16))
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(8))
     monkeypatch.setattr(patch_module, "cache_kwargs", lambda m, c: {})  # the cache gets lost
-    with torch.no_grad(), pytest.raises(RuntimeBypassError, match="instead of the sawquant"):
+    with torch.no_grad(), pytest.raises(RuntimeBypassError, match="sawquant cache"):
         model.generate(ids, max_new_tokens=3, do_sample=False)
 
 
@@ -315,3 +293,63 @@ def test_nan_keys_are_refused_on_every_path(path, monkeypatch):
     match = "element\\(s\\) are NaN/Inf" if path == "twins" else "layer 1 produced NaN/Inf"
     with torch.no_grad(), pytest.raises(NonFiniteKVError, match=match):
         model.generate(ids, max_new_tokens=3, do_sample=False)
+
+
+def test_the_runtime_runs_where_triton_cannot_be_imported():
+    """macOS / Windows have no triton: importing sawquant, patching a model and a cached
+    generate must all work on the torch twins (they used to raise ImportError)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    code = f"""
+import sys
+sys.modules["triton"] = None  # any import of triton now raises ImportError
+sys.path.insert(0, {str(tests)!r})
+import torch
+from _builders import tiny_causal_lm
+import sawquant
+from sawquant.config import KVConfig, ModelFacts, SideConfig
+model = tiny_causal_lm("Llama", head_dim=16)
+k = SideConfig(rotation_block=16, sign_seed=1, fallback_heads={{1: 8}})
+sawquant.patch(model, KVConfig.uniform(ModelFacts(2, 2, 16, "llama"), k=k))
+ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+from sawquant.runtime.hf.compat import returned_cache
+print(dict(returned_cache(out).calls), "triton" in sys.modules and sys.modules["triton"])
+"""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    print(res.stdout, res.stderr[-2000:])
+    assert res.returncode == 0
+    assert "'decode': 6" in res.stdout and res.stdout.strip().endswith("None")
+
+
+def test_nothing_outside_the_kernels_imports_triton():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "sawquant"
+    offenders = [
+        str(p.relative_to(root.parent))
+        for p in root.rglob("*.py")
+        if "import triton" in p.read_text() or "from triton" in p.read_text()
+    ]
+    assert offenders == []
+
+
+def test_a_direct_call_of_the_decoder_is_served_too():
+    """The hooks sit on the decoder stack, so model.model(...) with a cache uses the pages."""
+    model = _llama()
+    patch(model, _config(model, bits=16, rotation_block=16))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full = model.model(ids, use_cache=False).last_hidden_state
+        first = model.model(ids[:, :5], use_cache=True)
+        cache = returned_cache(first)
+        assert isinstance(cache, SawquantCache)
+        rest = model.model(ids[:, 5:6], use_cache=True, **cache_kwargs(model.model, cache))
+    err = (rest.last_hidden_state[:, 0] - full[:, 5]).abs().max().item()
+    print("decoder call, 16-bit pools: max |hidden error|", err, dict(cache.calls))
+    assert cache.calls["decode"] == 2 and err < 1e-4

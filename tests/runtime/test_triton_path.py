@@ -7,7 +7,7 @@ from _builders import tiny_causal_lm
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 from sawquant.runtime import dispatch, patch
-from sawquant.runtime.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
 
 def _run(model, ids: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 ``patch`` registers the "sawquant" attention function and mask (transformers'
 ``AttentionInterface`` / ``AttentionMaskInterface``), switches the model to it with
-``set_attn_implementation``, and adds one forward pre-hook on the model that gives every
-cached forward a :class:`SawquantCache`: when ``use_cache`` is on and the call carries no cache,
+``set_attn_implementation``, and adds a forward pre-hook on the decoder stack that gives every
+cached forward a :class:`SawquantCache` (and a post-hook that refuses a step the cache did
+not serve): when ``use_cache`` is on and the call carries no cache,
 or the empty ``DynamicCache`` that ``generate`` creates, the hook passes a fresh paged cache
 instead (``generate`` keeps the cache the forward returns), and it plans each step's slots
 from the 2D attention mask so left padding is never stored. No modeling code is copied or
@@ -24,9 +25,10 @@ from transformers import DynamicCache
 
 from sawquant.checkpoint import CONFIG_KEY, KV_CONFIG_FILE, read_kv_config
 from sawquant.config import KVConfig
-from sawquant.runtime.attention import ATTN_NAME, register
-from sawquant.runtime.cache import RuntimeBypassError, SawquantCache
-from sawquant.runtime.compat import cache_kwargs, pop_cache, returned_cache
+from sawquant.errors import RuntimeBypassError
+from sawquant.runtime.hf.attention import ATTN_NAME, register
+from sawquant.runtime.hf.cache import SawquantCache
+from sawquant.runtime.hf.compat import cache_kwargs, pop_cache, returned_cache
 from sawquant.runtime.memory import KVMemory, kv_memory
 
 __all__ = [
@@ -42,11 +44,15 @@ __all__ = [
 
 @dataclass
 class _PatchState:
+    """What ``patch`` installed: shared by the model, its decoder and every attention module
+    (the attention function reads ``cache`` from here; nothing is found through a global)."""
+
     config: KVConfig
     page_size: int
     original_attn: str | None
     hooks: tuple  # torch.utils.hooks.RemovableHandle: the pre- and post-forward hooks
-    expected: SawquantCache | None = None  # the cache the current forward must return
+    holders: tuple  # modules carrying this state as ``_sawquant_state``
+    cache: SawquantCache | None = None  # the cache of the forward in progress
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -60,22 +66,22 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
-def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    state: _PatchState = model._sawquant_state
-    state.expected = None
+def _before_forward(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    state: _PatchState = decoder._sawquant_state
+    state.cache = None
     if len(args) > 1:  # the cache passed positionally: leave the call alone
         return args, kwargs
     x = _first_tensor(args, kwargs)  # [B, T] ids or [B, T, hidden] embeddings
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
-        use_cache = getattr(model.config, "use_cache", True)
+        use_cache = getattr(decoder.config, "use_cache", True)
     if x is None or not use_cache:
         return args, kwargs
     cache = pop_cache(kwargs)  # whichever name generate or the caller used
     fresh_dynamic = type(cache) is DynamicCache and cache.get_seq_length() == 0
     if cache is None or fresh_dynamic:
         cache = SawquantCache(state.config, page_size=state.page_size)
-    kwargs.update(cache_kwargs(model, cache))
+    kwargs.update(cache_kwargs(decoder, cache))
     if isinstance(cache, SawquantCache):
         mask = kwargs.get("attention_mask")
         cache.prepare_step(
@@ -84,15 +90,15 @@ def _before_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
             device=x.device,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
         )
-        state.expected = cache
+        state.cache = cache
     return args, kwargs
 
 
-def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+def _after_forward(decoder: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     """Refuse a forward that bypassed the sawquant cache: it would have served the step from a
     full-precision cache while the user believes the INT4 one is in use."""
-    state: _PatchState = model._sawquant_state
-    expected, state.expected = state.expected, None
+    state: _PatchState = decoder._sawquant_state
+    expected, state.cache = state.cache, None
     if expected is None:
         return
     got = returned_cache(output)
@@ -119,28 +125,44 @@ def _sawquant_memory(self: torch.nn.Module) -> KVMemory:
     return kv_memory(state.config, page_size=state.page_size)
 
 
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that receives the cache: the decoder stack under a *ForCausalLM head, so a
+    direct call of ``model.model(...)`` is served too; the model itself otherwise."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
 def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> torch.nn.Module:
     """Serve ``model`` with the paged quantized KV cache described by ``config`` (in place).
 
     Afterwards ``model.generate(...)`` and ``model(..., use_cache=True)`` use the cache (fused
     Triton kernels on CUDA tensors, their torch twins elsewhere), and
     ``model.sawquant_memory()`` reports the KV bytes per token. Raises ConfigError when the
-    config was made for another model shape. Returns the model.
+    config was made for another model shape or asks for what the kernels cannot do, and
+    UnsupportedModelError for a model without decoder KV attention. Returns the model.
     """
-    from sawquant.architectures import model_facts
+    from sawquant.architectures import attention_modules, check_loaded_model
+    from sawquant.kernels.limits import check_kernel_limits
 
-    facts = model_facts(model.config)
+    facts = check_loaded_model(model)
     config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    if any(p.is_cuda for p in model.parameters()):
+        check_kernel_limits(config)
     if is_patched(model):
         unpatch(model)
     register()
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
+    decoder = _decoder(model)
     hooks = (
-        model.register_forward_pre_hook(_before_forward, with_kwargs=True),
-        model.register_forward_hook(_after_forward, with_kwargs=True),
+        decoder.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        decoder.register_forward_hook(_after_forward, with_kwargs=True),
     )
-    model._sawquant_state = _PatchState(config, page_size, original, hooks)
+    holders = tuple(dict.fromkeys([model, decoder, *attention_modules(model)]))
+    state = _PatchState(config, page_size, original, hooks, holders)
+    for module in holders:
+        module._sawquant_state = state
     model.sawquant_config = config
     model.sawquant_memory = types.MethodType(_sawquant_memory, model)
     return model
@@ -154,7 +176,10 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for hook in state.hooks:
         hook.remove()
     model.set_attn_implementation(state.original_attn or "sdpa")
-    for name in ("_sawquant_state", "sawquant_config", "sawquant_memory"):
+    for module in state.holders:
+        if "_sawquant_state" in module.__dict__:
+            del module._sawquant_state
+    for name in ("sawquant_config", "sawquant_memory"):
         if name in model.__dict__:
             delattr(model, name)
     return model

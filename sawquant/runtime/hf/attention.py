@@ -13,8 +13,11 @@ The mask registered with ``AttentionMaskInterface`` under the same name is trans
 mask (boolean, or None for a plain causal chunk); only the first-chunk path uses it, the paged
 kernels mask by ``seq_lens``. Sliding windows and logit soft-caps arrive as the keyword
 arguments ``sliding_window``/``softcap`` the models already pass and go to the kernels as is.
-Called with K/V that did not come from a sawquant cache (no cache, or another Cache class), it
-falls back to the plain full-precision computation.
+The function finds the step's cache through the patch state installed on every attention
+module (``module._sawquant_state``, set by the pre-forward hook), never through a global. A
+forward without a cache (``use_cache=False``) attends in full precision, as the model would; a
+forward with a sawquant cache whose K/V did not come from that cache's update raises
+RuntimeBypassError instead of silently attending to something else.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from sawquant.errors import RuntimeBypassError
 from sawquant.runtime import dispatch
-from sawquant.runtime.cache import last_update
 
 __all__ = ["ATTN_NAME", "register", "sawquant_attention"]
 
@@ -90,14 +93,22 @@ def sawquant_attention(
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     softcap = kwargs.pop("softcap", None)
     window = kwargs.get("sliding_window")
-    last = last_update()
-    if last is None or last[2] is not key:
-        # K/V do not come from a sawquant cache in this step: plain attention on what we got.
+    state = getattr(module, "_sawquant_state", None)
+    cache = None if state is None else state.cache
+    if cache is None:
+        # No cache in this step (use_cache=False, or a model that is not patched): plain
+        # attention on what we got, as the unpatched model would compute it.
         return _dense_attention(
             module, query, key, value, attention_mask,
             scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
         )  # fmt: skip
-    cache, layer_idx, _ = last
+    layer_idx = int(module.layer_idx)
+    if not cache.layers[layer_idx].returned(key):
+        raise RuntimeBypassError(
+            f"layer {layer_idx}'s attention got keys that the sawquant cache did not store in "
+            "this step (the model or transformers routed them elsewhere); refusing to attend "
+            "to anything but the INT4 pages"
+        )
     plan = cache.plan.on(query.device)
     if plan.past == 0:
         cache.calls["first_chunk"] += 1
@@ -106,13 +117,12 @@ def sawquant_attention(
             module, query, key, value, attention_mask,
             scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
         )  # fmt: skip
-    k_store, v_store = cache.stores(layer_idx)
+    layer = cache.layer_kv(layer_idx)
     if query.shape[2] == 1:
         cache.calls["decode"] += 1
         out = dispatch.decode_attention(
             query[:, :, 0],  # [B, H_q, D]
-            k_store,
-            v_store,
+            layer,
             plan.block_table,
             plan.seq_lens,
             softmax_scale=scale,
@@ -125,8 +135,7 @@ def sawquant_attention(
         query,
         key,
         value,
-        k_store,
-        v_store,
+        layer,
         plan.block_table,
         plan.cached_lens,
         softmax_scale=scale,

@@ -1,0 +1,179 @@
+"""Launch plans: everything the attention launchers derive from one layer's K/V stores, built
+once per allocation, and the tuning knobs benchmarks may turn. No triton import: a plan is
+plain tensors and numbers, built and tested anywhere.
+
+A plan depends on the stores' layout (which heads sit in which pool, the rotation block and
+signs, head_dim), never on the page count, so it survives the pools growing. Engines keep one
+per layer (``sawquant.runtime.LayerKV``) and pass it to every launch: nothing is looked up by
+``id()`` or rebuilt per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sawquant.format import SideStore
+from sawquant.quant.hadamard import block_hadamard, hadamard_scale
+
+__all__ = [
+    "DecodePlan",
+    "DecodeTuning",
+    "HeadGroup",
+    "PrefillPlan",
+    "channel_order",
+    "next_pow2",
+    "rotation_matrix",
+]
+
+
+def next_pow2(n: int) -> int:
+    # Plain Python: triton.next_power_of_2 / cdiv go through the JIT's constexpr unwrapping,
+    # which costs ~10 us of host time per call, on every decode step.
+    return 1 << (int(n) - 1).bit_length()
+
+
+def rotation_matrix(
+    store: SideStore, device: torch.device, *, inverse: bool
+) -> tuple[torch.Tensor | None, float]:
+    """The store's rotation as an fp16 matrix of +-1 entries and its float scale.
+
+    Forward (``x @ R``): ``diag(signs) @ H``; inverse (``x @ R.T``): ``H @ diag(signs)``, H the
+    unnormalised Sylvester block (exact in fp16). (None, 1.0) when there is no rotation.
+    """
+    if store.block == 1 and store.signs is None:
+        return None, 1.0
+    h = block_hadamard(store.head_dim, store.block, dtype=torch.float64).to(device)
+    h = h / hadamard_scale(store.block)
+    if store.signs is not None:
+        s = store.signs.to(device=device, dtype=torch.float64)
+        h = h * s[None, :] if inverse else s[:, None] * h
+    return h.round().to(torch.float16).contiguous(), hadamard_scale(store.block)
+
+
+def channel_order(block_w: int) -> list[int]:
+    """The channel of each column of an unpacked INT4 tile (host copy of the kernel's map:
+    channels 0, 4 | 2, 6 | 1, 5 | 3, 7 of each 32-bit word)."""
+    nib = (0, 4, 2, 6, 1, 5, 3, 7)
+    return [8 * (c // 8) + nib[c % 8] for c in range(8 * block_w)]
+
+
+def _permuted_columns(matrix: torch.Tensor, block_w: int, *, natural: bool) -> torch.Tensor:
+    """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D);
+    ``natural``: chan[c'] = c' (only padded), for tiles in natural channel order."""
+    d = matrix.shape[1]
+    order = list(range(8 * block_w)) if natural else channel_order(block_w)
+    chan = torch.tensor(order, device=matrix.device)
+    out = torch.zeros(matrix.shape[0], 8 * block_w, dtype=matrix.dtype, device=matrix.device)
+    ok = chan < d
+    out[:, ok] = matrix[:, chan[ok]]
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch parameters of the decode kernel. The defaults are what the H100 sweeps in
+    benchmarks/RESULTS.md chose; benchmarks pass their own, production never changes them."""
+
+    # Tokens per tile for INT4 / INT4 and INT8 K / INT4 V groups (128 was fastest at the target
+    # shapes; 64 and 256, and 8 warps at 128, were slower). Heads wider than 128 halve it.
+    block_n: int = 128
+    # Groups with a 16-bit side or an INT8 V side: their raw tiles are 2-4x larger and the hand
+    # prefetch keeps the next K and V tiles in registers; at 128 these builds spill (ptxas,
+    # triton 3.9, sm_90a, d 128: 72-416 B of stack), at 64 none does.
+    wide_block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # INT4 unpack through fp16 subnormals (5 instructions a word instead of 11): 1-2 % faster.
+    subnormal_unpack: bool = True
+
+
+DEFAULT_DECODE_TUNING = DecodeTuning()
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """The KV heads that share one (K precision, V precision): one kernel launch."""
+
+    k_bits: int
+    v_bits: int
+    heads: torch.Tensor  # [n] int32 KV heads
+    k_index: torch.Tensor  # [n] int32 index of each head in its K pool
+    v_index: torch.Tensor  # [n] int32 index in its V pool
+
+    def block_n(self, head_dim: int, tuning: DecodeTuning) -> int:
+        wide = (self.k_bits, self.v_bits) not in ((4, 4), (8, 4))
+        if head_dim <= 128:
+            return tuning.wide_block_n if wide else tuning.block_n
+        return tuning.wide_block_n // 2 if wide else tuning.block_n // 2
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Head groups, rotation matrices in the kernels' channel orders, and device facts."""
+
+    head_dim: int
+    block_w: int  # 32-bit words (8 INT4 codes) per row, padded to a power of two
+    groups: tuple[HeadGroup, ...]
+    k_rot: torch.Tensor | None  # [D, 8 BLOCK_W] fp16: q rotation, columns in INT4 tile order
+    k_rot_natural: torch.Tensor | None  # the same, natural order (INT8 / 16-bit K groups)
+    k_rot_scale: float
+    v_unrot: torch.Tensor | None  # [D, D] fp16: H diag(signs) for the output un-rotation
+    v_rot_scale: float
+    num_sms: int  # programs per wave: splits are sized from it
+    use_asm: bool  # inline PTX unpack (NVIDIA GPUs; the interpreter cannot run it)
+
+    @classmethod
+    def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
+        d = k_store.head_dim
+        block_w = next_pow2(max(-(-d // 8), 2))
+        k_where, v_where = k_store.pool_of(), v_store.pool_of()
+        by_bits: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for h, ((kb, ki), (vb, vi)) in enumerate(zip(k_where, v_where)):
+            by_bits.setdefault((kb, vb), []).append((h, ki, vi))
+        groups = []
+        for (kb, vb), rows in sorted(by_bits.items()):
+            t = torch.tensor(rows, dtype=torch.int32).T.contiguous().to(device)
+            groups.append(HeadGroup(kb, vb, t[0], t[1], t[2]))
+        hk, k_scale = rotation_matrix(k_store, device, inverse=False)
+        hv, v_scale = rotation_matrix(v_store, device, inverse=True)
+        cuda = device.type == "cuda"
+        return cls(
+            head_dim=d,
+            block_w=block_w,
+            groups=tuple(groups),
+            k_rot=None if hk is None else _permuted_columns(hk, block_w, natural=False),
+            k_rot_natural=None if hk is None else _permuted_columns(hk, block_w, natural=True),
+            k_rot_scale=k_scale,
+            v_unrot=hv,
+            v_rot_scale=v_scale,
+            num_sms=torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4,
+            use_asm=cuda and torch.version.hip is None,
+        )
+
+    def splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
+        """Context splits per (sequence, KV head) of one launch: about 4 programs per SM (2 are
+        resident at a time: the kernel's registers allow 2 per SM), a power of two, and no split
+        shorter than 256 tokens. From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2,
+        8x32k -> 8, 1x4k -> 16. ``num_kv_heads`` are the heads of ONE launch, so a lone
+        fallback head at batch 64 gets 8 splits where the INT4 group gets 1."""
+        want = max(1, (4 * self.num_sms) // max(batch * num_kv_heads, 1))
+        cap = max(1, max_context // 256)
+        return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The inverse rotations the chunked-prefill gather applies to each side."""
+
+    k_unrot: torch.Tensor | None  # [D, D] fp16: H diag(signs), or None without rotation
+    k_rot_scale: float
+    v_unrot: torch.Tensor | None
+    v_rot_scale: float
+
+    @classmethod
+    def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> PrefillPlan:
+        hk, k_scale = rotation_matrix(k_store, device, inverse=True)
+        hv, v_scale = rotation_matrix(v_store, device, inverse=True)
+        return cls(k_unrot=hk, k_rot_scale=k_scale, v_unrot=hv, v_rot_scale=v_scale)
