@@ -13,7 +13,13 @@ from typing import Any
 
 from sawquant.errors import InputError
 
-__all__ = ["available_cpus", "choose_num_threads", "configure_threads", "device_map_for"]
+__all__ = [
+    "available_cpus",
+    "choose_num_threads",
+    "configure_threads",
+    "default_device_map",
+    "device_map_for",
+]
 
 
 def available_cpus() -> int:
@@ -51,11 +57,18 @@ def configure_threads() -> int:
     return threads
 
 
+def default_device_map() -> str:
+    """Where a model goes when nobody says: the first CUDA device if there is one, else CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device_map_for(device: str) -> Any:
     """A ``--device`` value (auto, cpu, cuda, cuda:N) as a transformers ``device_map``."""
     import torch
 
-    if device == "auto":
+    if device == "auto":  # accelerate's spreading over GPUs, or the CPU without one
         return "auto" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} but no CUDA GPU is visible; use --device cpu or auto")

@@ -15,6 +15,7 @@ from typing import Any
 
 from sawquant.architectures import check_loaded_model, check_supported
 from sawquant.demo import demo_checkpoint_dir
+from sawquant.devices import default_device_map
 from sawquant.errors import InputError, UnsupportedModelError
 
 __all__ = ["load_demo", "load_model", "no_progress_bars", "parse_max_memory", "weights_error"]
@@ -136,7 +137,7 @@ def load_model(
     if memory is not None and device_map is None:
         device_map = "auto"
     if device_map is None:
-        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        device_map = default_device_map()
     on_cuda = torch.cuda.is_available() and _targets_cuda(device_map)
     dtype = _resolve_dtype(dtype, on_cuda=on_cuda)
 

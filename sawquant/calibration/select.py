@@ -25,6 +25,7 @@ import torch
 
 from sawquant.calibration.recipe import Recipe
 from sawquant.calibration.stats import INT8, NAIVE, Candidate
+from sawquant.config import bits_per_element
 from sawquant.errors import ConfigError
 
 __all__ = ["SideChoice", "select"]
@@ -43,9 +44,8 @@ class SideChoice:
     naive_obj: list[float] = field(default_factory=list)  # per head objective, naive INT4
 
     def bits(self, num_heads: int, head_dim: int) -> float:
-        g = self.candidate.group_size or head_dim
         per = [self.fallback_heads.get(h, 4) for h in range(num_heads)]
-        return sum(b if b == 16 else b + 32 / g for b in per)
+        return sum(bits_per_element(b, self.candidate.group_size, head_dim) for b in per)
 
 
 def _rel(x: float) -> float:
@@ -111,7 +111,7 @@ class _Side:
         return c.group_size or self.head_dim
 
     def head_bits(self, bits: int, opt: int | None = None) -> float:
-        return 16.0 if bits == 16 else bits + 32 / self.group(opt)
+        return bits_per_element(bits, self.group(opt), self.head_dim)
 
     def cost(self, opt: int | None = None) -> float:
         return sum(self.head_bits(self.fallback.get(h, 4), opt) for h in range(self.num_heads))
