@@ -82,13 +82,15 @@ def _bf16_rne(v):
 
 @triton.jit
 def _load_rows(
-    x_ptrs, s_ptrs, mask, C0: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr,
-    D: tl.constexpr, HAS_SIGNS: tl.constexpr,
+    x_ptrs, s_ptrs, c_ptrs, m_ptrs, mask, C0: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr,
+    D: tl.constexpr, HAS_SIGNS: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_SMOOTH: tl.constexpr,
 ):  # fmt: skip
-    """Chunks C0 .. C0 + C - 1 (VEC elements each) of every row, as float32 [R, C * VEC].
+    """Chunks C0 .. C0 + C - 1 (VEC elements each) of every row, as float32 [R, C * VEC], with
+    the transforms applied in the twin's order: (x - center) * inv_smooth * signs.
 
     x_ptrs: [R, VEC] pointers to chunk 0 of each row; s_ptrs: [R, VEC] pointers to the signs'
-    chunk 0 (every row the same). Each chunk is its own [R, VEC] load, which every Triton
+    chunk 0 (every row the same); c_ptrs / m_ptrs: the same for the row's KV head's center and
+    inverse smoothing scales. Each chunk is its own [R, VEC] load, which every Triton
     version lays out one row per thread (a single [R, C, VEC] load is split across threads
     along C or R depending on the version); joining the chunks keeps the row in one thread's
     registers, so the butterfly and the min/max need no data exchange between threads.
@@ -96,14 +98,24 @@ def _load_rows(
     if C == 1:
         if C0 * VEC < D:
             x = tl.load(x_ptrs + C0 * VEC, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CENTER:
+                x = x - tl.load(c_ptrs + C0 * VEC, mask=mask, other=0.0)
+            if HAS_SMOOTH:
+                x = x * tl.load(m_ptrs + C0 * VEC, mask=mask, other=0.0)
             if HAS_SIGNS:
                 x = x * tl.load(s_ptrs + C0 * VEC)
         else:  # padding up to a power of two: whole chunks, never loaded or stored
             x = tl.zeros(x_ptrs.shape, tl.float32)
     else:
         HALF: tl.constexpr = C // 2
-        lo = _load_rows(x_ptrs, s_ptrs, mask, C0, HALF, VEC, D, HAS_SIGNS)
-        hi = _load_rows(x_ptrs, s_ptrs, mask, C0 + HALF, HALF, VEC, D, HAS_SIGNS)
+        lo = _load_rows(
+            x_ptrs, s_ptrs, c_ptrs, m_ptrs, mask, C0, HALF, VEC, D,
+            HAS_SIGNS, HAS_CENTER, HAS_SMOOTH,
+        )  # fmt: skip
+        hi = _load_rows(
+            x_ptrs, s_ptrs, c_ptrs, m_ptrs, mask, C0 + HALF, HALF, VEC, D,
+            HAS_SIGNS, HAS_CENTER, HAS_SMOOTH,
+        )  # fmt: skip
         x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [lo.shape[0], C * VEC])
     return x
 
@@ -165,6 +177,8 @@ def _write_rows(
     slot_ptr,  # [T] int64
     heads_ptr,  # [Hp] int32: KV head of each pool head
     signs_ptr,  # [D] float32 (unused unless HAS_SIGNS)
+    center_ptr,  # [H_kv, D] float32 (unused unless HAS_CENTER)
+    inv_smooth_ptr,  # [H_kv, D] float32 (unused unless HAS_SMOOTH)
     codes_ptr,  # [P, Hp, page, D/2 | D] uint8, or [P, Hp, page, D] 16-bit
     scale_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
     zero_ptr,  # [P, Hp, page, NG] fp16 (unused when BITS == 16)
@@ -188,6 +202,8 @@ def _write_rows(
     LOG_BLOCK: tl.constexpr,  # log2 of the rotation block (0: none)
     HSCALE: tl.constexpr,  # hadamard_scale(block), already a float32 value
     HAS_SIGNS: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
     LIMIT: tl.constexpr,  # largest storable magnitude (fp16 range for INT pools)
 ):
     tl.static_assert(D % VEC == 0)
@@ -207,10 +223,12 @@ def _write_rows(
     dst = (page * num_pool_heads + i) * page_size + slot % page_size  # [R] int64 pool row
 
     e = tl.arange(0, VEC)[None, :]
+    per_head = head.to(tl.int64)[:, None] * D + e  # [R, VEC] offsets into [H_kv, D] tables
     x = _load_rows(
-        x_ptr + src[:, None] + e, signs_ptr + e + 0 * r[:, None], live[:, None], 0,
-        D_PAD // VEC, VEC, D, HAS_SIGNS,
-    )  # [R, D_PAD] float32, signs applied  # fmt: skip
+        x_ptr + src[:, None] + e, signs_ptr + e + 0 * r[:, None], center_ptr + per_head,
+        inv_smooth_ptr + per_head, live[:, None], 0, D_PAD // VEC, VEC, D,
+        HAS_SIGNS, HAS_CENTER, HAS_SMOOTH,
+    )  # [R, D_PAD] float32, transforms and signs applied  # fmt: skip
     if LOG_BLOCK > 0:
         x = _butterfly(x, ROWS, D_PAD, LOG_BLOCK) * HSCALE
     # The storage policy of every write path (sawquant.quant.check_storable): a value that
@@ -275,12 +293,16 @@ def _rotate_quantize_paged_kernel(
     x0_ptr,
     heads0_ptr,
     signs0_ptr,
+    center0_ptr,
+    inv_smooth0_ptr,
     codes0_ptr,
     scale0_ptr,
     zero0_ptr,
     x1_ptr,
     heads1_ptr,
     signs1_ptr,
+    center1_ptr,
+    inv_smooth1_ptr,
     codes1_ptr,
     scale1_ptr,
     zero1_ptr,
@@ -309,11 +331,15 @@ def _rotate_quantize_paged_kernel(
     LOG_BLOCK0: tl.constexpr,
     HSCALE0: tl.constexpr,
     HAS_SIGNS0: tl.constexpr,
+    HAS_CENTER0: tl.constexpr,
+    HAS_SMOOTH0: tl.constexpr,
     VEC1: tl.constexpr,
     GROUP1: tl.constexpr,
     LOG_BLOCK1: tl.constexpr,
     HSCALE1: tl.constexpr,
     HAS_SIGNS1: tl.constexpr,
+    HAS_CENTER1: tl.constexpr,
+    HAS_SMOOTH1: tl.constexpr,
     LIMIT: tl.constexpr,
 ):
     """Two write jobs (K and V pools of one precision) in one launch; see ``_write_rows``."""
@@ -321,18 +347,20 @@ def _rotate_quantize_paged_kernel(
     if tl.program_id(1) == 0:
         if pid * ROWS < num_rows0:
             _write_rows(
-                pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, codes0_ptr, scale0_ptr,
-                zero0_ptr, flag_ptr, flag_value, num_tokens, num_rows0, num_pool_heads0,
-                page_size, stride_x0t, stride_x0h,
-                D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0, LIMIT,
+                pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, center0_ptr, inv_smooth0_ptr,
+                codes0_ptr, scale0_ptr, zero0_ptr, flag_ptr, flag_value, num_tokens, num_rows0,
+                num_pool_heads0, page_size, stride_x0t, stride_x0h,
+                D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
+                HAS_CENTER0, HAS_SMOOTH0, LIMIT,
             )  # fmt: skip
     else:
         if pid * ROWS < num_rows1:
             _write_rows(
-                pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, codes1_ptr, scale1_ptr,
-                zero1_ptr, flag_ptr, flag_value, num_tokens, num_rows1, num_pool_heads1,
-                page_size, stride_x1t, stride_x1h,
-                D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1, LIMIT,
+                pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, center1_ptr, inv_smooth1_ptr,
+                codes1_ptr, scale1_ptr, zero1_ptr, flag_ptr, flag_value, num_tokens, num_rows1,
+                num_pool_heads1, page_size, stride_x1t, stride_x1h,
+                D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
+                HAS_CENTER1, HAS_SMOOTH1, LIMIT,
             )  # fmt: skip
 
 
@@ -383,8 +411,10 @@ def rotate_quantize_paged(
         j0, j1 = pair[0], pair[-1]
         grid = (triton.cdiv(max(j["num_rows"] for j in pair), rows), len(pair))
         _rotate_quantize_paged_kernel[grid](
-            j0["x"], j0["heads"], j0["signs"], j0["codes"], j0["scale"], j0["zero"],
-            j1["x"], j1["heads"], j1["signs"], j1["codes"], j1["scale"], j1["zero"],
+            j0["x"], j0["heads"], j0["signs"], j0["center"], j0["inv_smooth"], j0["codes"],
+            j0["scale"], j0["zero"],
+            j1["x"], j1["heads"], j1["signs"], j1["center"], j1["inv_smooth"], j1["codes"],
+            j1["scale"], j1["zero"],
             slot_mapping, flag,
             flag_value, num_tokens,
             j0["num_rows"], j0["num_pool_heads"], j1["num_rows"], j1["num_pool_heads"],
@@ -393,8 +423,10 @@ def rotate_quantize_paged(
             D=head_dim, D_PAD=d_pad, ROWS=rows, BITS=bits,
             VEC0=j0["vec"], GROUP0=j0["group"], LOG_BLOCK0=j0["log_block"],
             HSCALE0=j0["hscale"], HAS_SIGNS0=j0["has_signs"],
+            HAS_CENTER0=j0["has_center"], HAS_SMOOTH0=j0["has_smooth"],
             VEC1=j1["vec"], GROUP1=j1["group"], LOG_BLOCK1=j1["log_block"],
             HSCALE1=j1["hscale"], HAS_SIGNS1=j1["has_signs"],
+            HAS_CENTER1=j1["has_center"], HAS_SMOOTH1=j1["has_smooth"],
             LIMIT=storable_limit(bits, j0["codes"].dtype),
             num_warps=_NUM_WARPS,
             # Bit-exactness: the reference rounds every multiply and add separately.
@@ -425,6 +457,11 @@ def _job(x: torch.Tensor, store: SideStore, bits: int) -> dict:
         "x": x,
         "heads": heads,
         "signs": store.signs if store.signs is not None else heads,
+        # Absent tables: any valid pointer stands in (the constexpr flags skip the loads).
+        "center": store.center if store.center is not None else heads,
+        "inv_smooth": store.inv_smooth if store.inv_smooth is not None else heads,
+        "has_center": store.center is not None,
+        "has_smooth": store.inv_smooth is not None,
         "codes": pool.codes,
         "scale": pool.scale if pool.scale is not None else pool.codes,
         "zero": pool.zero if pool.zero is not None else pool.codes,

@@ -16,13 +16,26 @@ JSON shape (``sawquant_kv.json``)::
                  "v": {...}}, ...]}
 
 ``fallback_heads`` maps a KV head index to 8 (INT8 per token) or 16 (BF16); the other heads use
-``bits``. ``values_folded`` says the V rotation was folded into v_proj/o_proj at export, so the
-runtime stores V as produced (no rotation at run time).
+``bits`` (``bits`` 8 or 16 is a whole-layer fallback for that side). ``values_folded`` says the V
+rotation was folded into v_proj/o_proj at export, so the runtime stores V as produced.
+
+Version 2 adds two exact, serving-compatible transforms per side, one row per KV head and
+channel (``null`` = none); a cached vector x is stored as ``rotate((x - center) / smooth)``:
+
+* ``center`` ([H_kv][D]): a calibrated per-channel mean. For keys it is exact for attention
+  (q . center is the same for every key of a query, so the softmax does not change) and costs
+  nothing at read time; for values the attention output gets it back (the weights sum to 1).
+* ``smooth`` ([H_kv][D], > 0): per-channel scales divided out of the cached vector. For keys the
+  query is multiplied by them (q . k = (q * s) . (k / s)); for values the output is.
+
+A version-1 document (no transforms) still loads; a config without transforms is written as
+version 1, so older sawquant releases read it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -45,13 +58,14 @@ __all__ = [
     "check_group",
 ]
 
-CONFIG_VERSION = 1  # the JSON schema version (the "format_version" key)
+CONFIG_VERSION = 2  # the newest JSON schema version (the "format_version" key) this reads
 SUPPORTED_BLOCKS = (1, 16, 32, 64, 128, 256)  # Hadamard block sizes (1 = no rotation)
 # Group sizes below head_dim: powers of two that every kernel and twin handles. Smaller groups
 # cost more than INT8 (g = 8 adds 4 bits of fp16 scale/zero per element).
 SUPPORTED_GROUPS = (16, 32, 64, 128)
 _BITS = (4, 8, 16)
 _FALLBACK_BITS = (8, 16)
+FP16_RANGE = 65504.0  # transforms stay within what the fp16 scales of a pool can express
 MAX_SIGN_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
@@ -156,10 +170,27 @@ class SideConfig:
     sign_seed: int | None = None  # random +-1 signs before the Hadamard when set
     group_size: int | None = None  # None = head_dim: one scale/zero per token and head
     fallback_heads: Mapping[int, int] = field(default_factory=FrozenMap)  # head -> 8 or 16
+    center: tuple[tuple[float, ...], ...] | None = None  # [H_kv][D], subtracted (version 2)
+    smooth: tuple[tuple[float, ...], ...] | None = None  # [H_kv][D] > 0, divided (version 2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fallback_heads, FrozenMap):
             object.__setattr__(self, "fallback_heads", FrozenMap(self.fallback_heads))
+        for name in ("center", "smooth"):
+            rows = getattr(self, name)
+            if rows is not None and not isinstance(rows, tuple):
+                try:
+                    frozen = tuple(tuple(float(x) for x in row) for row in rows)
+                except (TypeError, ValueError):
+                    raise ConfigError(
+                        f"{name} must be a list of per-head lists of numbers"
+                    ) from None
+                object.__setattr__(self, name, frozen)
+
+    @property
+    def transformed(self) -> bool:
+        """True when the side uses a version-2 transform (centering or smoothing)."""
+        return self.center is not None or self.smooth is not None
 
     def head_bits(self, num_kv_heads: int) -> tuple[int, ...]:
         """The precision of every KV head of this side."""
@@ -197,15 +228,34 @@ class SideConfig:
                 raise ConfigError(
                     f"{where}.fallback_heads[{head}] is {bits!r}; use 8 (INT8) or 16 (BF16)"
                 )
+        for name, positive in (("center", False), ("smooth", True)):
+            rows = getattr(self, name)
+            if rows is None:
+                continue
+            if len(rows) != num_kv_heads or any(len(r) != head_dim for r in rows):
+                raise ConfigError(
+                    f"{where}.{name} must hold {num_kv_heads} rows of {head_dim} numbers (one per "
+                    "KV head and channel); recalibrate this model"
+                )
+            flat = [x for r in rows for x in r]
+            if not all(math.isfinite(x) and abs(x) <= FP16_RANGE for x in flat):
+                raise ConfigError(f"{where}.{name} holds NaN/Inf or huge values; recalibrate")
+            if positive and not all(x > 0 for x in flat):
+                raise ConfigError(f"{where}.smooth must be > 0 everywhere; recalibrate")
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "bits": self.bits,
             "rotation_block": self.rotation_block,
             "sign_seed": self.sign_seed,
             "group_size": self.group_size,
             "fallback_heads": {str(h): b for h, b in sorted(self.fallback_heads.items())},
         }
+        for name in ("center", "smooth"):  # version-2 fields, written only when used
+            rows = getattr(self, name)
+            if rows is not None:
+                d[name] = [list(r) for r in rows]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "side") -> SideConfig:
@@ -265,7 +315,6 @@ class KVConfig:
     model: ModelFacts
     layers: tuple[LayerConfig, ...]
     values_folded: bool = False
-    format_version: int = CONFIG_VERSION
     layout: KVLayout = KVLayout.PAGED_V1
     method: str = "sawquant"
 
@@ -294,15 +343,17 @@ class KVConfig:
     def with_layers(self, layers: list[LayerConfig] | tuple[LayerConfig, ...]) -> KVConfig:
         return replace(self, layers=tuple(layers))
 
+    @property
+    def format_version(self) -> int:
+        """The schema version this config needs: 2 with centering/smoothing, else 1 (so that
+        older sawquant releases read a config that uses nothing newer)."""
+        sides = (getattr(layer, s) for layer in self.layers for s in ("k", "v"))
+        return 2 if any(side.transformed for side in sides) else 1
+
     # -- checks -------------------------------------------------------------------------
     def validate(self) -> None:
         if self.method != "sawquant":
             raise ConfigError(f"method is {self.method!r}; this file is not a sawquant KV config")
-        version = _int("format_version", self.format_version)
-        if version > CONFIG_VERSION:
-            raise ConfigError(_newer_version(version))
-        if version < 1:
-            raise ConfigError(f"format_version {version} is invalid; it starts at 1")
         _bool("values_folded", self.values_folded)
         self.model.validate()
         if len(self.layers) != self.model.num_layers:
@@ -351,10 +402,12 @@ class KVConfig:
     def from_dict(cls, data: dict) -> KVConfig:
         if not isinstance(data, dict):
             raise ConfigError("KV config must be a JSON object; re-export it")
-        version = _int("format_version", data.get("format_version", CONFIG_VERSION))
+        version = _int("format_version", data.get("format_version", 1))
         if version > CONFIG_VERSION:
             # Checked first: a newer file may carry fields this version does not know.
             raise ConfigError(_newer_version(version))
+        if version < 1:
+            raise ConfigError(f"format_version {version} is invalid; it starts at 1")
         allowed = {"method", "format_version", "layout", "model", "values_folded", "layers"}
         _forbid_extra("config", data, allowed)
         for key in ("model", "layers"):
@@ -371,10 +424,14 @@ class KVConfig:
             facts = ModelFacts(**model)
         except TypeError as err:
             raise ConfigError(f"model: {err}; give num_layers, num_kv_heads, head_dim") from None
-        rest = {
-            k: data[k] for k in ("method", "format_version", "layout", "values_folded") if k in data
-        }
-        return cls(model=facts, layers=layers, **rest)
+        rest = {k: data[k] for k in ("method", "layout", "values_folded") if k in data}
+        config = cls(model=facts, layers=layers, **rest)
+        if config.format_version > version:
+            raise ConfigError(
+                f"format_version is {version} but the layers use centering/smoothing, which "
+                f"needs version {config.format_version}; re-export the config"
+            )
+        return config
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -138,6 +138,10 @@ class SideStore:
     signs: torch.Tensor | None  # float32 [head_dim] of +-1 on the pool device, or None
     pools: dict[int, Pool]
     heads: dict[int, torch.Tensor]
+    # Exact transforms before the rotation: x is stored as rotate((x - center) * inv_smooth).
+    center: torch.Tensor | None = None  # float32 [H_kv, D] on the pool device
+    smooth: torch.Tensor | None = None  # float32 [H_kv, D] > 0 (what the read side multiplies)
+    inv_smooth: torch.Tensor | None = None  # float32 1 / smooth, computed once (write side)
 
     def __post_init__(self) -> None:
         seen = sorted(h for t in self.heads.values() for h in t.tolist())
@@ -147,6 +151,9 @@ class SideStore:
             )
         if set(self.pools) != set(self.heads):
             raise ValueError("pools and heads must have the same precisions")
+        if self.smooth is not None and self.inv_smooth is None:
+            # Computed once in float32: the twin and the kernel multiply by the same values.
+            self.inv_smooth = (1.0 / self.smooth).contiguous()
 
     @property
     def page_size(self) -> int:
@@ -181,10 +188,13 @@ def allocate_side(
     block: int = 1,
     signs: torch.Tensor | None = None,
     group_size: int | None = None,
+    center: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> SideStore:
-    """Allocate the pools of one side; ``head_bits[h]`` is KV head h's precision (4, 8, 16)."""
+    """Allocate the pools of one side; ``head_bits[h]`` is KV head h's precision (4, 8, 16);
+    ``center`` / ``smooth``: [H_kv, D] transforms applied before the rotation (or None)."""
     if len(head_bits) != num_kv_heads:
         raise ValueError(f"head_bits has {len(head_bits)} entries for {num_kv_heads} KV heads")
     pools, heads = {}, {}
@@ -195,4 +205,10 @@ def allocate_side(
         heads[bits] = torch.tensor(ids, dtype=torch.int32, device=device)
     if signs is not None:
         signs = signs.to(device=device, dtype=torch.float32)
-    return SideStore(num_kv_heads, head_dim, block, signs, pools, heads)
+    extra = {}
+    for name, t in (("center", center), ("smooth", smooth)):
+        if t is not None:
+            if tuple(t.shape) != (num_kv_heads, head_dim):
+                raise ValueError(f"{name} must be [{num_kv_heads}, {head_dim}]")
+            extra[name] = t.to(device=device, dtype=torch.float32).contiguous()
+    return SideStore(num_kv_heads, head_dim, block, signs, pools, heads, **extra)

@@ -16,6 +16,7 @@ import torch
 from sawquant.config import KVConfig, SideConfig
 from sawquant.quant.hadamard import random_signs, rotate, unrotate
 from sawquant.quant.int4 import dequantize, quantize
+from sawquant.quant.transforms import restore, transform
 
 __all__ = ["fake_quant_side", "input_device", "simulated_perplexity"]
 
@@ -24,12 +25,18 @@ def fake_quant_side(x: torch.Tensor, side: SideConfig) -> torch.Tensor:
     """Round-trip x through the cache format of ``side``; returns float32, same shape.
 
     x: [..., H_kv, S, D] (dim -3 indexes KV heads, so ``side.fallback_heads`` applies per head).
-    Equivalent to ``paged_write_ref`` followed by ``paged_gather_ref`` and the un-rotation: INT4/
-    INT8 heads are quantized per token (or per group), BF16 heads are rounded to bfloat16.
+    Equivalent to ``paged_write_ref`` followed by ``paged_gather_ref``, the un-rotation and the
+    undone transforms (centering, smoothing): INT4/INT8 heads are quantized per token (or per
+    group), BF16 heads are rounded to bfloat16.
     """
     d, h = x.shape[-1], x.shape[-3]
     signs = random_signs(d, side.sign_seed).to(x.device) if side.sign_seed is not None else None
-    xr = rotate(x, side.rotation_block, signs)  # float32
+    center, smooth = (
+        None if rows is None else torch.tensor(rows, dtype=torch.float32, device=x.device)[:, None]
+        for rows in (side.center, side.smooth)
+    )  # [H_kv, 1, D]: broadcast over the tokens
+    inv = None if smooth is None else 1.0 / smooth
+    xr = rotate(transform(x, center, inv), side.rotation_block, signs)  # float32
     head_bits = side.head_bits(h)
     if len(set(head_bits)) == 1:
         out = _round_trip(xr, head_bits[0], side.group_size)
@@ -38,7 +45,7 @@ def fake_quant_side(x: torch.Tensor, side: SideConfig) -> torch.Tensor:
         for bits in sorted(set(head_bits)):
             idx = torch.tensor([i for i, b in enumerate(head_bits) if b == bits], device=x.device)
             out.index_copy_(-3, idx, _round_trip(xr.index_select(-3, idx), bits, side.group_size))
-    return unrotate(out, side.rotation_block, signs)
+    return restore(unrotate(out, side.rotation_block, signs), center, smooth)
 
 
 def _round_trip(x: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:

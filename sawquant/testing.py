@@ -27,11 +27,13 @@ def poisoned_side(
     seed: int | None = None,
     group: int | None = None,
     head_bits: tuple[int, ...] | None = None,
+    center: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
 ) -> SideStore:
     """A side whose pools hold random bytes, so slots a write must not touch are recognisable
-    (``seed``: random signs from that seed, else none)."""
+    (``seed``: random signs from that seed, else none; ``center`` / ``smooth``: [H_kv, D])."""
     store = allocate_side(
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -41,6 +43,8 @@ def poisoned_side(
         block=block,
         signs=None if seed is None else random_signs(head_dim, seed),
         group_size=group,
+        center=center,
+        smooth=smooth,
         device=device,
         dtype=dtype,
     )
@@ -65,8 +69,9 @@ def copy_side(store: SideStore, device: torch.device | str | None = None) -> Sid
     }
     heads = {b: dup(h) for b, h in store.heads.items()}
     return SideStore(
-        store.num_kv_heads, store.head_dim, store.block, dup(store.signs), pools, heads
-    )
+        store.num_kv_heads, store.head_dim, store.block, dup(store.signs), pools, heads,
+        center=dup(store.center), smooth=dup(store.smooth), inv_smooth=dup(store.inv_smooth),
+    )  # fmt: skip
 
 
 def paged_cache(

@@ -26,7 +26,43 @@ def test_json_round_trip_is_exact():
     back = KVConfig.from_json(text)
     assert back == cfg
     assert back.to_json() == text
-    assert json.loads(text)["format_version"] == FORMAT_VERSION
+    # Nothing of version 2 is used: written as version 1, which older releases read.
+    assert json.loads(text)["format_version"] == 1
+
+
+def _rows(value: float, heads: int = 4, dim: int = 64) -> list[list[float]]:
+    return [[value + 0.01 * h + 1e-7 * c for c in range(dim)] for h in range(heads)]
+
+
+def test_transforms_round_trip_exactly_as_version_2():
+    k = SideConfig(rotation_block=32, center=_rows(-3.25), smooth=_rows(1.5))
+    cfg = KVConfig.uniform(FACTS, k=k, v=SideConfig(center=_rows(0.125)))
+    text = cfg.to_json()
+    data = json.loads(text)
+    assert data["format_version"] == FORMAT_VERSION == 2
+    assert len(data["layers"][0]["k"]["center"]) == 4 and "smooth" not in data["layers"][0]["v"]
+    back = KVConfig.from_json(text)
+    assert back == cfg and back.layers[0].k.center == cfg.layers[0].k.center
+    # A version-1 document cannot carry version-2 fields, and v1 documents still load.
+    data["format_version"] = 1
+    with pytest.raises(ConfigError, match="needs version 2"):
+        KVConfig.from_dict(data)
+    v1 = json.loads(_config().to_json())
+    assert v1["format_version"] == 1 and KVConfig.from_dict(v1) == _config()
+
+
+@pytest.mark.parametrize(
+    "field,rows,match",
+    [
+        ("center", _rows(0.0, heads=3), "must hold 4 rows of 64"),
+        ("center", [[float("nan")] * 64] * 4, "NaN/Inf"),
+        ("smooth", _rows(-1.0), "smooth must be > 0"),
+        ("smooth", [["x"] * 64] * 4, "list of per-head lists of numbers"),
+    ],
+)
+def test_bad_transforms_are_refused(field, rows, match):
+    with pytest.raises(ConfigError, match=match):
+        _config(**{field: rows})
 
 
 def test_average_bits_counts_scales_and_fallbacks():

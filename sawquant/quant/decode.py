@@ -19,6 +19,7 @@ from sawquant.errors import InputError
 from sawquant.format import SideStore
 from sawquant.quant.attention import check_stores, check_table, gather_pages
 from sawquant.quant.hadamard import rotate, unrotate
+from sawquant.quant.transforms import per_query_head, restore
 
 __all__ = ["DECODE_CHUNK", "check_decode_inputs", "paged_decode_attention_ref"]
 
@@ -78,7 +79,9 @@ def paged_decode_attention_ref(
     (tokens in the cache, the current one included). Query head h reads KV head
     ``h // (H_q // H_kv)``; ``sliding_window`` keeps the last that many positions; ``softcap``
     maps logits s to ``softcap * tanh(s / softcap)``. Returns [B, H_q, D] in q.dtype,
-    un-rotated with the V store's rotation. ``num_splits`` is accepted for signature parity
+    un-rotated with the V store's rotation. Transforms: q is multiplied by the K store's
+    ``smooth`` (its ``center`` needs nothing: softmax ignores a per-query constant); the output
+    gets the V store's ``* smooth + center``. ``num_splits`` is accepted for signature parity
     with the kernel and ignored.
     """
     del num_splits
@@ -93,7 +96,8 @@ def paged_decode_attention_ref(
     chunk = -(-max(chunk, page) // page) * page  # whole pages
     lens = seq_lens.long().view(b, 1, 1, 1)
     start = (lens - sliding_window).clamp(min=0) if sliding_window is not None else 0
-    qr = rotate(q, k_store.block, k_store.signs).view(b, h_kv, h_q // h_kv, d)  # float32
+    qs = restore(q, None, per_query_head(k_store.smooth, h_q))  # q * smooth_k (keys: /)
+    qr = rotate(qs, k_store.block, k_store.signs).view(b, h_kv, h_q // h_kv, d)  # float32
     m = torch.full((b, h_kv, h_q // h_kv), float("-inf"), device=q.device)
     l_sum = torch.zeros_like(m)
     acc = torch.zeros(b, h_kv, h_q // h_kv, d, device=q.device)
@@ -122,4 +126,6 @@ def paged_decode_attention_ref(
         acc = acc * alpha[..., None] + torch.einsum("bhgn,bhnd->bhgd", p, values)
         m = m_new
     out = (acc / l_sum[..., None]).reshape(b, h_q, d)
-    return unrotate(out, v_store.block, v_store.signs).to(q.dtype)
+    out = unrotate(out, v_store.block, v_store.signs)
+    out = restore(out, per_query_head(v_store.center, h_q), per_query_head(v_store.smooth, h_q))
+    return out.to(q.dtype)

@@ -21,6 +21,7 @@ from sawquant.quant.attention import (
     prefill_allowed,
 )
 from sawquant.quant.hadamard import unrotate
+from sawquant.quant.transforms import restore
 
 __all__ = ["check_prefill_inputs", "paged_prefill_attention_ref"]
 
@@ -62,6 +63,11 @@ def check_prefill_inputs(
         raise InputError(f"softcap must be > 0, got {softcap}; or pass None")
 
 
+def _per_head(store: SideStore) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """center / smooth shaped [H_kv, 1, D] to broadcast over [H_kv, L, D]."""
+    return tuple(None if t is None else t[:, None, :] for t in (store.center, store.smooth))
+
+
 def paged_prefill_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,8 +98,11 @@ def paged_prefill_attention_ref(
     values = gather_heads(v_store, block_table, cached_lens)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for i, cached in enumerate(cached_lens.tolist()):
-        kk = torch.cat([unrotate(keys[i], k_store.block, k_store.signs), k[i].float()], dim=1)
-        vv = torch.cat([unrotate(values[i], v_store.block, v_store.signs), v[i].float()], dim=1)
+        # Cached vectors back in the original basis (un-rotate, then undo the transforms).
+        ck = restore(unrotate(keys[i], k_store.block, k_store.signs), *_per_head(k_store))
+        cv = restore(unrotate(values[i], v_store.block, v_store.signs), *_per_head(v_store))
+        kk = torch.cat([ck, k[i].float()], dim=1)
+        vv = torch.cat([cv, v[i].float()], dim=1)
         allowed = prefill_allowed(cached, t, cached + t, sliding_window, q.device)
         out[i] = attention_fp32(
             q[i],

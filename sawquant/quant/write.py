@@ -11,6 +11,7 @@ from sawquant.config import SUPPORTED_BLOCKS
 from sawquant.errors import InputError
 from sawquant.format import SideStore
 from sawquant.quant.paged import check_storable, paged_write_ref
+from sawquant.quant.transforms import transform
 
 __all__ = ["check_write_inputs", "rotate_quantize_paged_ref"]
 
@@ -32,7 +33,8 @@ def rotate_quantize_paged_ref(
     k, v: [T, H_kv, D] post-RoPE (bf16/fp16/fp32); slot_mapping: [T] int64
     (``page * page_size + offset``, -1 skips the token). Each KV head goes to its pool in the
     store: INT4/INT8 pools get rotated quantized codes + fp16 scale/zero, a 16-bit pool the
-    rotated vectors in its dtype.
+    rotated vectors in its dtype; a store's center / smooth apply first
+    (``sawquant.quant.transforms``).
 
     Equivalent to ``sawquant.quant.paged_write_ref(x[:, heads], slot_mapping, pool, block=...,
     signs=...)`` for every pool of each side (pure torch; the CPU path of the runtime). Raises
@@ -48,7 +50,10 @@ def rotate_quantize_paged_ref(
     for x, store in ((k, k_store), (v, v_store)):
         for bits, pool in store.pools.items():
             heads = store.heads[bits].to(device=x.device, dtype=torch.long)
-            paged_write_ref(x[:, heads], slot_mapping, pool, block=store.block, signs=store.signs)
+            c = None if store.center is None else store.center[heads]
+            m = None if store.inv_smooth is None else store.inv_smooth[heads]
+            xt = transform(x[:, heads], c, m)  # [T, Hp, D] float32, centered and smoothed
+            paged_write_ref(xt, slot_mapping, pool, block=store.block, signs=store.signs)
 
 
 def check_write_inputs(
@@ -100,6 +105,9 @@ def _tensors(k, v, slot_mapping, k_store, v_store):
     for side, store in (("k", k_store), ("v", v_store)):
         if store.signs is not None:
             yield lambda side=side: f"{side}_store.signs", store.signs
+        for name in ("center", "inv_smooth"):
+            if getattr(store, name) is not None:
+                yield lambda side=side, name=name: f"{side}_store.{name}", getattr(store, name)
         for bits, pool in store.pools.items():
             yield lambda side=side, bits=bits: f"{side}_store.heads[{bits}]", store.heads[bits]
             for field in ("codes", "scale", "zero"):

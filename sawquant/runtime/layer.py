@@ -34,6 +34,8 @@ def make_side_store(
     signs = None
     if rotate and side.sign_seed is not None:
         signs = random_signs(head_dim, side.sign_seed)
+    center = None if side.center is None else torch.tensor(side.center, dtype=torch.float32)
+    smooth = None if side.smooth is None else torch.tensor(side.smooth, dtype=torch.float32)
     return allocate_side(
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -43,6 +45,8 @@ def make_side_store(
         block=side.rotation_block if rotate else 1,
         signs=signs,
         group_size=side.group_size,
+        center=center,
+        smooth=smooth,
         device=device,
         dtype=dtype,
     )
@@ -63,9 +67,7 @@ def _resized(store: SideStore, num_pages: int) -> SideStore:
             new[:keep] = t[:keep]
             tensors.append(new)
         pools[bits] = Pool(spec, *tensors)
-    return SideStore(
-        store.num_kv_heads, store.head_dim, store.block, store.signs, pools, store.heads
-    )
+    return replace(store, pools=pools)
 
 
 @dataclass

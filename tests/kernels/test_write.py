@@ -156,6 +156,23 @@ def test_mixed_pools_bit_exact(k_bits, v_bits, group, pool_dtype):
     _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
 
 
+@pytest.mark.parametrize("k_bits", [(4, 4, 4), (8, 4, 16)])
+def test_centering_and_smoothing_bit_exact(k_bits):
+    """Version-2 transforms: (x - center) * inv_smooth before the signs and the butterfly, in
+    the kernel as in the twin, down to the last bit (keys with a planted per-channel bias)."""
+    gen = torch.Generator().manual_seed(11)
+    head_dim, page, num_pages, T, heads = 64, 16, 6, 29, 3
+    center = torch.randn(heads, head_dim, generator=gen) * 4
+    center[:, 5] += 80.0  # a massive per-channel key bias, the Qwen2 kind
+    smooth = torch.rand(heads, head_dim, generator=gen) * 3 + 0.25
+    common = dict(heads=heads, head_dim=head_dim, page_size=page, num_pages=num_pages, group=None)
+    k_store = _store(block=32, seed=4, head_bits=k_bits, center=center, smooth=smooth, **common)
+    v_store = _store(block=16, seed=None, center=center[:, :].flip(1), **common)
+    k, v = _inputs(T, heads, head_dim, torch.bfloat16, gen)
+    k = k + center.to(torch.bfloat16)
+    _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
+
+
 def test_strided_views_of_a_fused_qkv():
     """k and v as views of one [T, H_q + 2 H_kv, D] projection output (token stride 12 * D)."""
     gen = torch.Generator().manual_seed(5)
