@@ -275,7 +275,7 @@ def _load_params(
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, ML, ACC,
+    Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, KSM, ML, ACC,
     # sizes
     qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len,
     # strides (elements; the last dim of every tensor is contiguous)
@@ -293,6 +293,7 @@ def _decode_split_kernel(
     K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, USE_ASM: tl.constexpr,
     K_SUBN: tl.constexpr, V_SUBN: tl.constexpr,
     K_NAT: tl.constexpr, V_NAT: tl.constexpr, K_DOT16: tl.constexpr, V_DOT16: tl.constexpr,
+    K_SMOOTH: tl.constexpr,
 ):
     """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
 
@@ -342,13 +343,19 @@ def _decode_split_kernel(
         d = tl.arange(0, 8 * BLOCK_W)
         d_ok = d < HEAD_DIM
         q = tl.load(q_row + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qp = rotate_rows(q.to(tl.float32), HK, k_rot_scale, d * (8 * BLOCK_W), d,
-                          d_ok[:, None])
+        q = q.to(tl.float32)
+        if K_SMOOTH:  # keys were stored divided by smooth: q takes it (q . k unchanged)
+            q = q * tl.load(KSM + kvh * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]
+        qp = rotate_rows(q, HK, k_rot_scale, d * (8 * BLOCK_W), d, d_ok[:, None])
     else:
         qp = tl.load(
             q_row + k_chan[None, :], mask=row_ok[:, None] & (k_chan < HEAD_DIM)[None, :], other=0.0
         )
         qp = qp.to(tl.float32)
+        if K_SMOOTH:
+            qp = qp * tl.load(
+                KSM + kvh * HEAD_DIM + k_chan, mask=k_chan < HEAD_DIM, other=0.0
+            )[None, :]
     # Codes are exact in fp16, so the dots see the rotated q rounded once; 16-bit heads dot in
     # float32 (tf32 on the GPU; bf16 dots are wrong in the interpreter).
     odd = (chan % 2)[None, :] == 1  # [1, BLOCK_D] high-nibble channels
@@ -461,12 +468,15 @@ def _decode_split_kernel(
 # fmt: off
 @triton.jit
 def _decode_combine_kernel(
-    ML, ACC, HV, OUT,
+    ML, ACC, HV, VSM, VCE, OUT,
     v_rot_scale, num_splits, num_q_heads,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, V_ROT: tl.constexpr,
+    GROUP: tl.constexpr, V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr,
 ):
-    """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, write q.dtype."""
+    """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, undo the V
+    transforms (``* smooth + center`` of each head's KV head: exact, the weights sum to 1),
+    write q.dtype."""
     b = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_q_heads
@@ -497,6 +507,11 @@ def _decode_combine_kernel(
     # Un-rotate: o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs).
     if V_ROT:
         o = rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
+    kv_row = (heads // GROUP).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]  # [BLOCK_H, BLOCK_D]
+    if V_SMOOTH:
+        o = o * tl.load(VSM + kv_row, mask=mask, other=0.0)
+    if V_CENTER:
+        o = o + tl.load(VCE + kv_row, mask=mask, other=0.0)
     out = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + d[None, :]
     tl.store(out, o.to(OUT.dtype.element_ty), mask=mask)
 # fmt: on
@@ -582,7 +597,7 @@ def paged_decode_attention(
         _decode_split_kernel[(b, g.heads.numel(), g_splits)](
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
             block_table, seq_lens, g.heads, g.k_index, g.v_index, q if rot is None else rot,
-            ml, acc,
+            q if k_store.smooth is None else k_store.smooth, ml, acc,
             softmax_scale, plan.k_rot_scale, softcap or 1.0, sliding_window or 0, total_splits,
             h_q, max_len,
             q.stride(0), q.stride(1),
@@ -601,6 +616,7 @@ def paged_decode_attention(
             K_NAT=k_nat, V_NAT=v_nat,
             K_DOT16=_dot16(kpool.codes, plan.use_asm),
             V_DOT16=_dot16(vpool.codes, plan.use_asm),
+            K_SMOOTH=k_store.smooth is not None,
             BLOCK_N=g.block_n(d, tuning), num_warps=tuning.num_warps,
             num_stages=tuning.num_stages,
         )
@@ -608,10 +624,13 @@ def paged_decode_attention(
     block_h = 16
     # fmt: off
     _decode_combine_kernel[(b, -(-h_q // block_h))](
-        ml, acc, out if plan.v_unrot is None else plan.v_unrot, out, plan.v_rot_scale,
+        ml, acc, out if plan.v_unrot is None else plan.v_unrot,
+        out if v_store.smooth is None else v_store.smooth,
+        out if v_store.center is None else v_store.center, out, plan.v_rot_scale,
         total_splits, h_q,
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_D=next_pow2(max(d, 32)), BLOCK_H=block_h, V_ROT=plan.v_unrot is not None,
+        GROUP=group, V_SMOOTH=v_store.smooth is not None, V_CENTER=v_store.center is not None,
         num_warps=4,
     )
     # fmt: on

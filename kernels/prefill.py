@@ -42,16 +42,17 @@ def _load_halves(ptr, tok, cols, mask, BITS: tl.constexpr):
 # fmt: off
 @triton.jit
 def _gather_dequant_kernel(
-    C, S, Z, BT, LENS, HEADS, H, OUT,
+    C, S, Z, BT, LENS, HEADS, H, SM, CE, OUT,
     buf_len, rot_scale,
     stride_cp, stride_ch, stride_ct,
     stride_sp, stride_sh, stride_st,
     stride_btb, stride_ob, stride_oh, stride_ot,
     HEAD_DIM: tl.constexpr, BLOCK_DH: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     BITS: tl.constexpr, GS: tl.constexpr, ROT: tl.constexpr,
-    REPEAT: tl.constexpr,
+    REPEAT: tl.constexpr, SMOOTH: tl.constexpr, CENTER: tl.constexpr,
 ):
-    """Tokens [n0, n0 + BLOCK_N) of one pool head: dequantize, un-rotate, write REPEAT copies.
+    """Tokens [n0, n0 + BLOCK_N) of one pool head: dequantize, un-rotate, undo the transforms
+    (``* smooth + center`` of the KV head), write REPEAT copies.
 
     Positions in [cached_len, buf_len) are written as zeros (masked later, but never NaN).
     """
@@ -93,11 +94,22 @@ def _gather_dequant_kernel(
         h_mask = col_ok[:, None] & d_ok[None, :]
         x = rotate_rows(x_even, H, rot_scale, (2 * cols) * HEAD_DIM, d, h_mask)
         x += rotate_rows(x_odd, H, rot_scale, (2 * cols + 1) * HEAD_DIM, d, h_mask)
+        if SMOOTH:
+            x = x * tl.load(SM + kvh * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]
+        if CENTER:
+            x = x + tl.load(CE + kvh * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]
         x = x.to(OUT.dtype.element_ty)
         for r in tl.static_range(REPEAT):
             ptr = row + (kvh * REPEAT + r).to(tl.int64) * stride_oh + d[None, :]
             tl.store(ptr, x, mask=keep[:, None] & d_ok[None, :])
     else:
+        even, odd = kvh * HEAD_DIM + 2 * cols, kvh * HEAD_DIM + 2 * cols + 1
+        if SMOOTH:
+            x_even = x_even * tl.load(SM + even, mask=col_ok, other=0.0)[None, :]
+            x_odd = x_odd * tl.load(SM + odd, mask=col_ok, other=0.0)[None, :]
+        if CENTER:
+            x_even = x_even + tl.load(CE + even, mask=col_ok, other=0.0)[None, :]
+            x_odd = x_odd + tl.load(CE + odd, mask=col_ok, other=0.0)[None, :]
         x_even = x_even.to(OUT.dtype.element_ty)
         x_odd = x_odd.to(OUT.dtype.element_ty)
         for r in tl.static_range(REPEAT):
@@ -129,12 +141,15 @@ def _dequant_into(
         grid = (b, heads.numel(), -(-width // block_n))
         # fmt: off
         _gather_dequant_kernel[grid](
-            pool.codes, s, z, block_table, cached_lens, heads, buf if hmat is None else hmat, buf,
+            pool.codes, s, z, block_table, cached_lens, heads, buf if hmat is None else hmat,
+            buf if store.smooth is None else store.smooth,
+            buf if store.center is None else store.center, buf,
             width, rot_scale,
             *pool.codes.stride()[:3], *s.stride()[:3],
             block_table.stride(0), buf.stride(0), buf.stride(1), buf.stride(2),
             HEAD_DIM=d, BLOCK_DH=block_dh, PAGE=store.page_size, BLOCK_N=block_n,
             BITS=bits, GS=pool.spec.groups_divisor, ROT=hmat is not None, REPEAT=repeat,
+            SMOOTH=store.smooth is not None, CENTER=store.center is not None,
             num_warps=4,
         )
         # fmt: on

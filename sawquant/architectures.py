@@ -23,6 +23,7 @@ __all__ = [
     "LayerAttention",
     "architecture_of",
     "attention_modules",
+    "check_exact_for",
     "check_loaded_model",
     "check_supported",
     "layer_attention",
@@ -256,3 +257,17 @@ def check_loaded_model(model: Any) -> ModelFacts:
             "attention is not the decoder kind sawquant serves (Llama, Qwen, Mistral, Gemma...)"
         )
     return facts
+
+
+def check_exact_for(kv_config: Any, config: Any) -> None:
+    """Raise ConfigError when ``kv_config`` uses a transform that is not exact for this model:
+    key centering relies on the softmax ignoring a per-query constant, which a logit soft-cap
+    (``softcap * tanh(s / softcap)``, Gemma 2) breaks. Smoothing stays exact everywhere."""
+    from sawquant.errors import ConfigError
+
+    for i, layer in enumerate(kv_config.layers):
+        if layer.k.center is not None and layer_attention(config, i).softcap is not None:
+            raise ConfigError(
+                f"layers[{i}].k.center: key centering is not exact with this model's attention "
+                "logit soft-cap; recalibrate (sawquant calibrate leaves it out for such models)"
+            )

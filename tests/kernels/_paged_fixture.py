@@ -20,6 +20,7 @@ def build_cache(
     k_bits: tuple[int, ...] | None = None,
     v_bits: tuple[int, ...] | None = None,
     group_size: int | None = None,
+    transforms: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ):
@@ -27,14 +28,21 @@ def build_cache(
 
     K uses random signs on top of the block rotation, V the plain block rotation, so both
     rotation paths (and their inverses) are exercised; ``k_bits``/``v_bits`` give each KV
-    head's precision (4 by default).
+    head's precision (4 by default); ``transforms``: random centering and smoothing on both
+    sides (config version 2).
     """
+    gen = torch.Generator().manual_seed(seed + 99)
+
+    def rows(low: float, high: float):
+        t = torch.rand(num_kv_heads, head_dim, generator=gen) * (high - low) + low
+        return t.tolist()
 
     def side(bits, signs):
         fallback = {h: b for h, b in enumerate(bits or ()) if b != 4}
+        extra = dict(center=rows(-2.0, 2.0), smooth=rows(0.5, 2.0)) if transforms else {}
         return SideConfig(
             rotation_block=block, sign_seed=seed + 7 if signs and block > 1 else None,
-            group_size=group_size, fallback_heads=fallback,
+            group_size=group_size, fallback_heads=fallback, **extra,
         )  # fmt: skip
 
     return paged_cache(

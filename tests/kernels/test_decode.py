@@ -13,6 +13,7 @@ from sawquant.kernels.plans import DecodePlan, DecodeTuning
 from sawquant.quant import rotate, unrotate
 from sawquant.quant.attention import gather_heads as _gather_heads
 from sawquant.quant.decode import paged_decode_attention_ref
+from sawquant.quant.transforms import per_query_head, restore
 
 
 def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap=None):
@@ -21,7 +22,8 @@ def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap
     group = q.shape[1] // k_store.num_kv_heads
     keys = _gather_heads(k_store, table, lens)
     values = _gather_heads(v_store, table, lens)
-    qr = rotate(q, k_store.block, k_store.signs).to(dt)
+    qs = restore(q, None, per_query_head(k_store.smooth, q.shape[1]))
+    qr = rotate(qs, k_store.block, k_store.signs).to(dt)
     out = []
     for i, n in enumerate(lens.tolist()):
         k = keys[i].to(dt).repeat_interleave(group, 0)  # [H_q, L, D]
@@ -32,7 +34,11 @@ def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap
         if window is not None:
             s[..., : max(n - window, 0)] = float("-inf")
         out.append((torch.softmax(s, -1) @ v)[:, 0])
-    return unrotate(torch.stack(out).float(), v_store.block, v_store.signs).to(dt)
+    o = unrotate(torch.stack(out).float(), v_store.block, v_store.signs)
+    h_q = q.shape[1]
+    return restore(o, per_query_head(v_store.center, h_q), per_query_head(v_store.smooth, h_q)).to(
+        dt
+    )
 
 
 CASES = {
@@ -51,6 +57,11 @@ CASES = {
     "group-size-32": (64, 32, 16, (4, 2), torch.bfloat16, [40, 9], 2, None, None,
                       {"group_size": 32}),
     "no-rotation": (64, 1, 16, (4, 2), torch.float16, [20, 3], 2, 8, 20.0, {}),
+    # Version-2 transforms: centering and smoothing on K and V, rotated and not, with fallbacks.
+    "transforms-rotated": (64, 32, 16, (4, 2), torch.bfloat16, [90, 7], 2, None, None,
+                           {"transforms": True, "k_bits": (4, 8), "v_bits": (16, 4)}),
+    "transforms-no-rotation": (64, 1, 16, (6, 2), torch.float16, [40, 3], None, 16, None,
+                               {"transforms": True}),
     # head_dim % 8 != 0: INT4 rows are not 4-byte aligned, codes are read byte by byte and the
     # last 32-bit word of a row is partial.
     "d68-unaligned-rows": (68, 1, 16, (4, 2), torch.bfloat16, [37, 5], 2, None, None, {}),

@@ -10,7 +10,8 @@ from sawquant.errors import InputError
 from sawquant.kernels.prefill import paged_prefill_attention
 from sawquant.quant import unrotate
 from sawquant.quant.attention import gather_heads as _gather_heads
-from sawquant.quant.prefill import paged_prefill_attention_ref
+from sawquant.quant.prefill import _per_head, paged_prefill_attention_ref
+from sawquant.quant.transforms import restore
 
 
 def _torch_lowp(q, k, v, k_store, v_store, table, cached, *, scale, window=None, softcap=None):
@@ -22,8 +23,10 @@ def _torch_lowp(q, k, v, k_store, v_store, table, cached, *, scale, window=None,
     values = _gather_heads(v_store, table, cached)
     out = []
     for i, c in enumerate(cached.tolist()):
-        kk = torch.cat([unrotate(keys[i], k_store.block, k_store.signs).to(dt), k[i].to(dt)], 1)
-        vv = torch.cat([unrotate(values[i], v_store.block, v_store.signs).to(dt), v[i].to(dt)], 1)
+        ck = restore(unrotate(keys[i], k_store.block, k_store.signs), *_per_head(k_store))
+        cv = restore(unrotate(values[i], v_store.block, v_store.signs), *_per_head(v_store))
+        kk = torch.cat([ck.to(dt), k[i].to(dt)], 1)
+        vv = torch.cat([cv.to(dt), v[i].to(dt)], 1)
         s = q[i] @ kk.repeat_interleave(group, 0).transpose(-1, -2) * scale  # [H_q, T, c + T]
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
@@ -49,6 +52,11 @@ CASES = {
     "gqa8-groups-no-rotation": (
         64, 1, 64, (8, 1), torch.bfloat16, [100], 6, None, None, {"group_size": 32},
     ),
+    # Version-2 transforms restored by the gather (rotated, and in natural order without).
+    "transforms-rotated": (64, 32, 16, (4, 2), torch.bfloat16, [40, 13], 7, None, None,
+                           {"transforms": True, "k_bits": (4, 16)}),
+    "transforms-no-rotation": (64, 1, 16, (4, 2), torch.float16, [25, 0], 5, 9, None,
+                               {"transforms": True}),
 }  # fmt: skip
 
 

@@ -75,6 +75,40 @@ def test_16bit_pools_are_exact_through_decode_and_chunked_prefill(make):
     assert err < 1e-4
 
 
+@pytest.mark.parametrize("make", [_llama, _gemma2_softcap])
+def test_transforms_are_exact_through_decode_and_chunked_prefill(make):
+    """Centering and smoothing (config v2) on K and V change nothing in exact arithmetic: with
+    16-bit pools the logits equal full precision through decode and chunked prefill. (Key
+    centering is exact only without a logit soft-cap: Gemma 2 gets key smoothing alone.)"""
+    model = make()
+    gen = torch.Generator().manual_seed(12)
+    rows = lambda lo, hi: (torch.rand(2, 16, generator=gen) * (hi - lo) + lo).tolist()  # noqa: E731
+    k_center = None if model.config.model_type == "gemma2" else rows(-3, 3)
+    k = SideConfig(bits=16, rotation_block=16, center=k_center, smooth=rows(0.3, 3))
+    v = SideConfig(bits=16, center=rows(-1, 1), smooth=rows(0.5, 2))
+    config = KVConfig.uniform(ModelFacts(2, 2, 16, model.config.model_type), k=k, v=v)
+    assert config.format_version == 2
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        patch(model, config)
+        got = _stepwise_logits(model, ids)
+    err = (got - full).abs().max().item()
+    print(f"{model.config.model_type}: max |logit error|, 16-bit pools with transforms {err:.2e}")
+    assert err < 1e-4
+
+
+def test_key_centering_is_refused_where_a_soft_cap_makes_it_inexact():
+    """softcap * tanh((s - q.mu) / softcap) is not softcap * tanh(s / softcap) shifted: with a
+    logit soft-cap, key centering would change the attention, so patch refuses it."""
+    model = _gemma2_softcap()
+    centered = SideConfig(center=[[0.5] * 16] * 2)
+    config = KVConfig.uniform(ModelFacts(2, 2, 16, "gemma2"), k=centered)
+    with pytest.raises(ConfigError, match="soft-cap"):
+        patch(model, config)
+    assert not is_patched(model)
+
+
 def test_int4_is_close_and_corrupting_a_page_changes_the_output():
     model = _llama()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))

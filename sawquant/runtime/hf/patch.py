@@ -142,11 +142,12 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     config was made for another model shape or asks for what the kernels cannot do, and
     UnsupportedModelError for a model without decoder KV attention. Returns the model.
     """
-    from sawquant.architectures import attention_modules, check_loaded_model
+    from sawquant.architectures import attention_modules, check_exact_for, check_loaded_model
     from sawquant.kernels.limits import check_kernel_limits
 
     facts = check_loaded_model(model)
     config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    check_exact_for(config, model.config)
     if any(p.is_cuda for p in model.parameters()):
         check_kernel_limits(config)
     if is_patched(model):
