@@ -1,13 +1,18 @@
-"""Simulated perplexity on held-out demo text: full precision vs naive INT4 vs the paper's fixed
-K rotation vs the calibrated config.
+"""Recovery of naive INT4's perplexity loss on held-out text, with a 95% interval over windows:
+full precision vs naive INT4 vs the paper's fixed K rotation vs K+V rotation vs sawquant
+calibrated (one or more recipes, i.e. bit budgets).
 
-    python benchmarks/calibration_accuracy.py                       # calibrates first (demo recipe)
-    python benchmarks/calibration_accuracy.py -c calibration.json   # or reuses a calibration
+    python benchmarks/calibration_accuracy.py               # demo, recipes demo + demo-lean
+    python benchmarks/calibration_accuracy.py --model PATH --recipe gemma --recipe lean
+    python benchmarks/calibration_accuracy.py --plant-bias  # demo with planted key biases
 
-Fairness: every config is scored on the same windows of the *evaluation* split of the KJV text
-(``sawquant.data.evaluation_text``: books never used for calibration), all K/V of every layer
-fake-quantized exactly as the paged cache stores them (``sawquant.simulate``). Prints a table and
-writes JSON (``--out``).
+Fairness: every config is scored on the same windows of held-out text (default: the KJV
+evaluation split, which shares no book with the calibration split, and ``pydocs``, the Python
+reference manual, another domain); all K/V of every layer fake-quantized exactly as the paged
+cache stores them (``sawquant.simulate``). ``--plant-bias`` adds massive per-channel key biases
+(before RoPE, in the slowest-rotating channel pair, as Qwen2's first and last layers carry) to
+the demo's first and last layers; the modified model is then its own full-precision reference.
+Prints a table and writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -21,90 +26,111 @@ import time
 import torch
 
 from sawquant import data
+from sawquant.accuracy import recovery_with_ci
 from sawquant.architectures import model_facts
-from sawquant.calibration import calibrate, load_calibration, load_recipe
+from sawquant.calibration import calibrate, load_recipe
 from sawquant.config import KVConfig, SideConfig
 from sawquant.models import load_model
-from sawquant.simulate import simulated_perplexity
+from sawquant.simulate import window_nlls
+
+
+def plant_key_biases(model, magnitude: float = 60.0) -> list[int]:
+    """Give the first and last layers' k_proj a bias of +-``magnitude`` in the channel pair
+    RoPE turns slowest (channels D/2 - 1 and D - 1 of every KV head): after RoPE the keys carry
+    a nearly constant huge offset there, the pattern of Qwen2's key biases."""
+    facts = model_facts(model.config)
+    d, h = facts.head_dim, facts.num_kv_heads
+    layers = [0, facts.num_layers - 1]
+    for i in layers:
+        proj = model.model.layers[i].self_attn.k_proj
+        bias = torch.zeros(h * d, dtype=proj.weight.dtype)
+        view = bias.view(h, d)
+        view[:, d // 2 - 1] = magnitude
+        view[:, d - 1] = -0.5 * magnitude
+        proj.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--calibration", help="calibration.json (default: calibrate now)")
-    parser.add_argument("--recipe", default="demo", help="recipe when calibrating now")
-    parser.add_argument("--windows", type=int, default=8, help="evaluation windows")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument("--extra", action="store_true", help="also score uniform K+V rotations")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo)")
+    parser.add_argument("--recipe", action="append", help="recipes to calibrate with (repeatable)")
+    parser.add_argument("--text", action="append", help="held-out texts (repeatable)")
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per evaluation window")
+    parser.add_argument("--plant-bias", action="store_true", help="plant massive key biases")
     parser.add_argument("--out", default="calibration_accuracy.json")
     args = parser.parse_args()
+    recipes = args.recipe or (["demo", "demo-lean"] if args.model is None else ["default"])
+    texts = args.text or ["demo:evaluation", "pydocs"]
 
-    model, tokenizer = load_model(None, device_map="cpu")
+    model, tokenizer = load_model(args.model, device_map="cpu")
+    planted = plant_key_biases(model) if args.plant_bias else []
     facts = model_facts(model.config)
     d = facts.head_dim
-    if args.calibration:
-        result = load_calibration(args.calibration)
-        calib_wall = None
-    else:
-        recipe = load_recipe(args.recipe)
-        text = data.load_text(recipe.data)
-        windows = data.token_windows(tokenizer, text, num=recipe.samples, seq_len=recipe.seq_len)
-        start = time.perf_counter()
-        result = calibrate(model, tokenizer, windows, recipe, model_name="demo", data_name="demo")
-        calib_wall = time.perf_counter() - start
-
     configs: dict[str, KVConfig | None] = {
         "full precision": None,
         "naive INT4 (no rotation)": KVConfig.uniform(facts),
         f"K block {d} only (paper default)": KVConfig.uniform(facts, SideConfig(rotation_block=d)),
+        f"K+V block {d}": KVConfig.uniform(
+            facts, SideConfig(rotation_block=d), SideConfig(rotation_block=d)
+        ),
     }
-    if args.extra:
-        both = SideConfig(rotation_block=d)
-        configs[f"K+V block {d}"] = KVConfig.uniform(facts, both, both)
-        g32 = SideConfig(rotation_block=d, group_size=32)
-        configs[f"K+V block {d}, group 32"] = KVConfig.uniform(facts, g32, g32)
-    configs["sawquant calibrated"] = result.config
-
-    # Held-out text only: the evaluation split shares no book with the calibration split.
-    windows = data.token_windows(
-        tokenizer, data.evaluation_text(), num=args.windows, seq_len=args.seq_len
-    )
-    rows = []
-    for name, cfg in configs.items():
-        start = time.perf_counter()
-        ppl = simulated_perplexity(model, windows, cfg)
-        bits = 16.0 if cfg is None else cfg.average_bits()
-        rows.append(
-            {
-                "config": name,
-                "perplexity": ppl,
-                "avg_bits": bits,
-                "seconds": time.perf_counter() - start,
-            }
+    calibrations = {}
+    for name in recipes:
+        recipe = load_recipe(name)
+        windows = data.token_windows(
+            tokenizer, data.load_text(recipe.data), num=recipe.samples, seq_len=recipe.seq_len
         )
-        print(f"{name:34s} ppl {ppl:8.4f}  avg bits {bits:6.3f}", flush=True)
+        start = time.perf_counter()
+        result = calibrate(model, tokenizer, windows, recipe, data_name=recipe.data)
+        calibrations[name] = {
+            "wall_s": time.perf_counter() - start,
+            "peak_memory": result.stats.get("peak_memory"),
+            "avg_bits": result.avg_bits,
+        }
+        configs[f"sawquant {name} ({result.avg_bits:.2f} bits)"] = result.config
+        print(f"calibrated with {name}: {result.avg_bits:.3f} bits in "
+              f"{calibrations[name]['wall_s']:.0f} s", flush=True)  # fmt: skip
 
-    fp, naive = rows[0]["perplexity"], rows[1]["perplexity"]
-    for row in rows:
-        lost = naive - fp
-        row["recovered_vs_naive"] = (naive - row["perplexity"]) / lost if lost > 0 else None
+    rows = []
+    for text in texts:
+        windows = data.token_windows(
+            tokenizer, data.load_text(text), num=args.windows, seq_len=args.seq_len
+        )
+        nlls = {}
+        for name, cfg in configs.items():
+            start = time.perf_counter()
+            nlls[name] = window_nlls(model, windows, cfg)
+            ppl = float(torch.exp(nlls[name].sum() / (windows.numel() - windows.shape[0])))
+            rows.append({"text": text, "config": name, "perplexity": ppl,
+                         "avg_bits": 16.0 if cfg is None else cfg.average_bits(),
+                         "seconds": time.perf_counter() - start})  # fmt: skip
+            print(f"{text:16s} {name:40s} ppl {ppl:9.4f}", flush=True)
+        full, naive = nlls["full precision"], nlls["naive INT4 (no rotation)"]
+        for row in rows:
+            if row["text"] == text and row["config"] != "full precision":
+                rec = recovery_with_ci(full, naive, nlls[row["config"]], args.seq_len - 1)
+                row["recovery"] = rec.to_dict()
+                row["recovery_text"] = str(rec)
+
     print()
-    print(f"{'config':34s} {'perplexity':>10s} {'avg bits':>9s} {'recovered':>10s}")
+    print(f"{'text':16s} {'config':40s} {'ppl':>9s} {'bits':>6s}  recovered (95% CI over windows)")
     for row in rows:
-        rec = row["recovered_vs_naive"]
-        rec_s = "-" if rec is None or row is rows[0] else f"{100 * rec:.1f}%"
-        print(f"{row['config']:34s} {row['perplexity']:10.4f} {row['avg_bits']:9.3f} {rec_s:>10s}")
+        print(f"{row['text']:16s} {row['config']:40s} {row['perplexity']:9.4f} "
+              f"{row['avg_bits']:6.3f}  {row.get('recovery_text', '-')}")  # fmt: skip
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/calibration_accuracy.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
         "device": f"CPU ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "eval": {"split": "evaluation", "windows": args.windows, "seq_len": args.seq_len},
-        "calibration": {
-            "source": args.calibration or f"recipe {args.recipe}",
-            "wall_s": calib_wall,
-            "stats_wall_s": result.stats.get("wall_s"),
-            "peak_memory": result.stats.get("peak_memory"),
-        },
+        "python": platform.python_version(),  # pydocs text depends on it
+        "model": args.model or "demo (SmolLM2-135M-Instruct)",
+        "planted_bias_layers": planted,
+        "eval": {"texts": texts, "windows": args.windows, "seq_len": args.seq_len},
+        "calibrations": calibrations,
         "rows": rows,
     }
     with open(args.out, "w", encoding="utf-8") as handle:

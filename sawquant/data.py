@@ -33,6 +33,7 @@ __all__ = [
     "evaluation_text",
     "kjv_books",
     "load_text",
+    "python_docs_text",
     "token_windows",
 ]
 
@@ -98,10 +99,20 @@ def evaluation_text() -> str:
     return _splits()[1]
 
 
+def python_docs_text() -> str:
+    """A held-out text of another domain, offline everywhere: the Python language reference
+    topics shipped with the interpreter (``pydoc_data.topics``; about 110k tokens, technical
+    English with code). It changes with the Python version: reports name it."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
 _DEMO_SOURCES = {
     "demo": calibration_text,
     "demo:calibration": calibration_text,
     "demo:evaluation": evaluation_text,
+    "pydocs": python_docs_text,
 }
 
 

@@ -18,7 +18,7 @@ from sawquant.quant.hadamard import random_signs, rotate, unrotate
 from sawquant.quant.int4 import dequantize, quantize
 from sawquant.quant.transforms import restore, transform
 
-__all__ = ["fake_quant_side", "input_device", "simulated_perplexity"]
+__all__ = ["fake_quant_side", "input_device", "simulated_perplexity", "window_nlls"]
 
 
 def fake_quant_side(x: torch.Tensor, side: SideConfig) -> torch.Tensor:
@@ -56,27 +56,28 @@ def _round_trip(x: torch.Tensor, bits: int, group_size: int | None) -> torch.Ten
 
 
 @torch.inference_mode()
-def simulated_perplexity(
+def window_nlls(
     model: Any,
     windows: torch.Tensor,
     config: KVConfig | None,
     *,
     batch_size: int = 1,
-) -> float:
-    """Perplexity over ``windows`` ([N, L] token ids) with every cached K/V quantized.
+) -> torch.Tensor:
+    """Summed next-token NLL of each window ([N] float64, L - 1 predictions each) with every
+    cached K/V quantized as ``config`` says (None = full precision).
 
-    Each window is one full forward in which every layer attends to fake-quantized K and V
-    (``config`` None = full precision): the cache a decoder would read after a prefill. Tokens
-    are weighted equally (mean negative log-likelihood over all N * (L - 1) predictions).
+    Each window is one full forward in which every layer attends to fake-quantized K and V:
+    the cache a decoder would read after a prefill (the papers' convention).
     """
     from sawquant.calibration.capture import intercept_attention
 
     sides = None
     if config is not None:
-        from sawquant.architectures import model_facts
+        from sawquant.architectures import check_exact_for, model_facts
 
         facts = model_facts(model.config)
         config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
+        check_exact_for(config, model.config)
         sides = [(layer.k, layer.v) for layer in config.layers]
 
     def quantize_kv(call):
@@ -86,7 +87,7 @@ def simulated_perplexity(
         return k, v
 
     device = input_device(model)
-    nll, count = 0.0, 0
+    out = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         if sides is None:
@@ -97,9 +98,21 @@ def simulated_perplexity(
         # Predict token t+1 from the prefix up to t, in float32 for a stable log-softmax.
         logp = logits[:, :-1].float().log_softmax(-1)
         target = ids[:, 1:].to(logp.device)
-        nll -= logp.gather(-1, target[..., None]).sum().item()
-        count += target.numel()
-    return math.exp(nll / count)
+        out.append(-logp.gather(-1, target[..., None])[..., 0].double().sum(-1).cpu())
+    return torch.cat(out)
+
+
+def simulated_perplexity(
+    model: Any,
+    windows: torch.Tensor,
+    config: KVConfig | None,
+    *,
+    batch_size: int = 1,
+) -> float:
+    """Perplexity over ``windows`` ([N, L] token ids) with every cached K/V quantized (see
+    :func:`window_nlls`); tokens are weighted equally over all N * (L - 1) predictions."""
+    nll = window_nlls(model, windows, config, batch_size=batch_size)
+    return math.exp(float(nll.sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def input_device(model: Any) -> torch.device:

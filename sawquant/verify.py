@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sawquant.accuracy import recovery
 from sawquant.checkpoint import is_export
 from sawquant.config import SUPPORTED_BLOCKS, KVConfig, ModelFacts, SideConfig
 from sawquant.errors import InputError, RuntimeBypassError
@@ -79,19 +80,6 @@ def fixed_config(facts: ModelFacts) -> KVConfig:
     """
     block = max(b for b in SUPPORTED_BLOCKS if facts.head_dim % b == 0)
     return KVConfig.uniform(facts, SideConfig(bits=4, rotation_block=block), SideConfig(bits=4))
-
-
-def recovery(ppl_full: float, ppl_naive: float, ppl_config: float) -> float:
-    """Share of naive INT4's perplexity loss that a config wins back: 1 = all of it, 0 = none.
-
-    ``(ppl_naive - ppl_config) / (ppl_naive - ppl_full)``. When naive INT4 loses nothing
-    (difference below 1e-6 relative) there is nothing to recover: 1.0 unless the config is worse
-    than naive, then 0.0.
-    """
-    loss = ppl_naive - ppl_full
-    if loss <= 1e-6 * ppl_full:
-        return 1.0 if ppl_config <= ppl_naive + 1e-6 * ppl_full else 0.0
-    return (ppl_naive - ppl_config) / loss
 
 
 # -- runtime measurement --------------------------------------------------------------------

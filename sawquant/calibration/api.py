@@ -54,7 +54,7 @@ Progress = Callable[[int, int], None]
 StageProgress = Callable[[str, int, int], None]
 # Text sources that are held out for evaluation: calibrating on them would make every accuracy
 # figure measured on them meaningless.
-HELD_OUT_SOURCES = ("demo:evaluation",)
+HELD_OUT_SOURCES = ("demo:evaluation", "pydocs")
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,14 @@ def load_calibration(path: str | os.PathLike) -> CalibrationResult:
 
 
 def _describe(side: SideConfig) -> str:
+    if side.bits != 4:
+        return "INT8 (whole)" if side.bits == 8 else "BF16 (whole)"
     seed = "" if side.sign_seed is None else f"+s{side.sign_seed}"
     group = "" if side.group_size is None else f" g{side.group_size}"
-    return f"b{side.rotation_block}{seed}{group}"
+    extra = (" +center" if side.center is not None else "") + (
+        " +smooth" if side.smooth is not None else ""
+    )
+    return f"b{side.rotation_block}{seed}{group}{extra}"
 
 
 def _peak_rss_bytes() -> int:
@@ -183,13 +188,23 @@ def _forward(model: Any, ids: torch.Tensor) -> None:
         model(input_ids=ids, use_cache=False)
 
 
+FISHER_POSITIONS = 256  # predictions whose loss the Fisher backward differentiates
+
+
 def _forward_backward(model: Any, ids: torch.Tensor) -> None:
     """Forward and backward of the summed next-token loss, so that the output hooks see
     dL/dO at every attention layer. Gradients flow from the input embeddings only (the caller
-    freezes the parameters): no weight gradients are allocated."""
+    freezes the parameters): no weight gradients are allocated. Only the last
+    ``FISHER_POSITIONS`` predictions enter the loss: their gradient still reaches every
+    earlier position's attention output through the keys and values, while the vocabulary
+    logits (152k wide for Qwen2, the largest activation) stay small."""
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=emb, use_cache=False).logits  # [1, L, V]
-    target = ids[0, 1:].to(logits.device)
+    keep = min(FISHER_POSITIONS + 1, ids.shape[1])
+    try:
+        logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: every position, then the last ones
+        logits = model(inputs_embeds=emb, use_cache=False).logits[:, -keep:]
+    target = ids[0, -keep + 1 :].to(logits.device)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, reduction="sum")
     loss.backward()
 
@@ -229,7 +244,7 @@ def calibrate(
     if windows.dim() != 2 or windows.shape[0] < 1:
         raise InputError(f"windows must be [num, seq_len] token ids, got {tuple(windows.shape)}")
     candidates = make_candidates(
-        facts.head_dim, recipe.blocks, recipe.sign_seeds, recipe.group_sizes
+        facts.head_dim, recipe.blocks, recipe.sign_seeds, recipe.group_sizes, recipe.transforms
     )
     acc = StatsAccumulator(
         num_layers=facts.num_layers,
@@ -245,9 +260,20 @@ def calibrate(
     start = time.perf_counter()
     total = windows.shape[0]
     n_fisher = min(recipe.fisher_windows, total)
-    # The first n_fisher windows also run backward (the Fisher weights); the statistics of
-    # every window come from the same forward, so the Fisher costs one backward per window.
+    # Phases: the channel statistics of the transforms (a cheap forward of the first windows),
+    # then every window measured, all candidates on the first pilot windows and the most
+    # promising ones after. The first n_fisher windows also run backward (the Fisher weights);
+    # the statistics of every window come from the same forward.
+    n_transform = min(recipe.transform_windows, total) if acc.transform_phase else 0
+    steps = n_transform + total
     with _frozen(model), intercept_attention(model, acc, on_output=acc.observe_output):
+        with torch.inference_mode():
+            for i in range(n_transform):
+                _forward(model, windows[i : i + 1].to(device))
+                if progress is not None:
+                    progress(i + 1, steps)
+        if n_transform:
+            acc.finish_transforms()
         for i in range(total):
             acc.new_window()
             ids = windows[i : i + 1].to(device)
@@ -257,13 +283,16 @@ def calibrate(
             else:
                 with torch.inference_mode():
                     _forward(model, ids)
+            if i + 1 == recipe.pilot_windows and i + 1 < total:
+                acc.prune(recipe.keep_candidates)
             if progress is not None:
-                progress(i + 1, total)
+                progress(n_transform + i + 1, steps)
     errs = [{s: acc.attn_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
     loss = [{s: acc.loss_err(layer, s) for s in SIDES} for layer in range(facts.num_layers)]
     objective = loss if n_fisher and all(v is not None for d in loss for v in d.values()) else None
     choices = select(errs, candidates, recipe, head_dim=facts.head_dim, objective=objective)
-    config = KVConfig(model=facts, layers=tuple(_layer_config(c) for c in choices))
+    layers = tuple(_layer_config(c, acc.tables[i]) for i, c in enumerate(choices))
+    config = KVConfig(model=facts, layers=layers)
     stats = _stats_dict(acc, candidates, choices, errs)
     if objective is not None:
         # Second-order estimate of the loss increase (nats per token), naive INT4 vs chosen.
@@ -290,8 +319,23 @@ def calibrate(
     )
 
 
-def _layer_config(choice: dict[str, SideChoice]) -> LayerConfig:
-    def side(c: SideChoice) -> SideConfig:
+def _layer_config(choice: dict[str, SideChoice], tables: dict) -> LayerConfig:
+    """A layer's config from its choice; per-head transforms become config rows (a head that
+    does not center gets zeros, one that does not smooth gets ones)."""
+
+    def rows(c: SideChoice, side: str, which: int, name: str, neutral: float):
+        if not any(t[which] for t in c.head_transforms):
+            return None
+        table = tables[side][name]  # [H, D] float32
+        return tuple(
+            tuple(float(x) for x in table[h].tolist()) if used[which] else
+            (neutral,) * table.shape[1]
+            for h, used in enumerate(c.head_transforms)
+        )  # fmt: skip
+
+    def side(c: SideChoice, name: str) -> SideConfig:
+        if c.whole is not None:  # the whole side at INT8 / BF16: nothing else applies
+            return SideConfig(bits=c.whole)
         cand = c.candidate
         return SideConfig(
             bits=4,
@@ -299,9 +343,11 @@ def _layer_config(choice: dict[str, SideChoice]) -> LayerConfig:
             sign_seed=cand.sign_seed,
             group_size=cand.group_size,
             fallback_heads=dict(c.fallback_heads),
+            center=rows(c, name, 0, "center", 0.0),
+            smooth=rows(c, name, 1, "smooth", 1.0),
         )
 
-    return LayerConfig(k=side(choice["k"]), v=side(choice["v"]))
+    return LayerConfig(k=side(choice["k"], "k"), v=side(choice["v"], "v"))
 
 
 def _round(values: Any, digits: int = 5) -> Any:
@@ -335,7 +381,10 @@ def _stats_dict(
             }
             loss = acc.loss_err(layer, s)
             if loss is not None:  # expected nats/token per candidate and head (Fisher)
-                entry[s]["loss_err"] = [[float(f"{x:.4g}") for x in row] for row in loss.tolist()]
+                entry[s]["loss_err"] = [
+                    [float(f"{x:.4g}") if math.isfinite(x) else None for x in row]
+                    for row in loss.tolist()
+                ]
         layers.append(entry)
     return {
         "candidates": [c.to_dict() for c in candidates],

@@ -34,6 +34,14 @@ class Recipe:
     blocks: tuple[int, ...] = (1, 16, 32, 64, 128, 256)
     sign_seeds: tuple[int | None, ...] = (None, 0)
     group_sizes: tuple[int | None, ...] = (None,)
+    # Exact transforms tried per head: none, center, center+smooth, smooth (stats.TRANSFORMS).
+    transforms: tuple[str, ...] = ("none", "center", "center+smooth")
+    # Windows that only measure channel means and ranges for the transforms (cheap forwards).
+    transform_windows: int = 1
+    # After this many measured windows, keep only the keep_candidates best candidates per layer
+    # side and group size (naive INT4 and INT8 stay): the remaining windows measure fewer.
+    pilot_windows: int = 2
+    keep_candidates: int = 4
     # Attention-output error is measured on this many query positions per window (0 = all).
     query_samples: int = 128
     # Windows (of the same data) also run forward+backward to weigh each layer's error by the
@@ -59,6 +67,16 @@ class Recipe:
         _positive_int(where, "seq_len", self.seq_len, low=2)
         _positive_int(where, "query_samples", self.query_samples, low=0)
         _positive_int(where, "fisher_windows", self.fisher_windows, low=0)
+        _positive_int(where, "transform_windows", self.transform_windows, low=1)
+        _positive_int(where, "pilot_windows", self.pilot_windows, low=1)
+        _positive_int(where, "keep_candidates", self.keep_candidates, low=1)
+        from sawquant.calibration.stats import TRANSFORMS
+
+        if not self.transforms or any(t not in TRANSFORMS for t in self.transforms):
+            raise ConfigError(
+                f"{where}: transforms {list(self.transforms)} must be a non-empty subset of "
+                f"{list(TRANSFORMS)}"
+            )
         if not self.blocks or any(b not in SUPPORTED_BLOCKS for b in self.blocks):
             raise ConfigError(
                 f"{where}: blocks {list(self.blocks)} must be a non-empty subset of "
@@ -117,7 +135,7 @@ class Recipe:
                 f"{where}: unknown key(s) {unknown}; remove them (allowed: {allowed})"
             )
         data = dict(data)
-        for key in ("blocks", "sign_seeds", "group_sizes"):
+        for key in ("blocks", "sign_seeds", "group_sizes", "transforms"):
             if key in data:
                 if not isinstance(data[key], (list, tuple)):
                     raise ConfigError(f"{where}: {key} must be a list, got {data[key]!r}")

@@ -17,36 +17,44 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sawquant.calibration.capture import AttentionCall
-from sawquant.config import SUPPORTED_BLOCKS, SUPPORTED_GROUPS, SideConfig
+from sawquant.config import SUPPORTED_BLOCKS, SUPPORTED_GROUPS
 from sawquant.errors import InputError
 from sawquant.quant.hadamard import block_hadamard
+from sawquant.quant.transforms import transform
 
-__all__ = ["Candidate", "SideStats", "StatsAccumulator", "make_candidates"]
+__all__ = [
+    "TRANSFORMS",
+    "Candidate",
+    "SideStats",
+    "StatsAccumulator",
+    "make_candidates",
+]
 
 SIDES = ("k", "v")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to cache a side: precision, rotation block, sign seed, group size."""
+    """One way to cache a side: precision, rotation block, sign seed, group size, and the
+    exact transforms before the rotation (per-channel centering, smoothing)."""
 
     bits: int = 4
     block: int = 1
     sign_seed: int | None = None
     group_size: int | None = None  # None = head_dim
+    center: bool = False
+    smooth: bool = False
 
-    def side_config(self) -> SideConfig:
-        return SideConfig(
-            bits=self.bits,
-            rotation_block=self.block,
-            sign_seed=self.sign_seed,
-            group_size=self.group_size,
-        )
+    @property
+    def rotation(self) -> tuple:
+        """What candidates share one transformed, rotated copy of the captured tensors."""
+        return (self.block, self.sign_seed, self.center, self.smooth)
 
     def label(self) -> str:
         seed = "" if self.sign_seed is None else f" s{self.sign_seed}"
         group = "" if self.group_size is None else f" g{self.group_size}"
-        return f"INT{self.bits} b{self.block}{seed}{group}"
+        extra = ("+c" if self.center else "") + ("+m" if self.smooth else "")
+        return f"INT{self.bits} b{self.block}{seed}{group}{extra}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,16 +64,22 @@ NAIVE = Candidate()
 INT8 = Candidate(bits=8)
 
 
+TRANSFORMS = {"none": (False, False), "center": (True, False), "center+smooth": (True, True),
+              "smooth": (False, True)}  # fmt: skip
+
+
 def make_candidates(
     head_dim: int,
     blocks: list[int] | tuple[int, ...],
     sign_seeds: list[int | None] | tuple[int | None, ...],
     group_sizes: list[int | None] | tuple[int | None, ...],
+    transforms: list[str] | tuple[str, ...] = ("none",),
 ) -> list[Candidate]:
     """INT4 candidates for this head_dim (blocks that divide it), then the INT8 reference.
 
     Signs without a Hadamard (block 1) only flip signs, so block 1 gets no seeds; a group size
-    equal to head_dim is the same as None. The first candidate is always naive INT4.
+    equal to head_dim is the same as None; ``transforms`` are names of :data:`TRANSFORMS`. The
+    first candidate is always naive INT4.
     """
     out = [NAIVE]
     groups = sorted(
@@ -79,9 +93,10 @@ def make_candidates(
             for seed in dict.fromkeys(sign_seeds):
                 if block == 1 and seed is not None:
                     continue
-                cand = Candidate(4, block, seed, group)
-                if cand not in out:
-                    out.append(cand)
+                for name in dict.fromkeys(transforms):
+                    cand = Candidate(4, block, seed, group, *TRANSFORMS[name])
+                    if cand not in out:
+                        out.append(cand)
     out.append(INT8)
     return out
 
@@ -100,6 +115,11 @@ class SideStats:
     noise: torch.Tensor = field(init=False)  # [C, H] sum |x_hat - x|^2 (cache error)
     attn_noise: torch.Tensor = field(init=False)  # [C, H] sum |O_hat - O|^2
     attn_noise_q: torch.Tensor | None = None  # [C, H_q] the same per query head
+    # Transform statistics (the first windows): per channel sum, count, min and max.
+    channel_sum: torch.Tensor = field(init=False)  # [H, D]
+    channel_count: int = 0
+    channel_min: torch.Tensor = field(init=False)  # [H, D]
+    channel_max: torch.Tensor = field(init=False)  # [H, D]
 
     def __post_init__(self) -> None:
         h, d, c = self.num_heads, self.head_dim, self.num_candidates
@@ -110,6 +130,26 @@ class SideStats:
         self.channel_absmax = torch.zeros(h, d, **f64)
         self.noise = torch.zeros(c, h, **f64)
         self.attn_noise = torch.zeros(c, h, **f64)
+        self.channel_sum = torch.zeros(h, d, **f64)
+        self.channel_min = torch.full((h, d), float("inf"), **f64)
+        self.channel_max = torch.full((h, d), float("-inf"), **f64)
+
+    def observe_channels(self, x: torch.Tensor) -> None:
+        """x: [B, H, S, D]: per-channel mean and range, for the centering/smoothing tables."""
+        xd = x.double()
+        self.channel_sum += xd.sum(dim=(0, 2)).cpu()
+        self.channel_count += x.shape[0] * x.shape[2]
+        self.channel_min = torch.minimum(self.channel_min, xd.amin(dim=(0, 2)).cpu())
+        self.channel_max = torch.maximum(self.channel_max, xd.amax(dim=(0, 2)).cpu())
+
+    def channel_mean(self) -> torch.Tensor:
+        """[H, D] float64 mean of each channel over the transform windows."""
+        return self.channel_sum / max(self.channel_count, 1)
+
+    def centered_range(self) -> torch.Tensor:
+        """[H, D] largest |x - mean| of each channel seen."""
+        mean = self.channel_mean()
+        return torch.maximum(self.channel_max - mean, mean - self.channel_min)
 
     def observe(self, x: torch.Tensor) -> None:
         """x: [B, H, S, D] float32 (any device): outlier statistics."""
@@ -146,12 +186,31 @@ class SideStats:
         return 10 * torch.log10(self.signal.clamp(min=1e-30) / self.noise.clamp(min=1e-30))
 
 
+def _smooth_scales(x_range: torch.Tensor, q_range: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel smoothing scales [H, D] (float32, > 0) from channel ranges.
+
+    Keys (SmoothQuant's alpha = 0.5): s = sqrt(range_k / range_q), so the stored k / s and the
+    multiplied q * s meet in the middle. Values: s = sqrt(range_v), equalising the channels a
+    per-token scale shares. Normalised to a geometric mean of 1 per head, and clamped to
+    [2**-8, 2**8] so the tables stay well inside fp16 range.
+    """
+    r = x_range.clamp(min=1e-6)
+    s = (r / q_range.clamp(min=1e-6)).sqrt() if q_range is not None else r.sqrt()
+    s = s / s.log().mean(dim=-1, keepdim=True).exp()
+    return s.clamp(2.0**-8, 2.0**8).float()
+
+
 class StatsAccumulator:
     """Feed it every :class:`AttentionCall`; it keeps per layer/side :class:`SideStats`.
 
     ``query_samples`` query positions per window (drawn once per sequence length, seeded) are
     enough to estimate the attention-output error and keep its cost a small fraction of the
     forward pass; 0 uses every position.
+
+    Phases (driven by ``calibrate``): while ``transform_phase`` is set only the per-channel
+    statistics are gathered; :meth:`finish_transforms` turns them into the centering and
+    smoothing tables the transform candidates use; :meth:`prune` then keeps the most promising
+    candidates of each layer side, so the remaining windows measure only those.
     """
 
     def __init__(
@@ -180,20 +239,26 @@ class StatsAccumulator:
         self.tokens = 0
         self.head_dim = head_dim
         self._matrices: dict[tuple, torch.Tensor] = {}
-        # Candidates sharing a rotation share its matmul: {(block, seed): [(index, bits, g)]}.
-        self._by_rotation: dict[tuple[int, int | None], list[tuple[int, int, int | None]]] = {}
-        for i, cand in enumerate(self.candidates):
-            key = (cand.block, cand.sign_seed)
-            self._by_rotation.setdefault(key, []).append((i, cand.bits, cand.group_size))
+        # Which candidates each layer side still measures ([C] bool; all until pruned).
+        self.active = [
+            {s: torch.ones(c, dtype=torch.bool) for s in SIDES} for _ in range(num_layers)
+        ]
+        # Per layer side: {"center": [H, D], "smooth": [H, D]} float32 (finish_transforms).
+        self.tables: list[dict[str, dict[str, torch.Tensor]]] = [
+            {s: {} for s in SIDES} for _ in range(num_layers)
+        ]
+        self.q_range = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float64)
+        self.transform_phase = any(cand.center or cand.smooth for cand in self.candidates)
+        self.softcap = False  # a logit soft-cap makes key centering inexact (never measured)
         self._calls = 0
 
     def nbytes(self) -> int:
         """Memory held by the accumulators (what grows with the model, not with the data)."""
-        tensors = [self.attn_signal]
+        tensors = [self.attn_signal, self.q_range]
         for layer in self.sides:
             for st in layer.values():
                 tensors += [st.count, st.moments, st.absmax, st.channel_absmax, st.noise]
-                tensors.append(st.attn_noise)
+                tensors += [st.attn_noise, st.channel_sum, st.channel_min, st.channel_max]
                 if st.attn_noise_q is not None:
                     tensors.append(st.attn_noise_q)
         if self.fisher is not None:
@@ -222,6 +287,38 @@ class StatsAccumulator:
             self._matrices[key] = r.to(device)
         return self._matrices[key]
 
+    # -- phases --------------------------------------------------------------------------------
+    def finish_transforms(self) -> None:
+        """Turn the transform-phase statistics into each layer side's centering and smoothing
+        tables, and start measuring candidates."""
+        for layer, sides in enumerate(self.sides):
+            for side, st in sides.items():
+                q_range = self.q_range[layer] if side == "k" else None
+                self.tables[layer][side] = {
+                    "center": st.channel_mean().float(),
+                    "smooth": _smooth_scales(st.centered_range(), q_range),
+                }
+        self.transform_phase = False
+
+    def prune(self, keep_per_group: int) -> None:
+        """Keep, per layer side and group size, the ``keep_per_group`` candidates with the lowest
+        mean error so far (naive INT4 and INT8 always stay); the others stop being measured and
+        drop out of the selection."""
+        for layer, sides in enumerate(self.sides):
+            for side in SIDES:
+                err = self.attn_err(layer, side).mean(1)  # [C]
+                keep = torch.zeros(len(self.candidates), dtype=torch.bool)
+                for group in {c.group_size for c in self.candidates}:
+                    idx = [i for i, c in enumerate(self.candidates)
+                           if c.group_size == group and c.bits == 4]  # fmt: skip
+                    best = sorted(idx, key=lambda i: float(err[i]))[:keep_per_group]
+                    keep[best] = True
+                for fixed in (NAIVE, INT8):
+                    if fixed in self.candidates:
+                        keep[self.candidates.index(fixed)] = True
+                self.active[layer][side] &= keep
+
+    # -- measuring -----------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, call: AttentionCall) -> None:
         layer = call.layer_idx
@@ -238,6 +335,15 @@ class StatsAccumulator:
         b, h_q, s_q, d = q.shape
         h_kv, s_kv = k.shape[1], k.shape[2]
         g = h_q // h_kv
+        self.softcap = self.softcap or bool(call.softcap)
+        if self.transform_phase:
+            # Channel statistics only: means and ranges of K and V, ranges of each GQA group's
+            # queries (key smoothing balances the two).
+            self.sides[layer]["k"].observe_channels(k)
+            self.sides[layer]["v"].observe_channels(v)
+            qg = q.abs().amax(dim=2).reshape(b, h_kv, g, d).amax(dim=(0, 2))  # [H_kv, D]
+            self.q_range[layer] = torch.maximum(self.q_range[layer], qg.double().cpu())
+            return
         if layer == 0:
             self.tokens += b * s_q
         pos = self._query_positions(s_q, q.device)
@@ -261,20 +367,41 @@ class StatsAccumulator:
         for side, x in (("k", k), ("v", v)):
             st = self.sides[layer][side]
             st.observe(x)
-            for (block, seed), members in self._by_rotation.items():
-                # Work in the rotated basis: R is orthonormal, so errors there equal errors in
-                # the original basis, q.k = (qR).(kR), and (P V R) R^T = P V. No un-rotation.
+            tables = self.tables[layer][side]
+            active = self.active[layer][side]
+            by_rotation: dict[tuple, list[int]] = {}
+            for c, cand in enumerate(self.candidates):
+                if not active[c]:
+                    continue
+                if side == "k" and cand.center and self.softcap:
+                    active[c] = False  # not exact under a soft-cap: never a choice
+                    continue
+                by_rotation.setdefault(cand.rotation, []).append(c)
+            for (block, seed, center, smooth), members in by_rotation.items():
                 r = self._rotation(block, seed, x.device)
-                xr = x if r is None else x @ r
-                qr = qs if r is None else qs @ r
-                ref = out if r is None else out @ r
-                for c, bits, group in members:
-                    xq = _fake_quant_fast(xr, bits, group)
+                c_t = tables["center"].to(x.device)[:, None] if center else None  # [H, 1, D]
+                s_t = tables["smooth"].to(x.device)[:, None] if smooth else None
+                # Work in the transformed, rotated basis: x~ = ((x - c) / s) R. Keys: q meets
+                # them as (q * s) R, and q.c is a per-query constant the softmax ignores; values:
+                # the output error is (P (x~_hat - x~)) R^T * s, which equals the error in the
+                # rotated basis when there is no smoothing (R is orthonormal).
+                xt = transform(x, c_t, None if s_t is None else 1.0 / s_t)
+                xr = xt if r is None else xt @ r
+                if side == "k":
+                    qk = qs if s_t is None else qs * s_t
+                    qr = qk if r is None else qk @ r
+                for c in members:
+                    cand = self.candidates[c]
+                    xq = _fake_quant_fast(xr, cand.bits, cand.group_size)
                     st.noise[c] += _head_sum((xq - xr).square())
-                    o_hat = probs(qr, xq) @ v if side == "k" else p @ xq
-                    diff = (o_hat - (out if side == "k" else ref)).square()
+                    if side == "k":
+                        diff = probs(qr, xq) @ v - out
+                    else:
+                        diff = p @ (xq - xr)
+                        if s_t is not None:
+                            diff = (diff if r is None else diff @ r.T) * s_t
                     # [B, H_kv, G*Q, D] -> per query head [H_kv * G] (q head = kv head * G + g)
-                    per_q = diff.reshape(b, h_kv, g, -1).sum(dim=(0, 3)).reshape(-1)
+                    per_q = diff.square().reshape(b, h_kv, g, -1).sum(dim=(0, 3)).reshape(-1)
                     per_q = per_q.double().cpu()
                     if st.attn_noise_q is None:
                         st.attn_noise_q = torch.zeros(
@@ -299,8 +426,10 @@ class StatsAccumulator:
 
     # -- results -------------------------------------------------------------------------------
     def attn_err(self, layer: int, side: str) -> torch.Tensor:
-        """[C, H] relative squared attention-output error of every candidate."""
-        return self.sides[layer][side].attn_noise / self.attn_signal[layer].clamp(min=1e-30)
+        """[C, H] relative squared attention-output error of every candidate (inf for the
+        candidates pruned or not allowed: they are no choice)."""
+        err = self.sides[layer][side].attn_noise / self.attn_signal[layer].clamp(min=1e-30)
+        return err.masked_fill(~self.active[layer][side][:, None], float("inf"))
 
     def loss_err(self, layer: int, side: str) -> torch.Tensor | None:
         """[C, H] expected increase of the loss (nats per token) from each candidate, or None
@@ -318,7 +447,8 @@ class StatsAccumulator:
         e = st.attn_noise_q / self.query_count[layer].clamp(min=1)  # [C, H_q] per position
         per_q = 0.5 * w * e
         h_kv = st.num_heads
-        return per_q.view(per_q.shape[0], h_kv, -1).sum(-1)
+        loss = per_q.view(per_q.shape[0], h_kv, -1).sum(-1)
+        return loss.masked_fill(~self.active[layer][side][:, None], float("inf"))
 
 
 def _head_sum(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ def result(tiny_qwen3):
     windows = torch.randint(0, 128, (3, 64), generator=torch.Generator().manual_seed(0))
     calls = []
     res = calibrate(tiny_qwen3, None, windows, RECIPE, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    # One cheap window of channel statistics for the transforms, then the three measured.
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     return res
 
 
