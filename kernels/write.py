@@ -192,6 +192,12 @@ def _write_rows(
     # strides (elements)
     stride_xt,
     stride_xh,
+    stride_cp,  # codes: page, pool head, token (a pool may be a view into an engine's blocks)
+    stride_ch,
+    stride_ct,
+    stride_sp,  # scale and zero: page, pool head, token
+    stride_sh,
+    stride_st,
     # constexpr
     D: tl.constexpr,
     D_PAD: tl.constexpr,  # next power of two >= D
@@ -220,7 +226,9 @@ def _write_rows(
     head = tl.load(heads_ptr + i, mask=live, other=0)  # tiny table, stays in L1
     src = t.to(tl.int64) * stride_xt + head.to(tl.int64) * stride_xh  # [R]
     page = slot // page_size
-    dst = (page * num_pool_heads + i) * page_size + slot % page_size  # [R] int64 pool row
+    tok = slot % page_size
+    dst = page * stride_cp + i.to(tl.int64) * stride_ch + tok * stride_ct  # [R] row of codes
+    dst_s = page * stride_sp + i.to(tl.int64) * stride_sh + tok * stride_st  # [R] of scales
 
     e = tl.arange(0, VEC)[None, :]
     per_head = head.to(tl.int64)[:, None] * D + e  # [R, VEC] offsets into [H_kv, D] tables
@@ -245,7 +253,7 @@ def _write_rows(
     if BITS == 16:
         if codes_ptr.dtype.element_ty == tl.bfloat16:
             x = _bf16_rne(x)
-        tl.store(codes_ptr + dst[:, None] * D + d, x.to(codes_ptr.dtype.element_ty), row_mask)
+        tl.store(codes_ptr + dst[:, None] + d, x.to(codes_ptr.dtype.element_ty), row_mask)
     else:
         LEVELS: tl.constexpr = (1 << BITS) - 1
         if GROUP == D:
@@ -258,8 +266,8 @@ def _write_rows(
                 hi = tl.max(tl.where(d < D, x, float("-inf")), axis=1)
             zero, scale, inv = _quant_params(lo, hi, LEVELS)  # [R]
             q = (x - zero.to(tl.float32)[:, None]) * inv[:, None]
-            tl.store(scale_ptr + dst, scale, live)
-            tl.store(zero_ptr + dst, zero, live)
+            tl.store(scale_ptr + dst_s, scale, live)
+            tl.store(zero_ptr + dst_s, zero, live)
         else:
             # Groups of GROUP elements (whole groups only, since GROUP divides D: padding never
             # shares a group with real elements).
@@ -269,13 +277,13 @@ def _write_rows(
             q = (xg - zero.to(tl.float32)[:, :, None]) * inv[:, :, None]
             q = tl.reshape(q, [ROWS, D_PAD])
             g = tl.arange(0, NG)[None, :]
-            off = dst[:, None] * (D // GROUP) + g  # [R, NG]
+            off = dst_s[:, None] + g  # [R, NG]
             tl.store(scale_ptr + off, scale, live[:, None] & (g < D // GROUP))
             tl.store(zero_ptr + off, zero, live[:, None] & (g < D // GROUP))
         # q >= 0 already (x >= lo >= zero), so only the top needs clamping.
         q = tl.minimum(tl.floor(q + 0.5), LEVELS * 1.0)
         if BITS == 8:
-            tl.store(codes_ptr + dst[:, None] * D + d, q.to(tl.uint8), row_mask)
+            tl.store(codes_ptr + dst[:, None] + d, q.to(tl.uint8), row_mask)
         else:
             # Two codes a byte, element 2j in the low nibble (exact in float32: < 256).
             lo_n, hi_n = tl.split(tl.reshape(q, [ROWS, D_PAD // 2, 2]))
@@ -284,7 +292,7 @@ def _write_rows(
             m = live[:, None]
             if D != D_PAD:
                 m = m & (j < D // 2)
-            tl.store(codes_ptr + dst[:, None] * (D // 2) + j, packed, m)
+            tl.store(codes_ptr + dst[:, None] + j, packed, m)
 
 
 @triton.jit
@@ -321,6 +329,18 @@ def _rotate_quantize_paged_kernel(
     stride_x0h,
     stride_x1t,
     stride_x1h,
+    stride_c0p,
+    stride_c0h,
+    stride_c0t,
+    stride_s0p,
+    stride_s0h,
+    stride_s0t,
+    stride_c1p,
+    stride_c1h,
+    stride_c1t,
+    stride_s1p,
+    stride_s1h,
+    stride_s1t,
     # constexpr
     D: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -350,6 +370,7 @@ def _rotate_quantize_paged_kernel(
                 pid, x0_ptr, slot_ptr, heads0_ptr, signs0_ptr, center0_ptr, inv_smooth0_ptr,
                 codes0_ptr, scale0_ptr, zero0_ptr, flag_ptr, flag_value, num_tokens, num_rows0,
                 num_pool_heads0, page_size, stride_x0t, stride_x0h,
+                stride_c0p, stride_c0h, stride_c0t, stride_s0p, stride_s0h, stride_s0t,
                 D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
                 HAS_CENTER0, HAS_SMOOTH0, LIMIT,
             )  # fmt: skip
@@ -359,6 +380,7 @@ def _rotate_quantize_paged_kernel(
                 pid, x1_ptr, slot_ptr, heads1_ptr, signs1_ptr, center1_ptr, inv_smooth1_ptr,
                 codes1_ptr, scale1_ptr, zero1_ptr, flag_ptr, flag_value, num_tokens, num_rows1,
                 num_pool_heads1, page_size, stride_x1t, stride_x1h,
+                stride_c1p, stride_c1h, stride_c1t, stride_s1p, stride_s1h, stride_s1t,
                 D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
                 HAS_CENTER1, HAS_SMOOTH1, LIMIT,
             )  # fmt: skip
@@ -420,6 +442,8 @@ def rotate_quantize_paged(
             j0["num_rows"], j0["num_pool_heads"], j1["num_rows"], j1["num_pool_heads"],
             k_store.page_size,
             j0["x"].stride(0), j0["x"].stride(1), j1["x"].stride(0), j1["x"].stride(1),
+            *j0["codes"].stride()[:3], *j0["scale"].stride()[:3],
+            *j1["codes"].stride()[:3], *j1["scale"].stride()[:3],
             D=head_dim, D_PAD=d_pad, ROWS=rows, BITS=bits,
             VEC0=j0["vec"], GROUP0=j0["group"], LOG_BLOCK0=j0["log_block"],
             HSCALE0=j0["hscale"], HAS_SIGNS0=j0["has_signs"],
@@ -510,8 +534,8 @@ def _check_kernel_limits(
                 raise InputError(f"{side}_store.heads[{bits}] must be int32")
             for field in ("codes", "scale", "zero"):
                 t = getattr(pool, field)
-                if t is not None and not t.is_contiguous():
+                if t is not None and t.stride(-1) != 1:
                     raise InputError(
-                        f"{side}_store.pools[{bits}].{field} must be contiguous "
-                        f"(allocate_side makes it so)"
+                        f"{side}_store.pools[{bits}].{field} needs a contiguous last dim "
+                        f"(pools may otherwise be strided views, e.g. into an engine's blocks)"
                     )
