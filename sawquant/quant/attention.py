@@ -18,6 +18,8 @@ __all__ = [
     "gather_heads",
     "gather_pages",
     "prefill_allowed",
+    "read_positions",
+    "stored_round_trip",
 ]
 
 
@@ -132,3 +134,56 @@ def gather_pages(store: SideStore, pages: torch.Tensor) -> torch.Tensor:
             x = dequantize(q, scale, zero, group_size=pool.spec.group_size)
         out[:, store.heads[bits].long()] = x
     return out
+
+
+def read_positions(
+    store: SideStore, block_table: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """Positions [start, end) of one sequence (block_table [1, pages]) read back to the
+    original basis: dequantized, un-rotated, transforms undone. [H_kv, end - start, D] float32."""
+    from sawquant.quant.hadamard import unrotate
+    from sawquant.quant.transforms import restore
+
+    pos = torch.arange(start, end, device=block_table.device)
+    page = block_table[0].long()[pos // store.page_size]
+    off = pos % store.page_size
+    out = torch.empty(store.num_kv_heads, end - start, store.head_dim, device=block_table.device)
+    for bits, pool in store.pools.items():
+        codes = pool.codes[page, :, off].transpose(0, 1)  # [H_pool, T, W]
+        if bits == 16:
+            x = codes.float()
+        else:
+            q = unpack_int4(codes) if bits == 4 else codes
+            scale = pool.scale[page, :, off].transpose(0, 1)
+            zero = pool.zero[page, :, off].transpose(0, 1)
+            x = dequantize(q, scale, zero, group_size=pool.spec.group_size)
+        out[store.heads[bits].long()] = x
+    out = unrotate(out, store.block, store.signs)
+    per_head = [None if t is None else t[:, None, :] for t in (store.center, store.smooth)]
+    return restore(out, *per_head)
+
+
+def stored_round_trip(x: torch.Tensor, store: SideStore) -> torch.Tensor:
+    """What the pages of ``store`` would give back for ``x`` (written, then read with
+    :func:`read_positions`), without touching the pages: [T, H_kv, D] -> float32 [T, H_kv, D],
+    bit-identical to the write twin followed by the read. Lets an attention read a chunk "as
+    stored" when its tokens are not (all) in the pages, e.g. left padding."""
+    from sawquant.quant.hadamard import rotate, unrotate
+    from sawquant.quant.int4 import quantize
+    from sawquant.quant.transforms import restore, transform
+
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for bits, pool in store.pools.items():
+        heads = store.heads[bits].to(device=x.device, dtype=torch.long)
+        c = None if store.center is None else store.center[heads]
+        m = None if store.inv_smooth is None else store.inv_smooth[heads]
+        xr = rotate(transform(x[:, heads], c, m), store.block, store.signs)  # as the writer
+        if bits == 16:
+            y = xr.to(pool.codes.dtype).float()
+        else:
+            q, scale, zero = quantize(xr, bits=bits, group_size=pool.spec.group_size)
+            y = dequantize(q, scale, zero, group_size=pool.spec.group_size)
+        out[:, heads] = y
+    out = unrotate(out.transpose(0, 1), store.block, store.signs)  # [H_kv, T, D]
+    per_head = [None if t is None else t[:, None, :] for t in (store.center, store.smooth)]
+    return restore(out, *per_head).transpose(0, 1)

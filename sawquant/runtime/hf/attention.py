@@ -1,13 +1,18 @@
 """The attention function registered with ``transformers.AttentionInterface`` as "sawquant".
 
-Per step of a layer, after ``SawquantCache.update`` wrote the new K/V into the pages:
+Per step of a layer, after ``SawquantCache.update`` wrote the new K/V into the pages, every
+attention sees K/V exactly as the cache stores them, the step's own tokens included (as in
+vLLM's backend, and as the simulated perplexity that calibration optimises assumes):
 
-* first chunk (nothing cached before it): full-precision attention of the chunk on itself
-  (transformers' SDPA path with the model's mask), so the prompt is served exactly as the
-  unquantized model would serve it;
+* first chunk (nothing cached before it): attention of the chunk on itself through
+  transformers' SDPA path with the model's mask, on the chunk's K/V round-tripped through the
+  cache format (``stored_round_trip``, bit-identical to reading the pages; left padding, which is
+  never stored, stays masked);
 * one new token per sequence: ``paged_decode_attention`` over the INT4 pages;
-* a later multi-token chunk: ``paged_prefill_attention`` (the chunk's own K/V in full precision,
-  the earlier tokens from the pages).
+* a later multi-token chunk: ``paged_prefill_attention`` (the earlier tokens from the pages, the
+  chunk's own K/V round-tripped the same way).
+
+So a token's result does not depend on how its prompt was split into chunks.
 
 The mask registered with ``AttentionMaskInterface`` under the same name is transformers' SDPA
 mask (boolean, or None for a plain causal chunk); only the first-chunk path uses it, the paged
@@ -30,6 +35,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from sawquant.errors import RuntimeBypassError
+from sawquant.format import SideStore
+from sawquant.quant.attention import stored_round_trip
 from sawquant.runtime import dispatch
 
 __all__ = ["ATTN_NAME", "register", "sawquant_attention"]
@@ -78,6 +85,13 @@ def _dense_attention(
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def _as_stored(x: torch.Tensor, store: SideStore) -> torch.Tensor:
+    """[B, H_kv, T, D] K or V of this step as the pages hold them, in x's dtype."""
+    b, h, t, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * t, h, d)
+    return stored_round_trip(flat, store).to(x.dtype).reshape(b, t, h, d).transpose(1, 2)
+
+
 def sawquant_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -110,14 +124,14 @@ def sawquant_attention(
             "to anything but the INT4 pages"
         )
     plan = cache.plan.on(query.device)
+    layer = cache.layer_kv(layer_idx)
     if plan.past == 0:
         cache.calls["first_chunk"] += 1
-        # First chunk: it is the whole context, attend in full precision (pads masked).
+        # First chunk: it is the whole context; attend to it as stored (pads masked).
         return _dense_attention(
-            module, query, key, value, attention_mask,
+            module, query, _as_stored(key, layer.k), _as_stored(value, layer.v), attention_mask,
             scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
         )  # fmt: skip
-    layer = cache.layer_kv(layer_idx)
     if query.shape[2] == 1:
         cache.calls["decode"] += 1
         out = dispatch.decode_attention(
@@ -133,8 +147,8 @@ def sawquant_attention(
     cache.calls["prefill"] += 1
     out = dispatch.prefill_attention(
         query,
-        key,
-        value,
+        _as_stored(key, layer.k),
+        _as_stored(value, layer.v),
         layer,
         plan.block_table,
         plan.cached_lens,
