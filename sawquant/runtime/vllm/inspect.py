@@ -78,7 +78,7 @@ def sawquant_calls(worker) -> dict[str, int]:
 def sawquant_record(worker, layer: int) -> dict[str, Any]:
     impl, module = _layer(worker, layer)
     impl.state.recording[layer] = []
-    return _cache_bytes(module)
+    return {"cache": _cache_bytes(module)}
 
 
 def sawquant_recorded(worker, layer: int) -> dict[str, Any]:
