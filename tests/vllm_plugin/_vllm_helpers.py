@@ -1,4 +1,4 @@
-"""Helpers the vLLM tests share (imported by name: tests/vllm is on sys.path under pytest)."""
+"""Helpers the vLLM tests share (imported by name: pytest puts tests/vllm_plugin on sys.path)."""
 
 from __future__ import annotations
 
