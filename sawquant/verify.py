@@ -45,6 +45,8 @@ __all__ = [
     "demo_export_dir",
     "VerifyReport",
     "fixed_config",
+    "held_out_text",
+    "held_out_windows",
     "naive_config",
     "recovery",
     "runtime_scores",
@@ -320,7 +322,7 @@ def _check_sizes(tokens: int, seq_len: int, prefix: int) -> None:
         )
 
 
-def _read_text(data: str | Path) -> tuple[str, str]:
+def held_out_text(data: str | Path) -> tuple[str, str]:
     """(text, description). ``"demo"`` is the demo's evaluation split, disjoint from calibration."""
     from sawquant import data as text_data
 
@@ -329,7 +331,7 @@ def _read_text(data: str | Path) -> tuple[str, str]:
     return text_data.load_text(data), str(data)
 
 
-def _windows(tokenizer, text: str, *, tokens: int, seq_len: int) -> torch.Tensor:
+def held_out_windows(tokenizer, text: str, *, tokens: int, seq_len: int) -> torch.Tensor:
     from sawquant import data as text_data
 
     num = tokens // seq_len
@@ -470,8 +472,8 @@ def verify(
     times["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    text, data_label = _read_text(data)
-    windows = _windows(tokenizer, text, tokens=tokens, seq_len=seq_len).to(device)
+    text, data_label = held_out_text(data)
+    windows = held_out_windows(tokenizer, text, tokens=tokens, seq_len=seq_len).to(device)
     times["data"] = time.perf_counter() - t0
 
     # 1. runtime (its full-precision reference forward also gives the simulated "full")

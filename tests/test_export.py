@@ -395,6 +395,7 @@ def test_cli_reads_calibration_results_and_bare_configs(ckpts, tmp_path):
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
         assert KVConfig.from_json((out / CONFIG_FILE).read_text()) == config
+        assert f"vllm serve {out}" in res.output  # how to serve it, with the path
 
 
 # -- atomicity -----------------------------------------------------------------------------------

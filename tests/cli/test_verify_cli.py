@@ -155,3 +155,16 @@ def test_a_runtime_that_did_not_decode_through_the_pages_is_an_error(tiny_export
     result = invoke(str(tiny_export), *SMALL, *LOOSE)
     assert result.exit_code == 3
     assert "runtime served 0 of 30 decode" in result.output
+
+
+def test_engine_vllm_without_vllm_or_with_config_exits_2(tiny_export, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))  # fmt: skip
+    result = invoke(str(tiny_export), "--engine", "vllm")
+    assert result.exit_code == 2 and 'pip install "sawquant[vllm]"' in result.output
+    result = invoke(str(tiny_export), "--engine", "vllm", "--config", "fixed")
+    assert result.exit_code == 2 and "--config applies to --engine transformers" in result.output
+    assert invoke("--engine", "vllm").exit_code == 2  # the demo needs an export path
