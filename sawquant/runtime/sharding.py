@@ -15,7 +15,7 @@ from dataclasses import replace
 from sawquant.config import KVConfig, LayerConfig, SideConfig
 from sawquant.errors import ConfigError
 
-__all__ = ["local_config", "local_heads"]
+__all__ = ["local_config", "local_heads", "tensor_parallel_rank"]
 
 
 def local_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
@@ -61,3 +61,26 @@ def local_config(config: KVConfig, tp_size: int, tp_rank: int) -> KVConfig:
     )
     model = replace(config.model, num_kv_heads=len(heads))
     return replace(config, model=model, layers=layers)
+
+
+def tensor_parallel_rank(model) -> tuple[int, int]:
+    """``(tp_size, tp_rank)`` of a transformers model loaded with ``tp_plan`` (``(1, 0)`` for
+    an unsplit model). The rank is the model's position in its tensor-parallel mesh, or the
+    process rank when the whole world is one tensor-parallel group."""
+    size = int(getattr(model, "_tp_size", None) or 1)
+    if size == 1:
+        return 1, 0
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None:
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        rank = mesh.get_local_rank("tp") if "tp" in names else mesh.get_local_rank()
+        return size, int(rank)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == size:
+        return size, dist.get_rank()
+    raise ConfigError(
+        f"the model is split over {size} tensor-parallel ranks but sawquant cannot tell which "
+        "rank this process is (no device mesh on the model and the process group is not the "
+        "tensor-parallel group); load it with tp_plan under torchrun, one process per rank"
+    )

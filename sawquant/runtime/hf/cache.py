@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig
-from sawquant.errors import NonFiniteKVError, SawquantError
+from sawquant.errors import ConfigError, NonFiniteKVError, SawquantError
 from sawquant.format import SideStore
 from sawquant.runtime import dispatch
 from sawquant.runtime.layer import LayerKV
@@ -224,6 +224,13 @@ class SawquantCache(Cache):
     # -- per-layer work -----------------------------------------------------------------
     def _allocate_layer(self, layer: _PagedLayer, key_states: torch.Tensor) -> None:
         m = self.kv_config.model
+        if key_states.shape[1] != m.num_kv_heads:
+            raise ConfigError(
+                f"layer {layer.layer_idx} produced {key_states.shape[1]} KV heads but the "
+                f"sawquant config holds {m.num_kv_heads}: a model split by tensor parallelism "
+                "must be patched after it is split (sawquant.from_pretrained(..., tp_plan=...) "
+                "does that), with as many KV heads as ranks or more"
+            )
         layer.kv = LayerKV.allocate(
             self.kv_config.layers[layer.layer_idx],
             num_kv_heads=m.num_kv_heads,

@@ -5,6 +5,10 @@ Later releases renamed both to ``cache`` and keep the old name as a deprecated a
 5.40; when a call carries both names the old one is ignored. Every sawquant call site that hands
 a cache to a model, or reads one back, goes through here, so the rename is handled once and
 sawquant's own calls never trigger a deprecation warning.
+
+Tensor parallelism: ``from_pretrained(tp_plan=..., tp_size=...)`` is deprecated since 5.17 in
+favour of ``distributed_config=DistributedConfig(...)``, which every supported release has;
+sawquant passes the new form for either spelling.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_NAMES", "cache_kwarg", "cache_kwargs", "pop_cache", "returned_cache"]
+__all__ = [
+    "CACHE_NAMES",
+    "cache_kwarg",
+    "cache_kwargs",
+    "distributed_kwargs",
+    "pop_cache",
+    "returned_cache",
+]
 
 # The names a cache travels under, newest first.
 CACHE_NAMES = ("cache", "past_key_values")
@@ -64,3 +75,22 @@ def returned_cache(output: Any) -> Any:
             if output.get(name) is not None:
                 return output[name]
     return None
+
+
+def distributed_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments with ``tp_plan`` / ``tp_size`` moved into a
+    ``DistributedConfig`` (the form transformers keeps; the old one warns and is to go)."""
+    if "tp_plan" not in kwargs and "tp_size" not in kwargs:
+        return kwargs
+    from sawquant.errors import InputError
+
+    if kwargs.get("distributed_config") is not None:
+        raise InputError(
+            "pass tensor parallelism either as tp_plan/tp_size or as distributed_config, not both"
+        )
+    from transformers import DistributedConfig
+
+    rest = dict(kwargs)
+    tp = {name: rest.pop(name) for name in ("tp_plan", "tp_size") if name in rest}
+    rest["distributed_config"] = DistributedConfig(**tp)
+    return rest

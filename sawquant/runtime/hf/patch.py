@@ -28,8 +28,14 @@ from sawquant.config import KVConfig
 from sawquant.errors import RuntimeBypassError
 from sawquant.runtime.hf.attention import ATTN_NAME, register
 from sawquant.runtime.hf.cache import SawquantCache
-from sawquant.runtime.hf.compat import cache_kwargs, pop_cache, returned_cache
+from sawquant.runtime.hf.compat import (
+    cache_kwargs,
+    distributed_kwargs,
+    pop_cache,
+    returned_cache,
+)
 from sawquant.runtime.memory import KVMemory, kv_memory
+from sawquant.runtime.sharding import local_config, tensor_parallel_rank
 
 __all__ = [
     "CONFIG_KEY",
@@ -47,7 +53,7 @@ class _PatchState:
     """What ``patch`` installed: shared by the model, its decoder and every attention module
     (the attention function reads ``cache`` from here; nothing is found through a global)."""
 
-    config: KVConfig
+    config: KVConfig  # this rank's part of the config (the whole config without tp_plan)
     page_size: int
     original_attn: str | None
     hooks: tuple  # torch.utils.hooks.RemovableHandle: the pre- and post-forward hooks
@@ -120,7 +126,8 @@ def _after_forward(decoder: torch.nn.Module, args: tuple, kwargs: dict, output: 
 
 
 def _sawquant_memory(self: torch.nn.Module) -> KVMemory:
-    """KV bytes per token of this model's sawquant cache and the ratio to a BF16 cache."""
+    """KV bytes per token of this model's sawquant cache and the ratio to a BF16 cache (of
+    this rank's heads under tensor parallelism: the ranks' figures add up to the model's)."""
     state: _PatchState = self._sawquant_state
     return kv_memory(state.config, page_size=state.page_size)
 
@@ -148,6 +155,10 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     facts = check_loaded_model(model)
     config.check_model(facts.num_layers, facts.num_kv_heads, facts.head_dim)
     check_exact_for(config, model.config)
+    # With transformers' tp_plan each rank computes its slice of the KV heads: its cache
+    # stores those heads only, each with its own settings (fallback heads renumbered).
+    tp_size, tp_rank = tensor_parallel_rank(model)
+    config = local_config(config, tp_size, tp_rank)
     if any(p.is_cuda for p in model.parameters()):
         check_kernel_limits(config)
     if is_patched(model):
@@ -164,7 +175,7 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     state = _PatchState(config, page_size, original, hooks, holders)
     for module in holders:
         module._sawquant_state = state
-    model.sawquant_config = config
+    model.sawquant_config = config  # this rank's part under tensor parallelism
     model.sawquant_memory = types.MethodType(_sawquant_memory, model)
     return model
 
@@ -190,10 +201,13 @@ def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
     """Load a causal LM with transformers and install the runtime its checkpoint describes.
 
     ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...).
-    A checkpoint without a sawquant KV config loads as a normal model, with a warning.
+    With ``tp_plan="auto"`` under ``torchrun --nproc-per-node N`` each rank loads its slice
+    of the heads and its cache stores only its own KV heads. A checkpoint without a sawquant
+    KV config loads as a normal model, with a warning.
     """
     from transformers import AutoModelForCausalLM
 
+    hf_kwargs = distributed_kwargs(hf_kwargs)
     config = read_kv_config(path, **hf_kwargs)  # a mistyped local path fails here, at once
     model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
     if config is None:
