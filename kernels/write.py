@@ -16,8 +16,9 @@ in its registers (no shuffles, no spills on triton 3.6 and 3.9 at head_dim <= 12
 packed codes change layout (through shared memory) for 16-byte coalesced stores. Rows are
 head-major (pool head, then token), so stores of consecutive tokens of a head are contiguous.
 
-Measured on an H100 (benchmarks/RESULTS.md): 65,536 tokens of a Qwen3-8B layer in 145 us at block
-1 (78% of copy bandwidth) and 177 us at block 128; head_dim 256 compiles with register spills.
+Measured (benchmarks/RESULTS.md), 65,536 tokens of a Qwen3-8B layer: H100 145 us at block 1 (78%
+of copy bandwidth), 177 us at block 128; H200 122 us (65%), 174 us. head_dim 256 compiles with
+register spills.
 """
 
 from __future__ import annotations
@@ -160,6 +161,16 @@ def _butterfly(x, R: tl.constexpr, D: tl.constexpr, LOG_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _nan_min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quant_params(lo, hi, LEVELS: tl.constexpr):
     """fp16 zero (rounded down), fp16 scale (rounded up) and float32 1/scale (0 if scale is 0)."""
     zero = _fp16_round_down(lo)
@@ -241,16 +252,17 @@ def _write_rows(
         x = _butterfly(x, ROWS, D_PAD, LOG_BLOCK) * HSCALE
     # The storage policy of every write path (sawquant.quant.check_storable): a value that
     # cannot be stored raises. A kernel cannot raise, so it flags; the runtime checks the flag
-    # once per step. Dead rows and padding were loaded as 0; NaN fails the comparison.
-    bad = tl.max(tl.max(tl.where(tl.abs(x) <= LIMIT, 0, 1), axis=1), axis=0)
-    if bad > 0:
-        tl.store(flag_ptr, flag_value)
-
+    # once per step. Dead rows and padding were loaded as 0. INT pools check the row extremes
+    # they compute anyway (NaN-propagating min/max, so NaN fails the comparison): a separate
+    # pass over every element cost 1.37x the whole write (H200, 2026-12-02). Each bad row
+    # stores the flag itself (masked: no traffic when none is bad, no reduction across rows).
     d = tl.arange(0, D_PAD)[None, :]
     row_mask = live[:, None]
     if D != D_PAD:
         row_mask = row_mask & (d < D)
     if BITS == 16:
+        row_bad = tl.max(tl.where(tl.abs(x) <= LIMIT, 0, 1), axis=1) > 0  # [R]
+        tl.store(flag_ptr + 0 * r, flag_value + 0 * r, mask=row_bad)
         if codes_ptr.dtype.element_ty == tl.bfloat16:
             x = _bf16_rne(x)
         tl.store(codes_ptr + dst[:, None] + d, x.to(codes_ptr.dtype.element_ty), row_mask)
@@ -259,11 +271,13 @@ def _write_rows(
         if GROUP == D:
             # One group per row: reduce over the whole (unpadded) row.
             if D == D_PAD:
-                lo = tl.min(x, axis=1)
-                hi = tl.max(x, axis=1)
+                lo = tl.reduce(x, 1, _nan_min)
+                hi = tl.reduce(x, 1, _nan_max)
             else:
-                lo = tl.min(tl.where(d < D, x, float("inf")), axis=1)
-                hi = tl.max(tl.where(d < D, x, float("-inf")), axis=1)
+                lo = tl.reduce(tl.where(d < D, x, float("inf")), 1, _nan_min)
+                hi = tl.reduce(tl.where(d < D, x, float("-inf")), 1, _nan_max)
+            row_bad = ~(tl.maximum(-lo, hi) <= LIMIT)  # [R]
+            tl.store(flag_ptr + 0 * r, flag_value + 0 * r, mask=row_bad)
             zero, scale, inv = _quant_params(lo, hi, LEVELS)  # [R]
             q = (x - zero.to(tl.float32)[:, None]) * inv[:, None]
             tl.store(scale_ptr + dst_s, scale, live)
@@ -273,7 +287,11 @@ def _write_rows(
             # shares a group with real elements).
             NG: tl.constexpr = D_PAD // GROUP
             xg = tl.reshape(x, [ROWS, NG, GROUP])
-            zero, scale, inv = _quant_params(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
+            lo = tl.reduce(xg, 2, _nan_min)
+            hi = tl.reduce(xg, 2, _nan_max)
+            row_bad = tl.max(tl.where(tl.maximum(-lo, hi) <= LIMIT, 0, 1), axis=1) > 0
+            tl.store(flag_ptr + 0 * r, flag_value + 0 * r, mask=row_bad)
+            zero, scale, inv = _quant_params(lo, hi, LEVELS)
             q = (xg - zero.to(tl.float32)[:, :, None]) * inv[:, :, None]
             q = tl.reshape(q, [ROWS, D_PAD])
             g = tl.arange(0, NG)[None, :]
