@@ -122,8 +122,7 @@ def gather_pages(store: SideStore, pages: torch.Tensor) -> torch.Tensor:
     """Dequantize whole pages of every sequence: pages [B, n] page ids -> [B, H_kv, n * page, D]
     float32 in the store's rotated basis (positions past a sequence's end: finite garbage)."""
     b, n = pages.shape
-    length = n * store.page_size
-    out = torch.empty(b, store.num_kv_heads, length, store.head_dim, device=pages.device)
+    out = None
     for bits, pool in store.pools.items():
         codes = _pages(pool.codes, pages)  # [B, H_pool, n * page, W]
         if bits == 16:
@@ -132,7 +131,12 @@ def gather_pages(store: SideStore, pages: torch.Tensor) -> torch.Tensor:
             q = unpack_int4(codes) if bits == 4 else codes
             scale, zero = _pages(pool.scale, pages), _pages(pool.zero, pages)
             x = dequantize(q, scale, zero, group_size=pool.spec.group_size)
-        out[:, store.heads[bits].long()] = x
+        if len(store.pools) == 1:  # one pool holds every head, in order
+            return x
+        if out is None:
+            length = n * store.page_size
+            out = torch.empty(b, store.num_kv_heads, length, store.head_dim, device=pages.device)
+        out.index_copy_(1, store.heads[bits].long().to(out.device), x)
     return out
 
 

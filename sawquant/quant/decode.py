@@ -93,6 +93,10 @@ def paged_decode_attention_ref(
     if b == 0:
         return torch.empty_like(q)
     page = k_store.page_size
+    longest = int(seq_lens.max())
+    # Chunks start at fixed positions whatever the batch, so that a sequence's result does not
+    # depend on the other sequences of its batch (the float reductions run over the same
+    # positions in the same order).
     chunk = -(-max(chunk, page) // page) * page  # whole pages
     lens = seq_lens.long().view(b, 1, 1, 1)
     start = (lens - sliding_window).clamp(min=0) if sliding_window is not None else 0
@@ -102,7 +106,7 @@ def paged_decode_attention_ref(
     l_sum = torch.zeros_like(m)
     acc = torch.zeros(b, h_kv, h_q // h_kv, d, device=q.device)
     cols = block_table.shape[1]
-    for c0 in range(0, int(seq_lens.max()), chunk):
+    for c0 in range(0, longest, chunk):
         first = c0 // page
         idx = torch.arange(first, first + chunk // page, device=q.device).clamp(max=cols - 1)
         pages = block_table[:, idx].long()  # [B, n] (clamped columns are masked below)
