@@ -158,6 +158,15 @@ def plan_fold(
     layers = [i for i, layer in enumerate(config.layers) if needs_fold(layer.v)]
     if not layers:
         return {}, []
+    # V's centering and smoothing rows are per channel of the unrotated basis the calibration
+    # measured; in the folded basis they would still be exact but no longer fit the data.
+    shaped = [i for i in layers if config.layers[i].v.center or config.layers[i].v.smooth]
+    if shaped:
+        raise InputError(
+            f"layers {shaped} center or smooth their values, which --fold-values cannot carry "
+            "into the folded basis; export without --fold-values (the rotation then stays in "
+            "the cache, at the same accuracy)"
+        )
     mapping = weight_map(source)
     if mapping is None:
         raise InputError(

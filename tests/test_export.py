@@ -644,3 +644,16 @@ def test_cli(ckpts, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     missing = runner.invoke(cli, ["export", str(ckpts["llama"]), "-o", "x"])
     assert missing.exit_code == 2 and "--calibration" in missing.output  # click usage error
+
+
+def test_fold_refuses_value_centering_and_smoothing(ckpts, tmp_path):
+    cfg = _kv_config()
+    v = SideConfig(rotation_block=16, center=[[0.1] * HEAD_DIM] * KV_HEADS)
+    layers = (LayerConfig(k=cfg.layers[0].k, v=v), *cfg.layers[1:])
+    shaped = KVConfig(model=cfg.model, layers=layers)
+    before = _hashes(ckpts["llama"])
+    with pytest.raises(InputError, match=r"layers \[0\] center or smooth .*without --fold-values"):
+        export_checkpoint(ckpts["llama"], shaped, tmp_path / "out", fold_values=True)
+    assert not (tmp_path / "out").exists()
+    assert _hashes(ckpts["llama"]) == before
+    export_checkpoint(ckpts["llama"], shaped, tmp_path / "out")  # without folding: fine
