@@ -32,22 +32,22 @@ def _greedy(llm, prompts, n):
 
 
 def test_preempted_requests_recompute_into_new_blocks(tmp_path):
-    """12 blocks of 32 tokens for four requests that need 5 each: vLLM preempts and later
+    """10 blocks of 32 tokens for four requests that need 4 each: vLLM preempts and later
     recomputes requests into other blocks. Every request must still produce what it produces
     alone."""
     from sawquant.runtime.vllm.score import engine
 
     path = export_with(_exact(ModelFacts(30, 3, 64, "llama")), tmp_path / "exact")
-    llm = engine(path, max_model_len=256, num_gpu_blocks_override=12, max_num_seqs=4,
+    llm = engine(path, max_model_len=256, num_gpu_blocks_override=10, max_num_seqs=4,
                  disable_log_stats=False)  # fmt: skip
     try:
         prompts = [f"{i}. And it came to pass in those days, that there went out a decree " * 3
                    for i in range(4)]  # fmt: skip
-        together = _greedy(llm, prompts, 80)
+        together = _greedy(llm, prompts, 48)
         preemptions = sum(
             m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
         )  # fmt: skip
-        alone = [_greedy(llm, [p], 80)[0] for p in prompts]
+        alone = [_greedy(llm, [p], 48)[0] for p in prompts]
     finally:
         shutdown(llm)
     print(f"preemptions: {preemptions}")
