@@ -25,7 +25,7 @@ from sawquant.format import SideStore
 from sawquant.kernels import write
 from sawquant.kernels.write import rotate_quantize_paged
 from sawquant.quant.write import rotate_quantize_paged_ref
-from sawquant.testing import copy_side, poisoned_side
+from sawquant.testing import copy_side, differing_bytes, poisoned_side
 
 __all__ = ["run"]
 
@@ -102,24 +102,15 @@ def check(device: torch.device) -> list[dict]:
             {
                 "check": name,
                 "tokens": tokens,
-                "differing_bytes": _differing(k_store, k_ref) + _differing(v_store, v_ref),
+                "differing_bytes": differing_bytes(k_store, k_ref)
+                + differing_bytes(v_store, v_ref),
                 # torch on CUDA divides by a scalar as a multiply by its reciprocal, so the twin
                 # run on the GPU may differ from the spec: reported, not required.
-                "gpu_twin_vs_spec_bytes": _differing(k_gpu_ref, k_ref)
-                + _differing(v_gpu_ref, v_ref),
+                "gpu_twin_vs_spec_bytes": differing_bytes(k_gpu_ref, k_ref)
+                + differing_bytes(v_gpu_ref, v_ref),
             }
         )
     return rows
-
-
-def _differing(a: SideStore, b: SideStore) -> int:
-    bad = 0
-    for bits in a.pools:
-        for field in ("codes", "scale", "zero"):
-            x, y = getattr(a.pools[bits], field), getattr(b.pools[bits], field)
-            if x is not None:
-                bad += int((x.cpu().view(torch.uint8) != y.cpu().view(torch.uint8)).sum())
-    return bad
 
 
 def _bytes(tokens, h_kv, d, in_bytes=2) -> int:

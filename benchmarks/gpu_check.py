@@ -31,16 +31,7 @@ from sawquant.quant.decode import paged_decode_attention_ref
 from sawquant.quant.write import rotate_quantize_paged_ref
 from sawquant.runtime.blocks import BlockLayout
 from sawquant.runtime.layer import LayerKV
-
-
-def _differing(a, b) -> int:
-    bad = 0
-    for bits in a.pools:
-        for field in ("codes", "scale", "zero"):
-            x, y = getattr(a.pools[bits], field), getattr(b.pools[bits], field)
-            if x is not None:
-                bad += int((x.cpu().view(torch.uint8) != y.cpu().view(torch.uint8)).sum())
-    return bad
+from sawquant.testing import differing_bytes
 
 
 def check_blocks(dev: torch.device) -> list[dict]:
@@ -70,7 +61,7 @@ def check_blocks(dev: torch.device) -> list[dict]:
             v = torch.randn(n, 8, 128, generator=gen).to(torch.bfloat16)
             rotate_quantize_paged(k.to(dev), v.to(dev), slots.to(dev), in_blocks.k, in_blocks.v)
             rotate_quantize_paged_ref(k, v, slots, plain.k, plain.v)
-        differing = _differing(in_blocks.k, plain.k) + _differing(in_blocks.v, plain.v)
+        differing = differing_bytes(in_blocks.k, plain.k) + differing_bytes(in_blocks.v, plain.v)
         q = torch.randn(3, 32, 128, generator=gen)
         seq_lens = torch.tensor(lens, dtype=torch.int32)
         ref = paged_decode_attention_ref(q, plain.k, plain.v, table, seq_lens,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Recovery", "recovery", "recovery_with_ci"]
+__all__ = ["Recovery", "ppl_increase_with_ci", "recovery", "recovery_with_ci"]
 
 
 def recovery(ppl_full: float, ppl_naive: float, ppl_config: float) -> float:
@@ -44,6 +44,21 @@ class Recovery:
         return f"{100 * self.value:.1f}% (95% CI {100 * self.low:.1f}-{100 * self.high:.1f}%)"
 
 
+def _bootstrap(stat, n: int, resamples: int, seed: int) -> tuple[float, float, float]:
+    """``stat`` of all ``n`` windows and its 95% percentile-bootstrap interval (windows drawn
+    with replacement, seeded)."""
+    value = stat(torch.arange(n))
+    if n < 2:
+        return value, value, value
+    gen = torch.Generator().manual_seed(seed)
+    draws = sorted(stat(torch.randint(0, n, (n,), generator=gen)) for _ in range(resamples))
+    return value, draws[int(0.025 * (resamples - 1))], draws[int(0.975 * (resamples - 1))]
+
+
+def _ppl(nll_sums: torch.Tensor, idx: torch.Tensor, tokens_per_window: int) -> float:
+    return math.exp(float(nll_sums[idx].sum()) / (len(idx) * tokens_per_window))
+
+
 def recovery_with_ci(
     full: torch.Tensor,
     naive: torch.Tensor,
@@ -55,18 +70,28 @@ def recovery_with_ci(
 ) -> Recovery:
     """Recovery from per-window summed NLLs ([N] each, the same windows), with a bootstrap
     interval: windows are drawn with replacement and the perplexities recomputed."""
-    n = full.shape[0]
 
     def rec(idx: torch.Tensor) -> float:
-        ppl = [math.exp(float(x[idx].sum()) / (len(idx) * tokens_per_window))
-               for x in (full, naive, config)]  # fmt: skip
-        return recovery(*ppl)
+        return recovery(*(_ppl(x, idx, tokens_per_window) for x in (full, naive, config)))
 
-    value = rec(torch.arange(n))
-    if n < 2:
-        return Recovery(value, value, value, n)
-    gen = torch.Generator().manual_seed(seed)
-    draws = sorted(rec(torch.randint(0, n, (n,), generator=gen)) for _ in range(resamples))
-    low = draws[int(0.025 * (resamples - 1))]
-    high = draws[int(0.975 * (resamples - 1))]
-    return Recovery(value, low, high, n)
+    value, low, high = _bootstrap(rec, full.shape[0], resamples, seed)
+    return Recovery(value, low, high, full.shape[0])
+
+
+def ppl_increase_with_ci(
+    full: torch.Tensor,
+    other: torch.Tensor,
+    tokens_per_window: int,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, list[float]]:
+    """Perplexity increase (percent) of ``other`` over ``full`` from per-window summed NLLs,
+    and its 95% bootstrap interval over windows ``[low, high]``."""
+
+    def inc(idx: torch.Tensor) -> float:
+        gap = float(other[idx].sum() - full[idx].sum()) / (len(idx) * tokens_per_window)
+        return (math.exp(gap) - 1) * 100
+
+    value, low, high = _bootstrap(inc, full.shape[0], resamples, seed)
+    return value, [low, high]

@@ -14,7 +14,7 @@ from sawquant.quant import random_signs, slots_for
 from sawquant.quant.write import rotate_quantize_paged_ref
 from sawquant.runtime.layer import make_side_store
 
-__all__ = ["copy_side", "paged_cache", "poisoned_side"]
+__all__ = ["copy_side", "differing_bytes", "paged_cache", "poisoned_side"]
 
 
 def poisoned_side(
@@ -72,6 +72,18 @@ def copy_side(store: SideStore, device: torch.device | str | None = None) -> Sid
         store.num_kv_heads, store.head_dim, store.block, dup(store.signs), pools, heads,
         center=dup(store.center), smooth=dup(store.smooth), inv_smooth=dup(store.inv_smooth),
     )  # fmt: skip
+
+
+def differing_bytes(a: SideStore, b: SideStore) -> int:
+    """Bytes in which two stores of the same layout differ (codes, scales, zeros of every pool;
+    compared on the CPU, so the stores may live on different devices)."""
+    bad = 0
+    for bits in a.pools:
+        for name in ("codes", "scale", "zero"):
+            x, y = getattr(a.pools[bits], name), getattr(b.pools[bits], name)
+            if x is not None:
+                bad += int((x.cpu().view(torch.uint8) != y.cpu().view(torch.uint8)).sum())
+    return bad
 
 
 def paged_cache(

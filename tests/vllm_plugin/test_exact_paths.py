@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _vllm_helpers import export_with, shutdown
+from _vllm_helpers import export_with, hf_scores, shutdown
 
 from sawquant.config import KVConfig, ModelFacts, SideConfig
 
@@ -41,21 +41,6 @@ def exact(tmp_path_factory):
     shutdown(llm)
 
 
-def _hf_nll(path, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll, top-1) of positions 1..L-1 through the transformers runtime on the same config."""
-    from sawquant.runtime import from_pretrained
-
-    model = from_pretrained(path, dtype=torch.float32)
-    nll, top = [], []
-    with torch.inference_mode():
-        for row in windows:
-            logp = model(input_ids=row[None], use_cache=True).logits[0, :-1].float()
-            logp = logp.log_softmax(-1)
-            nll.append(-logp.gather(-1, row[1:, None])[:, 0])
-            top.append(logp.argmax(-1))
-    return torch.stack(nll), torch.stack(top)
-
-
 def test_vllm_teacher_forced_logprobs_equal_the_transformers_runtime(exact, demo_tokenizer):
     from sawquant import data
     from sawquant.runtime.vllm.score import prompt_scores, served_calls
@@ -66,7 +51,7 @@ def test_vllm_teacher_forced_logprobs_equal_the_transformers_runtime(exact, demo
     before = served_calls(llm)
     got = prompt_scores(llm, windows.tolist(), 1)
     calls = {k: v - before[k] for k, v in served_calls(llm).items()}
-    ref_nll, ref_top = _hf_nll(path, windows)
+    ref_nll, ref_top = hf_scores(path, windows)
     diff = (torch.tensor(got.nll, dtype=torch.float64) - ref_nll.double()).abs()
     agree = (torch.tensor(got.top1) == ref_top).float().mean().item()
     ppl_ref = math.exp(ref_nll.double().mean().item())

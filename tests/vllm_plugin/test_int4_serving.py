@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from _vllm_helpers import shutdown
+from _vllm_helpers import hf_scores, shutdown
 
 PROMPT = "In the beginning God created the heaven and the earth. And the earth was"
 
@@ -87,22 +87,14 @@ def test_perplexity_and_top1_agree_with_the_transformers_runtime(served, demo_to
     perplexity by 0.9% and its top-1 by 6.6% on these windows: docs/vllm.md), so the bound is
     that drift, not bit equality; a wrong basis, layer or page costs far more (+10% or worse)."""
     from sawquant import data
-    from sawquant.runtime import from_pretrained
     from sawquant.runtime.vllm.score import prompt_scores
 
     path, llm = served
     windows = data.token_windows(demo_tokenizer, data.evaluation_text(), num=8, seq_len=512)
     got = prompt_scores(llm, windows.tolist(), 1)
-    model = from_pretrained(path, dtype=torch.float32)
-    nll, top = [], []
-    with torch.inference_mode():
-        for row in windows:
-            logp = model(input_ids=row[None], use_cache=True).logits[0, :-1].float()
-            logp = logp.log_softmax(-1)
-            nll.append(-logp.gather(-1, row[1:, None])[:, 0])
-            top.append(logp.argmax(-1))
-    ppl_hf = math.exp(torch.stack(nll).double().mean().item())
-    agree = (torch.tensor(got.top1) == torch.stack(top)).float().mean().item()
+    nll, top = hf_scores(path, windows)
+    ppl_hf = math.exp(nll.double().mean().item())
+    agree = (torch.tensor(got.top1) == top).float().mean().item()
     print(f"INT4 demo: vLLM ppl {got.ppl:.4f}, transformers runtime {ppl_hf:.4f} "
           f"({(got.ppl / ppl_hf - 1) * 100:+.2f}%), top-1 agreement {agree:.4f}")  # fmt: skip
     assert abs(got.ppl / ppl_hf - 1) < 0.025

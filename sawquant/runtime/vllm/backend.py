@@ -49,6 +49,12 @@ class SawquantMetadata:
     seq_lens_cpu: torch.Tensor
     block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64
+    # The step's split, derived once here for every layer: one-token requests decode together;
+    # every other request is a prompt chunk (request, first token row, end row, seq_len).
+    decode_rows: torch.Tensor | None  # [num_decode] token rows of the decode requests
+    decode_table: torch.Tensor | None  # [num_decode, max_blocks] their block tables
+    decode_lens: torch.Tensor | None  # [num_decode] their seq_lens
+    chunks: list[tuple[int, int, int, int]]
 
 
 class SawquantMetadataBuilder(AttentionMetadataBuilder[SawquantMetadata]):
@@ -62,15 +68,30 @@ class SawquantMetadataBuilder(AttentionMetadataBuilder[SawquantMetadata]):
         fast_build: bool = False,
     ) -> SawquantMetadata:
         cm = common_attn_metadata
+        seq_lens_cpu = cm.seq_lens.cpu()
+        starts, lens = cm.query_start_loc_cpu.tolist(), seq_lens_cpu.tolist()
+        decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
+        chunks = [(i, starts[i], starts[i + 1], lens[i]) for i in range(len(lens))
+                  if starts[i + 1] - starts[i] > 1]  # fmt: skip
+        rows = table = dlens = None
+        if decode:
+            device = cm.seq_lens.device
+            idx = torch.tensor(decode, device=device)
+            rows = torch.tensor([starts[i] for i in decode], device=device)
+            table, dlens = cm.block_table_tensor[idx], cm.seq_lens[idx]
         return SawquantMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
             query_start_loc=cm.query_start_loc,
             query_start_loc_cpu=cm.query_start_loc_cpu,
             seq_lens=cm.seq_lens,
-            seq_lens_cpu=cm.seq_lens.cpu(),
+            seq_lens_cpu=seq_lens_cpu,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
+            decode_rows=rows,
+            decode_table=table,
+            decode_lens=dlens,
+            chunks=chunks,
         )
 
 
@@ -205,30 +226,23 @@ class SawquantAttentionImpl(AttentionImpl):
         n = md.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out3 = output.view(output.shape[0], self.num_heads, -1)  # [T, H_q, D] (any layout)
-        starts = md.query_start_loc_cpu.tolist()
-        lens = md.seq_lens_cpu.tolist()
         kw = dict(softmax_scale=self.scale, sliding_window=self.sliding_window,
                   softcap=self.softcap)  # fmt: skip
-        decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-        if decode:
-            idx = torch.tensor(decode, device=q.device)
-            rows = torch.tensor([starts[i] for i in decode], device=q.device)
+        if md.decode_rows is not None:
+            rows = md.decode_rows
             out = dispatch.decode_attention(
-                q[rows], kv, md.block_table[idx], md.seq_lens[idx], **kw
+                q[rows], kv, md.decode_table, md.decode_lens, **kw
             )  # [B, H_q, D]
             out3[rows] = out.to(output.dtype)
-            self.state.calls["decode"] += len(decode)
-        for i in range(len(lens)):
-            s, e = starts[i], starts[i + 1]
-            if e - s <= 1:
-                continue
+            self.state.calls["decode"] += rows.numel()
+        for i, s, e, length in md.chunks:
             # The chunk's own K/V as the pages hold them (quantized, original basis), so it
             # attends exactly as it would had it come from the prefix cache.
             table = md.block_table[i : i + 1]
-            chunk_k = read_positions(kv.k, table, lens[i] - (e - s), lens[i])[None]
-            chunk_v = read_positions(kv.v, table, lens[i] - (e - s), lens[i])[None]
+            chunk_k = read_positions(kv.k, table, length - (e - s), length)[None]
+            chunk_v = read_positions(kv.v, table, length - (e - s), length)[None]
             qc = q[s:e].transpose(0, 1)[None]  # [1, H_q, T, D]
-            cached = torch.tensor([lens[i] - (e - s)], dtype=torch.int32, device=q.device)
+            cached = torch.tensor([length - (e - s)], dtype=torch.int32, device=q.device)
             out = dispatch.prefill_attention(
                 qc, chunk_k.to(qc.dtype), chunk_v.to(qc.dtype), kv, table, cached, **kw
             )  # [1, H_q, T, D]

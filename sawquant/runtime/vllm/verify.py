@@ -10,7 +10,6 @@ and the layer calls sawquant served (the proof its path ran). Needs vLLM install
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sawquant.accuracy import ppl_increase_with_ci
 from sawquant.errors import InputError, RuntimeBypassError
 
 __all__ = ["VllmReport", "verify_vllm"]
@@ -43,20 +43,6 @@ class VllmReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": "vllm", **self.__dict__}
-
-
-def _increase_ci(full: torch.Tensor, other: torch.Tensor, tokens: int, seed: int = 0):
-    """Perplexity increase (percent) of ``other`` over ``full`` from per-window summed NLLs,
-    with a 95% percentile-bootstrap interval over windows."""
-    n = full.shape[0]
-
-    def inc(idx):
-        return (math.exp(float(other[idx].sum() - full[idx].sum()) / (len(idx) * tokens)) - 1) * 100
-
-    value = inc(torch.arange(n))
-    gen = torch.Generator().manual_seed(seed)
-    draws = sorted(inc(torch.randint(0, n, (n,), generator=gen)) for _ in range(2000))
-    return value, [draws[49], draws[1949]]
 
 
 def verify_vllm(
@@ -124,7 +110,7 @@ def verify_vllm(
     for mode, s in scores.items():
         row: dict[str, Any] = {"ppl": s.ppl, "kv_tokens": capacity[mode]}
         if mode != "full":
-            inc, ci = _increase_ci(per_window["full"], per_window[mode], seq_len - 1)
+            inc, ci = ppl_increase_with_ci(per_window["full"], per_window[mode], seq_len - 1)
             row.update(ppl_increase_pct=inc, ppl_increase_ci95=ci,
                        top1_agreement=s.agreement(scores["full"]))  # fmt: skip
         rows[mode] = row
