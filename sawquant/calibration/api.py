@@ -191,22 +191,102 @@ def _forward(model: Any, ids: torch.Tensor) -> None:
 FISHER_POSITIONS = 256  # predictions whose loss the Fisher backward differentiates
 
 
-def _forward_backward(model: Any, ids: torch.Tensor) -> None:
+def _forward_backward(model: Any, ids: torch.Tensor, acc: StatsAccumulator) -> None:
     """Forward and backward of the summed next-token loss, so that the output hooks see
     dL/dO at every attention layer. Gradients flow from the input embeddings only (the caller
     freezes the parameters): no weight gradients are allocated. Only the last
     ``FISHER_POSITIONS`` predictions enter the loss: their gradient still reaches every
     earlier position's attention output through the keys and values, while the vocabulary
-    logits (152k wide for Qwen2, the largest activation) stay small."""
+    logits (152k wide for Qwen2, the largest activation) stay small.
+
+    Memory: every decoder layer is checkpointed (:func:`_recompute_layers`), so the forward
+    keeps only each layer's input and the backward recomputes one layer at a time; the
+    accumulator is paused meanwhile, so the recomputed attention calls are not measured again.
+    """
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     keep = min(FISHER_POSITIONS + 1, ids.shape[1])
+    with _recompute_layers(model):
+        try:
+            logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: every position, then the last ones
+            logits = model(inputs_embeds=emb, use_cache=False).logits[:, -keep:]
+        target = ids[0, -keep + 1 :].to(logits.device)
+        loss = summed_cross_entropy(logits[0, :-1], target)
+        del logits
+        acc.paused = True
+        try:
+            loss.backward()
+        finally:
+            acc.paused = False
+
+
+LOSS_CHUNK = 64  # predictions per log-softmax in summed_cross_entropy
+
+
+def summed_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, *, chunk: int = LOSS_CHUNK
+) -> torch.Tensor:
+    """``cross_entropy(logits.float(), target, reduction="sum")`` for [n, V] logits, ``chunk``
+    rows at a time, each chunk checkpointed: autograd keeps no float32 log-softmax of all
+    rows (at vocabulary 152k, 156 MB per 256 rows, and as much again for its gradient) but
+    recomputes each chunk's during the backward. Equal to the unchunked loss up to the order
+    of the final sum; so are its gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(lg.float(), tg, reduction="sum")
+
+    parts = [
+        checkpoint(part, lg, tg, use_reentrant=False) if lg.requires_grad else part(lg, tg)
+        for lg, tg in zip(logits.split(chunk), target.split(chunk))
+    ]
+    return torch.stack(parts).sum()
+
+
+def _decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The modules that hold each attention module (the decoder layers), in layer order."""
+    from sawquant.architectures import attention_modules
+
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = []
+    for attn in attention_modules(model):
+        parent = names[id(attn)].rpartition(".")[0]
+        layer = model.get_submodule(parent) if parent else None
+        if layer is None or layer is model:
+            return []  # attention directly under the model: nothing to checkpoint
+        if not layers or layers[-1] is not layer:
+            layers.append(layer)
+    return layers
+
+
+@contextlib.contextmanager
+def _recompute_layers(model: Any) -> Iterator[None]:
+    """Within the block, every decoder layer runs under non-reentrant activation checkpointing
+    when gradients are enabled: its activations are dropped after the forward and recomputed
+    during the backward. The autograd graph stays the forward's (gradient hooks on its
+    tensors fire as usual), and checkpoint restores the RNG state, so the recomputation
+    repeats the forward exactly."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for layer in _decoder_layers(model):
+        inner = layer.forward  # the class's, or an instance wrapper (accelerate's hooks)
+
+        def forward(*args: Any, _inner: Callable = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        patched.append((layer, layer.__dict__.get("forward")))
+        layer.forward = forward
     try:
-        logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: every position, then the last ones
-        logits = model(inputs_embeds=emb, use_cache=False).logits[:, -keep:]
-    target = ids[0, -keep + 1 :].to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, reduction="sum")
-    loss.backward()
+        yield
+    finally:
+        for layer, previous in patched:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 @contextlib.contextmanager
@@ -233,9 +313,11 @@ def calibrate(
 ) -> CalibrationResult:
     """Capture K/V/Q over ``windows`` ([N, L] token ids), measure every candidate, choose a config.
 
-    ``progress(done, total)`` is called after each window. Memory stays bounded: statistics
-    are per-head sums, and windows run one at a time without a KV cache (the first
-    ``recipe.fisher_windows`` windows also keep their activations for one backward pass).
+    ``progress(done, total)`` is called once before the first window (``done`` 0) and after
+    each. Memory stays bounded: statistics are per-head sums, and windows run one at a time
+    without a KV cache; the first ``recipe.fisher_windows`` windows also run one backward
+    pass, with every decoder layer checkpointed (each layer's input kept, its activations
+    recomputed) and the loss's log-softmax computed in chunks.
     """
     from sawquant.architectures import model_facts
 
@@ -266,6 +348,8 @@ def calibrate(
     # the statistics of every window come from the same forward.
     n_transform = min(recipe.transform_windows, total) if acc.transform_phase else 0
     steps = n_transform + total
+    if progress is not None:
+        progress(0, steps)
     with _frozen(model), intercept_attention(model, acc, on_output=acc.observe_output):
         with torch.inference_mode():
             for i in range(n_transform):
@@ -279,7 +363,7 @@ def calibrate(
             ids = windows[i : i + 1].to(device)
             if i < n_fisher:
                 with torch.enable_grad():
-                    _forward_backward(model, ids)
+                    _forward_backward(model, ids, acc)
             else:
                 with torch.inference_mode():
                     _forward(model, ids)

@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 SIDES = ("k", "v")
+# The sampled queries are measured in at most this many position chunks (each attending only to
+# the keys its mask allows), of at least MIN_CHUNK_QUERIES positions.
+MAX_QUERY_CHUNKS = 4
+MIN_CHUNK_QUERIES = 16
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,9 @@ class StatsAccumulator:
         self.q_range = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float64)
         self.transform_phase = any(cand.center or cand.smooth for cand in self.candidates)
         self.softcap = False  # a logit soft-cap makes key centering inexact (never measured)
+        # Set while the Fisher backward recomputes checkpointed layers: the recomputed
+        # attention calls repeat the forward's and must not be counted twice.
+        self.paused = False
         self._calls = 0
 
     def nbytes(self) -> int:
@@ -321,6 +328,8 @@ class StatsAccumulator:
     # -- measuring -----------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, call: AttentionCall) -> None:
+        if self.paused:
+            return
         layer = call.layer_idx
         q = call.query.float()  # [B, H_q, S_q, D]
         k = call.key.float()  # [B, H_kv, S, D]
@@ -333,7 +342,7 @@ class StatsAccumulator:
                     "or load it in float32 or bfloat16 instead of float16)"
                 )
         b, h_q, s_q, d = q.shape
-        h_kv, s_kv = k.shape[1], k.shape[2]
+        h_kv = k.shape[1]
         g = h_q // h_kv
         self.softcap = self.softcap or bool(call.softcap)
         if self.transform_phase:
@@ -347,22 +356,30 @@ class StatsAccumulator:
         if layer == 0:
             self.tokens += b * s_q
         pos = self._query_positions(s_q, q.device)
-        # Query heads grouped by their KV head: [B, H_kv, G*Q, D].
-        qs = q[:, :, pos].reshape(b, h_kv, g * len(pos), d)
-        allowed = call.mask[:, pos]  # [B, Q, S]
-        allowed = allowed[:, None, None].expand(b, 1, g, len(pos), s_kv)
-        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
-        bias = bias.reshape(b, 1, g * len(pos), s_kv)
-
-        def probs(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-            logits = (queries @ keys.transpose(-1, -2)) * call.scaling  # [B, H_kv, G*Q, S]
-            if call.softcap:
-                logits = torch.tanh(logits / call.softcap) * call.softcap
-            return (logits + bias).softmax(-1)
-
-        p = probs(qs, k)
-        out = p @ v  # [B, H_kv, G*Q, D]
-        self.attn_signal[layer] += _head_sum(out.square())
+        # The sampled query positions in a few contiguous chunks, each attending only to the
+        # key range its mask allows (causal: the keys up to its last position; sliding
+        # windows: from its first visible key): the masked logits are never computed, about
+        # 40 % of the work under a causal mask. Per chunk: the grouped queries
+        # [B, H_kv, G*Qc, D] (query head = kv head * G + g), the additive mask, the exact
+        # probabilities and output.
+        chunks = []
+        allowed_all = call.mask[:, pos]  # [B, Q, S]
+        per_chunk = max(MIN_CHUNK_QUERIES, -(-len(pos) // MAX_QUERY_CHUNKS))
+        for lo in range(0, len(pos), per_chunk):
+            allowed = allowed_all[:, lo : lo + per_chunk]
+            n = allowed.shape[1]
+            cols = allowed.any(dim=(0, 1)).nonzero()
+            if cols.numel() == 0:  # every key masked for these queries: nothing to measure
+                continue
+            k_lo, k_hi = int(cols[0]), int(cols[-1]) + 1
+            allowed = allowed[..., k_lo:k_hi]
+            qc = q[:, :, pos[lo : lo + n]].reshape(b, h_kv, g * n, d)
+            bias = torch.zeros(b, 1, g, n, k_hi - k_lo, device=q.device)
+            bias.masked_fill_(~allowed[:, None, None], float("-inf"))
+            bias = bias.reshape(b, 1, g * n, k_hi - k_lo)
+            p = _probs(qc, k[:, :, k_lo:k_hi], bias, call)
+            chunks.append((k_lo, k_hi, n, qc, bias, p, p @ v[:, :, k_lo:k_hi]))
+        self.attn_signal[layer] += sum(_head_sum(c[-1].square()) for c in chunks)
         self.query_count[layer] += b * len(pos)
         for side, x in (("k", k), ("v", v)):
             st = self.sides[layer][side]
@@ -377,42 +394,46 @@ class StatsAccumulator:
                     active[c] = False  # not exact under a soft-cap: never a choice
                     continue
                 by_rotation.setdefault(cand.rotation, []).append(c)
+            if st.attn_noise_q is None:
+                st.attn_noise_q = torch.zeros(len(self.candidates), h_q, dtype=torch.float64)
             for (block, seed, center, smooth), members in by_rotation.items():
                 r = self._rotation(block, seed, x.device)
                 c_t = tables["center"].to(x.device)[:, None] if center else None  # [H, 1, D]
                 s_t = tables["smooth"].to(x.device)[:, None] if smooth else None
                 # Work in the transformed, rotated basis: x~ = ((x - c) / s) R. Keys: q meets
-                # them as (q * s) R, and q.c is a per-query constant the softmax ignores; values:
-                # the output error is (P (x~_hat - x~)) R^T * s, which equals the error in the
-                # rotated basis when there is no smoothing (R is orthonormal).
+                # them as (q * s) R, and q.c is a per-query constant the softmax ignores;
+                # values: the output error is (P (x~_hat - x~)) R^T * s, which equals the error
+                # in the rotated basis when there is no smoothing (R is orthonormal).
                 xt = transform(x, c_t, None if s_t is None else 1.0 / s_t)
                 xr = xt if r is None else xt @ r
                 if side == "k":
-                    qk = qs if s_t is None else qs * s_t
-                    qr = qk if r is None else qk @ r
+                    qrs = []
+                    for _, _, _, qc, _, _, _ in chunks:
+                        qk = qc if s_t is None else qc * s_t
+                        qrs.append(qk if r is None else qk @ r)
                 for c in members:
                     cand = self.candidates[c]
                     xq = _fake_quant_fast(xr, cand.bits, cand.group_size)
-                    st.noise[c] += _head_sum((xq - xr).square())
-                    if side == "k":
-                        diff = probs(qr, xq) @ v - out
-                    else:
-                        diff = p @ (xq - xr)
-                        if s_t is not None:
-                            diff = (diff if r is None else diff @ r.T) * s_t
-                    # [B, H_kv, G*Q, D] -> per query head [H_kv * G] (q head = kv head * G + g)
-                    per_q = diff.square().reshape(b, h_kv, g, -1).sum(dim=(0, 3)).reshape(-1)
-                    per_q = per_q.double().cpu()
-                    if st.attn_noise_q is None:
-                        st.attn_noise_q = torch.zeros(
-                            len(self.candidates), h_q, dtype=torch.float64
-                        )
-                    st.attn_noise_q[c] += per_q
-                    st.attn_noise[c] += per_q.view(h_kv, g).sum(1)
+                    err = xq - xr
+                    st.noise[c] += _head_sum(err.square())
+                    per_q = torch.zeros(h_kv, g, dtype=torch.float64)
+                    for i, (k_lo, k_hi, n, _, bias, p, out) in enumerate(chunks):
+                        if side == "k":
+                            p_hat = _probs(qrs[i], xq[:, :, k_lo:k_hi], bias, call)
+                            diff = p_hat @ v[:, :, k_lo:k_hi] - out
+                        else:
+                            diff = p @ err[:, :, k_lo:k_hi]
+                            if s_t is not None:
+                                diff = (diff if r is None else diff @ r.T) * s_t
+                        # [B, H_kv, G*Qc, D] -> [H_kv, G] per query head
+                        sq = diff.square().reshape(b, h_kv, g, -1).sum(dim=(0, 3))
+                        per_q += sq.double().cpu()
+                    st.attn_noise_q[c] += per_q.reshape(-1)
+                    st.attn_noise[c] += per_q.sum(1)
 
     def observe_output(self, layer: int, out: torch.Tensor) -> None:
         """Register a gradient hook on an attention output [B, S, H_q, D] (Fisher pass)."""
-        if not out.requires_grad:
+        if self.paused or not out.requires_grad:
             return
 
         def hook(grad: torch.Tensor) -> None:
@@ -449,6 +470,26 @@ class StatsAccumulator:
         h_kv = st.num_heads
         loss = per_q.view(per_q.shape[0], h_kv, -1).sum(-1)
         return loss.masked_fill(~self.active[layer][side][:, None], float("inf"))
+
+
+def _probs(
+    queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, call: AttentionCall
+) -> torch.Tensor:
+    """softmax(q k^T * scaling (soft-capped) + bias): [B, H, Q, D] x [B, H, S, D] -> [B, H, Q, S].
+    Without a soft-cap, one fused multiply-add matmul (baddbmm) writes the masked logits."""
+    b, h, n, d = queries.shape
+    s = keys.shape[2]
+    if call.softcap:
+        logits = (queries @ keys.transpose(-1, -2)) * call.scaling
+        logits = torch.tanh(logits / call.softcap) * call.softcap
+        return (logits + bias).softmax(-1)
+    logits = torch.baddbmm(
+        bias.expand(b, h, n, s).reshape(b * h, n, s),
+        queries.reshape(b * h, n, d),
+        keys.reshape(b * h, s, d).transpose(1, 2),
+        alpha=call.scaling,
+    )
+    return logits.softmax(-1).view(b, h, n, s)
 
 
 def _head_sum(x: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,16 @@ def test_simulated_perplexity_orders_precisions(tiny_llama_gqa):
     other = KVConfig.uniform(ModelFacts(num_layers=3, num_kv_heads=2, head_dim=32))
     with pytest.raises(ConfigError, match="calibrate this model"):
         simulated_perplexity(tiny_llama_gqa, ids, other)
+
+
+def test_chunked_next_token_nll_equals_the_full_log_softmax():
+    from sawquant.simulate import next_token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 37, 1000, generator=gen) * 4
+    target = torch.randint(0, 1000, (2, 37), generator=gen)
+    full = -logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+    for chunk in (1, 5, 128):
+        assert torch.equal(next_token_nll(logits, target, chunk=chunk), full)
+    assert torch.equal(next_token_nll(logits.bfloat16(), target), next_token_nll(
+        logits.bfloat16().float(), target))  # fmt: skip
