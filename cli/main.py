@@ -17,7 +17,11 @@ from rich.console import Console
 from rich.markup import escape
 
 import sawquant
+from sawquant.devices import prefer_passive_waiting
 from sawquant.errors import SawquantError
+
+# Before anything imports torch (the subcommands below do): OpenMP reads it when it is loaded.
+prefer_passive_waiting()
 
 console = Console(stderr=True)
 
