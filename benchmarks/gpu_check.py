@@ -7,7 +7,10 @@
    patched with several configs (signs, INT8/BF16 fallback heads, groups, centering and
    smoothing), prefill + decode steps + a chunk, float32; logits against the same model on the
    CPU with the twins, and the kernel path counted (every write and attention must have run on
-   the GPU: ``cache.calls``).
+   the GPU: ``cache.calls``). Decode steps replay CUDA graphs there (the default on CUDA).
+3. **CUDA-graph decode in generate**: the same model in bfloat16, ``generate`` with graphs
+   against ``cuda_graphs=False`` (greedy with left padding, seeded sampling, beam search, and a
+   pool that grows mid-generation): identical tokens, every decode step a graph replay.
 
     python benchmarks/gpu_check.py [--json PATH]
 
@@ -151,6 +154,52 @@ def check_runtime(dev: torch.device) -> list[dict]:
     return rows
 
 
+def _generate(model, ids, mask, **kwargs):
+    from sawquant.runtime.hf.compat import returned_cache
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, pad_token_id=0,
+            return_dict_in_generate=True, **kwargs,
+        )  # fmt: skip
+    return out.sequences.cpu(), returned_cache(out)
+
+
+def check_graphs(dev: torch.device) -> list[dict]:
+    from sawquant.runtime import patch, unpatch
+
+    facts = ModelFacts(2, 8, 128, "llama")
+    config = KVConfig.uniform(
+        facts, k=SideConfig(rotation_block=128, sign_seed=1, fallback_heads={3: 8}),
+        v=SideConfig(rotation_block=64),
+    )  # fmt: skip
+    model = _model(dev).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 512, (4, 200), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # left padding
+    mask[3, :150] = 0
+    modes = {
+        "greedy, left padding": (16, dict(do_sample=False)),
+        "sampling": (16, dict(do_sample=True, top_k=50)),
+        "beams 3": (16, dict(num_beams=3)),
+        "page 2 (the table widens)": (2, dict(do_sample=False)),
+    }
+    rows = []
+    for name, (page, mode) in modes.items():
+        patch(model, config, page_size=page, cuda_graphs=False)
+        want, _ = _generate(model, ids, mask, **mode)
+        patch(model, config, page_size=page)
+        got, cache = _generate(model, ids, mask, **mode)
+        unpatch(model)
+        same = bool(torch.equal(got, want))
+        replays = cache.calls["graph_replay"]
+        rows.append({"check": f"graphs: {name}", "same_tokens": same, "graph_replays": replays,
+                     "graphs": len(cache.graphs), "ok": same and replays == 39})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -161,7 +210,7 @@ def main() -> None:
         raise SystemExit("gpu_check needs a CUDA device")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     rows = [{"device": name, "torch": torch.__version__}]
-    for check in (check_blocks, check_runtime):
+    for check in (check_blocks, check_runtime, check_graphs):
         rows += check(dev)
         print(json.dumps(rows[-1]), flush=True)
     if args.json:

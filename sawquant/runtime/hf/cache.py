@@ -92,14 +92,22 @@ class SawquantCache(Cache):
         grow: bool = True,
     ):
         self.kv_config = kv_config
+        # The page table calls back through a weak reference: no cycle, so a dead cache frees
+        # its pools (and CUDA graphs) at once, not at some later run of the cyclic collector.
+        grow_pools = weakref.WeakMethod(self._grow)
         self.pages = PageTable(
-            page_size=page_size, num_pages=int(num_pages or 0), grow=self._grow if grow else None
+            page_size=page_size,
+            num_pages=int(num_pages or 0),
+            grow=(lambda n: grow_pools()(n)) if grow else None,
         )
         super().__init__(layers=[_PagedLayer(self, i) for i in range(kv_config.model.num_layers)])
         self._plan: StepPlan | None = None
         # Set by a caller that replays one captured step (CUDA graphs): every update reuses the
         # current plan, whose tensors the caller refreshes in place, and no host work is done.
         self.reuse_plan = False
+        # Captured decode steps of this cache (sawquant.runtime.hf.graphs): they hold the pools'
+        # addresses, so they are dropped when the pools are reallocated.
+        self.graphs: dict = {}
         # How often each path ran (write, decode, prefill, first_chunk): proof that the paged
         # INT4 path really serves the model (tests and verify read it).
         self.calls: Counter[str] = Counter()
@@ -217,6 +225,7 @@ class SawquantCache(Cache):
         return self._plan
 
     def _grow(self, num_pages: int) -> None:
+        self.graphs.clear()
         for layer in self.layers:
             if layer.kv is not None:
                 layer.kv.resize(num_pages)
@@ -264,9 +273,9 @@ class SawquantCache(Cache):
             flag=self._bad_write, flag_value=layer.layer_idx + 1,
         )  # fmt: skip
         self.calls["write"] += 1
+        plan.done.add(layer.layer_idx)  # (a captured step reports its layers through it)
         if not self.reuse_plan:
             layer.seen += t
-            plan.done.add(layer.layer_idx)
         layer.last_key = weakref.ref(key_states)
         return key_states, value_states
 

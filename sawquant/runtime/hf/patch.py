@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from sawquant.checkpoint import CONFIG_KEY, KV_CONFIG_FILE, read_kv_config
 from sawquant.config import KVConfig
-from sawquant.errors import RuntimeBypassError
+from sawquant.errors import ConfigError, RuntimeBypassError
 from sawquant.runtime.hf.attention import ATTN_NAME, register
 from sawquant.runtime.hf.cache import SawquantCache
 from sawquant.runtime.hf.compat import (
@@ -34,6 +34,7 @@ from sawquant.runtime.hf.compat import (
     pop_cache,
     returned_cache,
 )
+from sawquant.runtime.hf.graphs import DecodeGraphs, graph_support
 from sawquant.runtime.memory import KVMemory, kv_memory
 from sawquant.runtime.sharding import local_config, tensor_parallel_rank
 
@@ -59,6 +60,8 @@ class _PatchState:
     hooks: tuple  # torch.utils.hooks.RemovableHandle: the pre- and post-forward hooks
     holders: tuple  # modules carrying this state as ``_sawquant_state``
     cache: SawquantCache | None = None  # the cache of the forward in progress
+    graphs: DecodeGraphs | None = None  # CUDA-graph decode steps, when on
+    previous_forward: Any = None  # the decoder's instance-level forward before the graphs'
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -140,13 +143,22 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
-def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> torch.nn.Module:
+def patch(
+    model: torch.nn.Module,
+    config: KVConfig,
+    *,
+    page_size: int = 16,
+    cuda_graphs: bool | None = None,
+) -> torch.nn.Module:
     """Serve ``model`` with the paged quantized KV cache described by ``config`` (in place).
 
     Afterwards ``model.generate(...)`` and ``model(..., use_cache=True)`` use the cache (fused
     Triton kernels on CUDA tensors, their torch twins elsewhere), and
-    ``model.sawquant_memory()`` reports the KV bytes per token. Raises ConfigError when the
-    config was made for another model shape or asks for what the kernels cannot do, and
+    ``model.sawquant_memory()`` reports the KV bytes per token. ``cuda_graphs``: replay
+    one-token decode steps from CUDA graphs (``sawquant.runtime.hf.graphs``); None (default)
+    turns them on for a model on one CUDA device with triton, False turns them off, True
+    insists (ConfigError where they cannot run). Raises ConfigError when the config was made
+    for another model shape or asks for what the kernels cannot do, and
     UnsupportedModelError for a model without decoder KV attention. Returns the model.
     """
     from sawquant.architectures import attention_modules, check_exact_for, check_loaded_model
@@ -173,11 +185,35 @@ def patch(model: torch.nn.Module, config: KVConfig, *, page_size: int = 16) -> t
     )
     holders = tuple(dict.fromkeys([model, decoder, *attention_modules(model)]))
     state = _PatchState(config, page_size, original, hooks, holders)
+    if _graphs_wanted(model, cuda_graphs, tp_size):
+        install_graphs(state, decoder)
     for module in holders:
         module._sawquant_state = state
     model.sawquant_config = config  # this rank's part under tensor parallelism
     model.sawquant_memory = types.MethodType(_sawquant_memory, model)
     return model
+
+
+def _graphs_wanted(model: torch.nn.Module, cuda_graphs: bool | None, tp_size: int) -> bool:
+    if cuda_graphs is False:
+        return False
+    reason = graph_support(model)
+    if reason is None and tp_size > 1:
+        reason = "tensor parallelism is on (not tested with graphs yet)"
+    if reason is not None and cuda_graphs:
+        raise ConfigError(f"cuda_graphs=True, but {reason}; pass cuda_graphs=None or False")
+    if reason is not None and tp_size > 1:
+        warnings.warn(f"sawquant: CUDA-graph decode is off: {reason}", UserWarning, stacklevel=3)
+    return reason is None
+
+
+def install_graphs(state: _PatchState, decoder: torch.nn.Module, *, simulate: bool = False):
+    """Route the decoder's forward through :class:`DecodeGraphs` (``simulate``: the CPU
+    stand-in the tests use). Returns the DecodeGraphs."""
+    state.previous_forward = decoder.__dict__.get("forward")  # e.g. accelerate's hook
+    state.graphs = DecodeGraphs(decoder, decoder.forward, simulate=simulate)
+    decoder.forward = state.graphs
+    return state.graphs
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
@@ -187,6 +223,12 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
+    if state.graphs is not None:
+        decoder = state.graphs.decoder
+        if state.previous_forward is None:
+            del decoder.forward
+        else:
+            decoder.forward = state.previous_forward
     model.set_attn_implementation(state.original_attn or "sdpa")
     for module in state.holders:
         if "_sawquant_state" in module.__dict__:
@@ -197,10 +239,13 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
+def from_pretrained(
+    path: str | Path, *, page_size: int = 16, cuda_graphs: bool | None = None, **hf_kwargs: Any
+):
     """Load a causal LM with transformers and install the runtime its checkpoint describes.
 
-    ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...).
+    ``cuda_graphs`` is :func:`patch`'s (on by default on one CUDA device). ``hf_kwargs`` go
+    to ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...).
     With ``tp_plan="auto"`` under ``torchrun --nproc-per-node N`` each rank loads its slice
     of the heads and its cache stores only its own KV heads. A checkpoint without a sawquant
     KV config loads as a normal model, with a warning.
@@ -219,4 +264,4 @@ def from_pretrained(path: str | Path, *, page_size: int = 16, **hf_kwargs: Any):
             stacklevel=2,
         )
         return model
-    return patch(model, config, page_size=page_size)
+    return patch(model, config, page_size=page_size, cuda_graphs=cuda_graphs)

@@ -1,0 +1,171 @@
+"""The CUDA-graph decode path's logic on the CPU (``DecodeGraphs(simulate=True)``: replays run
+the captured call again with the host state frozen at capture, as a graph would): generate with
+graphs equals generate without them, token for token, under left padding, sampling, beam search
+and pool growth, and the graphs really serve the steps. The graphs themselves run on the GPU in
+benchmarks/gpu_check.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _builders import tiny_causal_lm
+
+from sawquant.config import KVConfig, ModelFacts, SideConfig
+from sawquant.errors import ConfigError
+from sawquant.runtime import SawquantCache, patch, unpatch
+from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
+from sawquant.runtime.hf.patch import install_graphs
+
+
+def _config(model) -> KVConfig:
+    facts = ModelFacts(2, 2, 16, model.config.model_type)
+    k = SideConfig(rotation_block=16, sign_seed=0, fallback_heads={1: 8})
+    return KVConfig.uniform(facts, k=k, v=SideConfig(rotation_block=16))
+
+
+def _models(kind="Llama", **overrides):
+    """The same random model twice: patched eagerly, and patched with simulated graphs."""
+    pair = []
+    for graphs in (False, True):
+        model = tiny_causal_lm(kind, seed=0, head_dim=16, **overrides)
+        patch(model, _config(model), page_size=4)
+        if graphs:
+            install_graphs(model._sawquant_state, model.model, simulate=True)
+        pair.append(model)
+    return pair
+
+
+def _inputs():
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def _generate(model, seed=0, **kwargs):
+    ids, mask = _inputs()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0,
+            return_dict_in_generate=True, **kwargs,
+        )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(do_sample=False, num_beams=2)],
+    ids=["greedy", "sampling", "beams"],
+)
+def test_generate_with_graphs_equals_eager(mode):
+    eager, graphed = _models()
+    a, b = _generate(eager, **mode), _generate(graphed, **mode)
+    assert torch.equal(a.sequences, b.sequences)
+    cache, eager_cache = returned_cache(b), returned_cache(a)
+    assert isinstance(cache, SawquantCache)
+    # 11 decode steps, all replays (a key's first step is captured, then replayed); both
+    # layers wrote and decoded in every step, as in the eager run.
+    assert cache.calls["graph_replay"] == 11 and len(cache.graphs) >= 1
+    assert cache.calls["decode"] == eager_cache.calls["decode"] == 2 * 11
+    assert cache.calls["write"] == eager_cache.calls["write"]
+
+
+def test_graphs_serve_steps_across_pool_growth_and_new_table_widths():
+    eager, graphed = _models()
+    for model in (eager, graphed):
+        model._sawquant_state.page_size = 2  # many pages: the table widens, the pools grow
+    grown = []
+    original = SawquantCache._grow
+
+    def spy(self, n):
+        grown.append(n)
+        return original(self, n)
+
+    SawquantCache._grow = spy
+    try:
+        a, b = _generate(eager), _generate(graphed)
+    finally:
+        SawquantCache._grow = original
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(grown) >= 2  # both caches grew during decode
+    assert returned_cache(b).calls["graph_replay"] >= 5
+
+
+def test_a_stale_static_plan_would_be_caught():
+    """Graphs that skipped the in-place refresh would write every token into one slot: the
+    tokens then differ from eager ones (what the equality test above guards against)."""
+    eager, graphed = _models()
+    graphs = graphed._sawquant_state.graphs
+    refresh = graphs._replay
+
+    def no_refresh(graph, cache, kwargs):
+        saved = {n: getattr(cache.plan, n) for n in ("slots", "seq_lens")}
+        for n in saved:  # keep the captured step's slots and lengths
+            setattr(cache.plan, n, getattr(graph.plan, n).clone())
+        try:
+            return refresh(graph, cache, kwargs)
+        finally:
+            for n, t in saved.items():
+                setattr(cache.plan, n, t)
+
+    graphs._replay = no_refresh
+    assert not torch.equal(_generate(eager).sequences, _generate(graphed).sequences)
+
+
+def test_steps_a_graph_cannot_carry_run_eagerly_and_say_so():
+    eager, graphed = _models()
+    with pytest.warns(UserWarning, match="without CUDA graphs.*output_hidden_states"):
+        b = _generate(graphed, output_hidden_states=True)
+    a = _generate(eager, output_hidden_states=True)
+    assert torch.equal(a.sequences, b.sequences)
+    assert returned_cache(b).calls["graph_replay"] == 0
+
+
+def test_graph_switch():
+    model = tiny_causal_lm("Llama", seed=0, head_dim=16)
+    with pytest.raises(ConfigError, match="cuda_graphs=True.*not on a CUDA device"):
+        patch(model, _config(model), cuda_graphs=True)
+    patch(model, _config(model))  # default on a CPU: no graphs, the forward untouched
+    assert model._sawquant_state.graphs is None and "forward" not in model.model.__dict__
+    install_graphs(model._sawquant_state, model.model, simulate=True)
+    assert "forward" in model.model.__dict__
+    unpatch(model)
+    assert "forward" not in model.model.__dict__
+
+
+def test_a_manual_decode_loop_without_position_ids_matches_eager():
+    """Without position ids the model counts positions from the cache's length, a host value a
+    graph would bake in; the graph path passes the step's positions as an input instead."""
+    eager, graphed = _models("Qwen3")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for model in (eager, graphed):
+        with torch.no_grad():
+            out = model(ids[:, :4], use_cache=True)
+            cache, got = returned_cache(out), []
+            for t in range(4, 9):
+                step = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
+                got.append(step.logits)
+        logits.append(torch.cat(got, dim=1))
+    assert cache.calls["graph_replay"] == 5
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_a_cache_with_graphs_is_freed_without_the_cyclic_collector():
+    """No reference cycle through the graphs: a dead cache (its pools, its CUDA graphs) is
+    freed at once, never by a collection that could run in the middle of another capture."""
+    import gc
+    import weakref
+
+    _, graphed = _models()
+    gc.disable()
+    try:
+        cache = returned_cache(_generate(graphed))
+        assert cache.graphs
+        ref = weakref.ref(cache)
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()
