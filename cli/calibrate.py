@@ -72,7 +72,8 @@ def calibrate(
 ):
     """Profile MODEL's post-RoPE K/V outliers and choose, per layer, the Hadamard block size, the
     group size and the heads that fall back to INT8/BF16. MODEL is a local Hugging Face
-    checkpoint directory; without it, the embedded demo model."""
+    checkpoint directory or an offline model's name (gemma3-270m: docs/models.md); without it,
+    the embedded demo model."""
     from sawquant.calibration import calibrate_checkpoint, load_recipe
     from sawquant.calibration.report import check_plotting, plot_outliers
     from sawquant.cli.progress import StageProgress

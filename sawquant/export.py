@@ -74,7 +74,9 @@ def _resolve_source(source: str | Path | None) -> Path:
         from sawquant.demo import demo_checkpoint_dir
 
         return Path(demo_checkpoint_dir()).resolve()
-    path = Path(source).expanduser()
+    from sawquant.offline import resolve_model
+
+    path = resolve_model(source)
     if not path.is_dir():
         raise InputError(f"model {source} is not a checkpoint directory; give a local HF model dir")
     if not (path / "config.json").is_file():
@@ -341,7 +343,8 @@ def export_checkpoint(
 ) -> ExportResult:
     """Write ``source`` plus the KV ``config`` to ``out`` as a complete checkpoint (see module doc).
 
-    ``source`` None = the demo checkpoint. ``force`` replaces an earlier sawquant export (never
+    ``source`` None = the demo checkpoint; an offline model's name (``gemma3-270m``) = its
+    converted copy. ``force`` replaces an earlier sawquant export (never
     another directory); ``protect`` lists paths that must survive (the calibration file the
     config was read from). ``check_weights`` reads every safetensors weight once first
     (``progress("weights", done, total)`` per shard). Raises InputError (paths, a non-empty

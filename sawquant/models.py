@@ -1,4 +1,5 @@
-"""Loading checkpoints: local Hugging Face directories (and the demo), with one-line errors.
+"""Loading checkpoints: local Hugging Face directories, offline models by name (and the demo),
+with one-line errors.
 
 Everything here is offline: from_pretrained is always called with ``local_files_only=True``.
 Weights that cannot be read (a truncated or empty safetensors file, a missing shard) and
@@ -109,7 +110,8 @@ def load_model(
     max_memory: str | dict | None = None,
     dtype: Any = None,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a local checkpoint directory; ``None`` = the demo model.
+    """Load ``(model, tokenizer)`` from a local checkpoint directory or an offline model's name
+    (``gemma3-270m``: :mod:`sawquant.offline`); ``None`` = the demo model.
 
     device_map None puts the model on the first CUDA device when there is one, else the CPU;
     ``"auto"`` (or any max_memory) spreads it with accelerate. dtype None = bfloat16 on CUDA,
@@ -117,13 +119,13 @@ def load_model(
     """
     import torch
 
-    if path is None:
-        path = demo_checkpoint_dir()
-    path = Path(path).expanduser()
+    from sawquant.offline import OFFLINE_MODELS, resolve_model
+
+    path = resolve_model(path) if path is not None else demo_checkpoint_dir()
     if not path.exists():
         raise InputError(
             f"model path {str(path)!r} does not exist; pass a local Hugging Face checkpoint "
-            "directory, or no model for the demo"
+            f"directory, an offline model ({', '.join(OFFLINE_MODELS)}), or no model for the demo"
         )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise InputError(

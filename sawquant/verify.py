@@ -439,7 +439,9 @@ def verify(
         path = demo_export(progress=progress)
         label = "demo"
     else:
-        path = Path(model_path)
+        from sawquant.offline import resolve_model
+
+        path = resolve_model(model_path)  # an offline model's name: its plain converted copy
         if not path.exists():
             raise InputError(f"checkpoint {path} does not exist; pass a sawquant export directory")
         label = str(model_path)

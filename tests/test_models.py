@@ -80,15 +80,17 @@ def test_demo_copy_is_readable_by_everyone_like_any_cache_file():
 
 
 def test_demo_cache_is_atomic(tmp_path, monkeypatch):
+    import sawquant.offline.convert
+
     monkeypatch.setenv("SAWQUANT_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def crash(gguf, out):
+    def crash(gguf, out, **kwargs):
         calls.append(out)
         (out / "config.json").write_text("{}")  # half written, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_convert_gguf", crash)
+    monkeypatch.setattr(sawquant.offline.convert, "convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         demo.demo_checkpoint_dir()
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name != ".demo.lock"]
@@ -96,14 +98,16 @@ def test_demo_cache_is_atomic(tmp_path, monkeypatch):
     # A run killed outright (no cleanup) leaves a temp dir: the next conversion removes it.
     (tmp_path / "cache" / ".demo-tmp-killed").mkdir()
 
-    def fake(gguf, out):
+    def fake(gguf, out, **kwargs):
         calls.append(out)
+        assert gguf.name == demo.DEMO_GGUF and kwargs["name_or_path"].startswith("SmolLM2")
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"")
 
-    monkeypatch.setattr(demo, "_convert_gguf", fake)
+    monkeypatch.setattr(sawquant.offline.convert, "convert_gguf", fake)
     first = demo.demo_checkpoint_dir()
     assert first.parent == tmp_path / "cache" and (first / "model.safetensors").is_file()
+    assert first.name == "demo-smollm2-135m-instruct.q4_1-98362432-v3"  # unchanged since v3
     assert demo.demo_checkpoint_dir() == first
     assert len(calls) == 2  # the second call reused the converted copy
     assert sorted(p.name for p in first.parent.iterdir()) == [".demo.lock", first.name]
@@ -118,7 +122,9 @@ def test_cache_root_follows_environment(tmp_path, monkeypatch):
 
 
 def test_missing_demo_package_names_the_install(monkeypatch):
-    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError) as err:
         demo.demo_checkpoint_dir()
     print(err.value)
