@@ -202,8 +202,14 @@ def _graphs_wanted(model: torch.nn.Module, cuda_graphs: bool | None, tp_size: in
         reason = "tensor parallelism is on (not tested with graphs yet)"
     if reason is not None and cuda_graphs:
         raise ConfigError(f"cuda_graphs=True, but {reason}; pass cuda_graphs=None or False")
-    if reason is not None and tp_size > 1:
-        warnings.warn(f"sawquant: CUDA-graph decode is off: {reason}", UserWarning, stacklevel=3)
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if reason is not None and on_gpu:  # a GPU user expects graphs: say why there are none
+        warnings.warn(
+            f"sawquant: CUDA-graph decode is off ({reason}); decode steps run eagerly, with "
+            "more host overhead per token",
+            UserWarning,
+            stacklevel=3,
+        )
     return reason is None
 
 
