@@ -277,7 +277,7 @@ def _table(report) -> Table:
     table.add_row(
         "",
         "recovery (simulated)",
-        f"{report.recovery * 100:.1f}%",
+        _recovery_cell(report),
         f"min {report.min_recovery_pct:g}%",
         "",
         _mark(ok_rec),
@@ -295,3 +295,11 @@ def _table(report) -> Table:
 
 def _mark(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[red]fail[/]"
+
+
+def _recovery_cell(report) -> str:
+    cell = f"{report.recovery * 100:.1f}%"
+    if report.recovery_ci95 is not None:  # bootstrap over the windows
+        low, high = report.recovery_ci95
+        cell += f" ({low * 100:.1f}-{high * 100:.1f})"
+    return cell

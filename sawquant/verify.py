@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sawquant.accuracy import recovery
+from sawquant.accuracy import recovery, recovery_with_ci
 from sawquant.checkpoint import is_export
 from sawquant.config import SUPPORTED_BLOCKS, KVConfig, ModelFacts, SideConfig
 from sawquant.errors import InputError, RuntimeBypassError
@@ -97,25 +97,28 @@ class RuntimeScores:
     # Full precision over every prediction of the windows (N * (L - 1)): the same number as
     # ``simulated_perplexity(model, windows, None)``, from the reference forward it needs anyway.
     ppl_full_windows: float = math.nan
+    # The same predictions' summed NLL per window ([N] float64): the full-precision side of the
+    # bootstrap interval of the recovery.
+    full_window_nlls: torch.Tensor | None = None
     # Layer-steps the sawquant paged decode served (0 when the runtime is not sawquant's), and
     # the one-token forward passes that should have produced them (one per layer each).
     decode_calls: int = 0
     decode_steps: int = 0
 
 
-def _full_logprobs(model, windows: torch.Tensor, start: int) -> tuple[torch.Tensor, float]:
-    """Full-precision next-token log-probs at positions start..L-2 of every window, and the
-    summed NLL of all L - 1 predictions of every window.
+def _full_logprobs(model, windows: torch.Tensor, start: int) -> tuple[torch.Tensor, list[float]]:
+    """Full-precision next-token log-probs at positions start..L-2 of every window, and each
+    window's summed NLL of all its L - 1 predictions.
 
-    windows: [N, L] -> ([N, L - 1 - start, V] float32, float) (position t predicts token t + 1).
+    windows: [N, L] -> ([N, L - 1 - start, V] float32, N floats) (position t predicts t + 1).
     """
-    out, nll = [], 0.0
+    out, nlls = [], []
     for row in windows:
         logits = model(input_ids=row[None], use_cache=False).logits  # [1, L, V]
         logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [L - 1, V]
-        nll -= logp.gather(-1, row[1:, None]).sum().item()
+        nlls.append(-logp.gather(-1, row[1:, None]).sum().item())
         out.append(logp[start:])
-    return torch.stack(out), nll
+    return torch.stack(out), nlls
 
 
 def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progress | None):
@@ -172,7 +175,7 @@ def runtime_scores(
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in patches}
     decode_calls = dict.fromkeys(patches, 0)
     decode_steps = 0  # forward passes of one token per sequence, per runtime
-    nll_windows = 0.0
+    nll_windows: list[float] = []
     total = -(-n // batch_size) * len(patches) * steps
     done = 0
 
@@ -185,8 +188,8 @@ def runtime_scores(
         decode_steps += steps
         targets = rows[:, prefix + 1 :, None]  # [B, C, 1] tokens predicted by the decode steps
         with torch.inference_mode():
-            ref, nll = _full_logprobs(model, rows, prefix)  # [B, C, V]
-            nll_windows += nll
+            ref, nlls = _full_logprobs(model, rows, prefix)  # [B, C, V]
+            nll_windows += nlls
             for name, patch in patches.items():
                 patch(model)
                 try:
@@ -206,7 +209,8 @@ def runtime_scores(
                     dtype=torch.float64,
                 )
     count = n * steps
-    ppl_windows = math.exp(nll_windows / (n * (length - 1)))
+    ppl_windows = math.exp(sum(nll_windows) / (n * (length - 1)))
+    full_nlls = torch.tensor(nll_windows, dtype=torch.float64)
     scores = {}
     for name, total_ in sums.items():
         nll_ref, nll_got, kl_mean, agree = (total_ / count).tolist()
@@ -217,6 +221,7 @@ def runtime_scores(
             top1_agreement=agree,
             positions=count,
             ppl_full_windows=ppl_windows,
+            full_window_nlls=full_nlls,
             decode_calls=decode_calls[name],
             decode_steps=decode_steps,
         )
@@ -247,6 +252,7 @@ class VerifyReport:
     device: str
     timings_s: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    recovery_ci95: tuple[float, float] | None = None  # bootstrap over windows
 
     def to_dict(self) -> dict[str, Any]:
         """The machine-readable report (stable keys first; extras after)."""
@@ -256,6 +262,7 @@ class VerifyReport:
             "simulated": self.simulated,
             "runtime": self.runtime,
             "recovery": self.recovery,
+            "recovery_ci95": None if self.recovery_ci95 is None else list(self.recovery_ci95),
             "passed": self.passed,
             "ppl_increase_pct": self.ppl_increase_pct,
             "thresholds": {
@@ -430,7 +437,7 @@ def verify(
     """
     from sawquant import models, runtime
     from sawquant.architectures import model_facts
-    from sawquant.simulate import simulated_perplexity
+    from sawquant.simulate import window_nlls
 
     _check_sizes(tokens, seq_len, prefix)
     times: dict[str, float] = {}
@@ -500,11 +507,15 @@ def verify(
     t0 = time.perf_counter()
     cases = {"naive_int4": naive, "saw_fixed": fixed_config(facts), "sawquant": cfg}
     simulated: dict[str, dict[str, float]] = {"full": {"ppl": scores.ppl_full_windows}}
+    predictions = seq_len - 1
+    nlls = {"full": scores.full_window_nlls}
     with torch.inference_mode():
         for i, (name, case) in enumerate(cases.items()):
             if progress is not None:
                 progress("simulated", i, len(cases))
-            simulated[name] = {"ppl": float(simulated_perplexity(model, windows, case))}
+            nlls[name] = window_nlls(model, windows, case)
+            ppl = math.exp(float(nlls[name].sum()) / (windows.shape[0] * predictions))
+            simulated[name] = {"ppl": ppl}
     if progress is not None:
         progress("simulated", len(cases), len(cases))
     simulated["sawquant"]["avg_bits"] = cfg.average_bits()
@@ -514,6 +525,7 @@ def verify(
     rec = recovery(
         simulated["full"]["ppl"], simulated["naive_int4"]["ppl"], simulated["sawquant"]["ppl"]
     )
+    interval = recovery_with_ci(nlls["full"], nlls["naive_int4"], nlls["sawquant"], predictions)
     increase = (scores.ppl / scores.ppl_full - 1.0) * 100.0
     failures = verdict(
         ppl_increase_pct=increase,
@@ -558,4 +570,5 @@ def verify(
         device=str(device),
         timings_s={k: round(v, 2) for k, v in times.items()},
         failures=failures,
+        recovery_ci95=(interval.low, interval.high),
     )

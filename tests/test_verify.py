@@ -214,6 +214,10 @@ def test_demo_passes_and_a_wrong_runtime_rotation_fails(monkeypatch, tmp_path):
     assert rt["sawquant"]["ppl"] < rt["naive_int4"]["ppl"]
     assert rt["sawquant"]["kl"] < rt["naive_int4"]["kl"] / 2
     assert rt["sawquant"]["kl"] < 0.05 and rt["sawquant"]["top1_agreement"] > 0.9
+    # The recovery's bootstrap interval over the windows brackets the point value; simulated
+    # perplexities are the per-window NLLs' (the full one from the runtime's reference forward).
+    low, high = d["recovery_ci95"]
+    assert low <= d["recovery"] <= high and high - low > 0
 
     _read_keys_with_another_rotation(monkeypatch)
     result = CliRunner().invoke(
