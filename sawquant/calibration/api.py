@@ -521,7 +521,7 @@ def calibrate_checkpoint(
     step("load", 1, 1)
     facts = model_facts(model.config)
     if chosen is None:
-        chosen = load_recipe(default_recipe_name(facts.model_type, demo=model_path is None))
+        chosen = load_recipe(default_recipe_name(facts.model_type, demo=_is_demo(model_path)))
     chosen = chosen.replace(data=data, samples=samples, seq_len=seq_len, max_avg_bits=max_avg_bits)
     if chosen.data in HELD_OUT_SOURCES:
         raise InputError(
@@ -541,4 +541,16 @@ def calibrate_checkpoint(
         lambda done, total: step("capture", done, total),
         model_name=name,
         data_name=chosen.data,
+    )
+
+
+def _is_demo(model_path) -> bool:
+    """No MODEL, or the demo's offline name (not a local directory of that name): the demo
+    recipe, tuned on it, rather than its family's."""
+    from pathlib import Path
+
+    from sawquant.offline import SMOLLM2_135M
+
+    return model_path is None or (
+        str(model_path) == SMOLLM2_135M.name and not Path(model_path).expanduser().exists()
     )

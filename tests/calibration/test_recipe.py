@@ -66,3 +66,13 @@ def test_default_recipe_by_family():
     assert default_recipe_name("qwen2") == "qwen2"  # its own: the key-bias family
     assert default_recipe_name("gemma3_text") == default_recipe_name("gemma2") == "gemma"
     assert default_recipe_name("somenewmodel") == "default"
+
+
+def test_the_demo_by_name_gets_the_demo_recipe(tmp_path, monkeypatch):
+    from sawquant.calibration.api import _is_demo
+
+    assert _is_demo(None) and _is_demo("smollm2-135m")
+    assert not _is_demo("gemma3-270m") and not _is_demo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()  # a local directory of that name is the user's model
+    assert not _is_demo("smollm2-135m")
