@@ -121,12 +121,16 @@ def _full_logprobs(model, windows: torch.Tensor, start: int) -> tuple[torch.Tens
     return torch.stack(out), nlls
 
 
-def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progress | None):
+def _runtime_logprobs(
+    model, windows: torch.Tensor, prefix: int, progress: Progress | None, score: Callable
+) -> int:
     """Log-probs of the runtime model: prefill ``prefix`` tokens, then one token per step.
 
     windows: [N, L]. Step j feeds token prefix + j (j = 0..L-2-prefix) through the decode path
-    and scores its prediction of token prefix + j + 1. Returns [N, L - 1 - prefix, V] float32.
-    All windows decode together as one batch (one sequence each in the paged cache).
+    and hands its prediction of token prefix + j + 1 to ``score(j, logp)`` (logp: [N, V]
+    float32), which keeps what it needs: no [N, steps, vocab] tensor is ever held (1 GB per
+    runtime at Gemma's 262k vocabulary). All windows decode together as one batch (one
+    sequence each in the paged cache). Returns the layer steps the sawquant decode served.
     """
     from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
@@ -134,17 +138,15 @@ def _runtime_logprobs(model, windows: torch.Tensor, prefix: int, progress: Progr
     out = model(input_ids=windows[:, :prefix], use_cache=True)
     past = returned_cache(out)
     steps = length - 1 - prefix
-    logps = []
     for j in range(steps):
         tok = windows[:, prefix + j : prefix + j + 1]  # [N, 1]
         out = model(input_ids=tok, use_cache=True, **cache_kwargs(model, past))
         past = returned_cache(out)
-        logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # [N, V]
+        score(j, torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # [N, V]
         if progress is not None:
             progress("runtime", j + 1, steps)
     # How many layer steps the sawquant decode served: the proof the INT4 path ran.
-    decodes = past.calls["decode"] if hasattr(past, "calls") else 0
-    return torch.stack(logps, dim=1), decodes
+    return past.calls["decode"] if hasattr(past, "calls") else 0
 
 
 def runtime_scores(
@@ -191,23 +193,28 @@ def runtime_scores(
             ref, nlls = _full_logprobs(model, rows, prefix)  # [B, C, V]
             nll_windows += nlls
             for name, patch in patches.items():
+                acc = sums[name]
+
+                def score(j: int, got: torch.Tensor, acc=acc) -> None:
+                    r, t = ref[:, j], targets[:, j]  # [B, V], [B, 1]
+                    acc += torch.tensor(
+                        [
+                            -r.gather(-1, t).sum().item(),
+                            -got.gather(-1, t).sum().item(),
+                            (r.exp() * (r - got)).sum().item(),  # KL(full || runtime)
+                            (r.argmax(-1) == got.argmax(-1)).sum().item(),
+                        ],
+                        dtype=torch.float64,
+                    )
+
                 patch(model)
                 try:
-                    got, decodes = _runtime_logprobs(model, rows, prefix, step_progress)
-                    decode_calls[name] += decodes
+                    decode_calls[name] += _runtime_logprobs(
+                        model, rows, prefix, step_progress, score
+                    )
                 finally:
                     unpatch(model)
                 done += steps
-                kl = (ref.exp() * (ref - got)).sum(-1)  # [B, C]
-                sums[name] += torch.tensor(
-                    [
-                        -ref.gather(-1, targets).sum().item(),
-                        -got.gather(-1, targets).sum().item(),
-                        kl.sum().item(),
-                        (ref.argmax(-1) == got.argmax(-1)).sum().item(),
-                    ],
-                    dtype=torch.float64,
-                )
     count = n * steps
     ppl_windows = math.exp(sum(nll_windows) / (n * (length - 1)))
     full_nlls = torch.tensor(nll_windows, dtype=torch.float64)
