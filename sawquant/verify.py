@@ -135,7 +135,9 @@ def _runtime_logprobs(
     from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
     n, length = windows.shape
-    out = model(input_ids=windows[:, :prefix], use_cache=True)
+    # Only the cache is needed from the prefill: its logits for every prompt position would be
+    # [N, prefix, vocab] floats (3.2 GB at Gemma's vocabulary, 8 x 384 tokens).
+    out = model(input_ids=windows[:, :prefix], use_cache=True, logits_to_keep=1)
     past = returned_cache(out)
     steps = length - 1 - prefix
     for j in range(steps):
