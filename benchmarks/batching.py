@@ -77,11 +77,11 @@ class Engine:
         self.free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() -> lowest id
         self.steps = {"prefill": 0, "decode": 0}
 
-    def _pages_for(self, n_tokens: int) -> int:
+    def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
 
     def fits(self, req: Request) -> bool:
-        return self._pages_for(req.prompt.numel() + req.new_tokens) <= len(self.free)
+        return self.pages_for(req.prompt.numel() + req.new_tokens) <= len(self.free)
 
     def _table(self, rows: list[list[int]]) -> torch.Tensor:
         table = torch.full((len(rows), self.cols), SCRATCH_PAGE, dtype=torch.int32)
@@ -98,7 +98,7 @@ class Engine:
 
     def prefill(self, req: Request, clock) -> None:
         p = req.prompt.numel()
-        req.pages = [self.free.pop() for _ in range(self._pages_for(p + req.new_tokens))]
+        req.pages = [self.free.pop() for _ in range(self.pages_for(p + req.new_tokens))]
         pos = torch.arange(p)
         pages = torch.tensor(req.pages)[pos // self.page_size]
         dev = self.device

@@ -36,16 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import SHAPES, build_model, cache_configs  # noqa: E402
+from serve import SHAPES, _bench, _sync, build_model, cache_configs  # noqa: E402
 
 from sawquant.config import ModelFacts  # noqa: E402
 from sawquant.runtime import patch, unpatch  # noqa: E402
 from sawquant.runtime.hf.compat import returned_cache  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _generate(model, ids, new: int, **kwargs):
@@ -60,18 +55,6 @@ def _generate(model, ids, new: int, **kwargs):
     return time.perf_counter() - t, out
 
 
-def _replay_ms(replay, device, n: int = 20) -> float:
-    """Device time of one captured decode step (replays rewrite the same token: harmless)."""
-    replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        replay()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / n
-
-
 def measure(model, ids, new: int, repeats: int, **kwargs) -> dict:
     _generate(model, ids, 4, **kwargs)  # warm-up: kernels compiled, graphs of short tables
     firsts, fulls, out = [], [], None
@@ -83,7 +66,8 @@ def measure(model, ids, new: int, repeats: int, **kwargs) -> dict:
     cache = returned_cache(out)
     calls = dict(getattr(cache, "calls", {}))
     graphs = list(getattr(cache, "graphs", {}).values())
-    device_ms = _replay_ms(graphs[-1].replay, ids.device) if graphs else None
+    # Device time of one captured step (replays rewrite the same token: harmless).
+    device_ms = 1000 * _bench(lambda: graphs[-1].replay(cache), ids.device) if graphs else None
     return {
         "graph_step_device_ms": device_ms,
         "ttft_s": statistics.median(firsts),

@@ -432,7 +432,7 @@ def wallclock(model, config: KVConfig, args, device) -> dict:
     conc = [int(c) for c in args.wallclock.split(",")]
     # Warm-up: kernels compiled, and staggered lengths so the batch shrinks one request at a
     # time through every bucket the measured runs can use (each captures its graph once).
-    fits = (num_pages - 1) // engine._pages_for(args.prompt + args.gen)
+    fits = (num_pages - 1) // engine.pages_for(args.prompt + args.gen)
     most = min(max(conc), fits)
     warm = [Request(torch.randint(0, vocab, (16,), generator=gen), 2 + i) for i in range(most)]
     engine.serve(warm)
