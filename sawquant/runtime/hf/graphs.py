@@ -97,10 +97,12 @@ class DecodeGraphs:
         cache = self._decode_cache(args, kwargs)
         if cache is None:
             return self.forward(*args, **kwargs)
-        graph = cache.graphs.get(self._key(cache, kwargs))
+        key = self._key(cache, kwargs)
+        graph = cache.graphs.get(key)
         for attempt in range(2 if graph is None else 0):  # one retry: a capture can be upset
             try:  # by something outside it (another thread, a driver hiccup)
                 graph = self._capture(cache, kwargs)
+                cache.graphs[key] = graph
                 break
             except Exception as err:  # noqa: BLE001  (any failure: run eagerly, say why)
                 if attempt:
@@ -201,7 +203,6 @@ class DecodeGraphs:
             ids, positions, static, output.last_hidden_state, type(output), replay,
             frozenset(static.done), calls,
         )  # fmt: skip
-        cache.graphs[self._key(cache, kwargs)] = graph
         return graph
 
     def _counted(self, cache: SawquantCache, call: Callable, inputs) -> tuple[Any, Counter]:
