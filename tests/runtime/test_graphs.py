@@ -76,12 +76,14 @@ def test_graphs_serve_steps_across_pool_growth_and_new_table_widths():
     eager, graphed = _models()
     for model in (eager, graphed):
         model._sawquant_state.page_size = 2  # many pages: the table widens, the pools grow
-    grown = []
+    grown, pools_after = [], []
     original = SawquantCache._grow
 
     def spy(self, n):
         grown.append(n)
-        return original(self, n)
+        self.graph_pool = "pool of the dropped graphs"  # a CUDA capture sets it; never reused
+        original(self, n)
+        pools_after.append(self.graph_pool)
 
     SawquantCache._grow = spy
     try:
@@ -90,6 +92,7 @@ def test_graphs_serve_steps_across_pool_growth_and_new_table_widths():
         SawquantCache._grow = original
     assert torch.equal(a.sequences, b.sequences)
     assert len(grown) >= 2  # both caches grew during decode
+    assert pools_after == [None] * len(grown)  # the next capture starts a fresh pool
     assert returned_cache(b).calls["graph_replay"] >= 5
 
 

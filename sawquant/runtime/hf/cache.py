@@ -108,6 +108,10 @@ class SawquantCache(Cache):
         # Captured decode steps of this cache (sawquant.runtime.hf.graphs): they hold the pools'
         # addresses, so they are dropped when the pools are reallocated.
         self.graphs: dict = {}
+        # The memory-pool id those graphs share (set by the first capture). Never reused once
+        # its graphs are gone: torch's allocator asserts when a capture joins a pool whose last
+        # graph died while some of its blocks are still cached.
+        self.graph_pool = None
         # How often each path ran (write, decode, prefill, first_chunk): proof that the paged
         # INT4 path really serves the model (tests and verify read it).
         self.calls: Counter[str] = Counter()
@@ -226,6 +230,7 @@ class SawquantCache(Cache):
 
     def _grow(self, num_pages: int) -> None:
         self.graphs.clear()
+        self.graph_pool = None
         for layer in self.layers:
             if layer.kv is not None:
                 layer.kv.resize(num_pages)

@@ -88,7 +88,6 @@ class DecodeGraphs:
         self.decoder = decoder
         self.forward = forward
         self.simulate = simulate
-        self.pool = None if simulate else torch.cuda.graph_pool_handle()
         self.disabled: str | None = None  # set when a capture failed: every step runs eagerly
         self._told: set[str] = set()
 
@@ -228,11 +227,13 @@ class DecodeGraphs:
                 self._call(cache, inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        if cache.graph_pool is None:  # one pool per cache (and per pool size): see the cache
+            cache.graph_pool = torch.cuda.graph_pool_handle()
         collecting = gc.isenabled()
         gc.collect()  # nothing the collector frees (CUDA graphs, events) may die mid-capture
         gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=cache.graph_pool):
                 output, calls = self._counted(cache, self._call, inputs)
         finally:
             if collecting:
