@@ -5,11 +5,16 @@ that dequantizes and un-rotates them back to the original basis, in q.dtype, str
 contiguous K/V buffer already laid out per query head (GQA groups repeated) with room for the
 chunk behind them; the chunk's own full-precision K/V are copied in, and torch's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels) does the attention with the
-causal offset. Softcapped logits have no SDPA kernel: that case runs explicit attention math,
+causal offset. When the chunk is already in the pages (the runtimes write a step's K/V before
+attending), ``paged_prefill_attention_stored`` reads prefix and chunk in the same gather: the
+chunk attends to its K/V as stored without a separate quantize-dequantize pass. Softcapped
+logits have no SDPA kernel: that case runs explicit attention math,
 blocked over the queries to bound memory.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,10 +25,10 @@ from sawquant.errors import InputError
 from sawquant.format import SideStore
 from sawquant.kernels.common import rotate_rows
 from sawquant.kernels.plans import PrefillPlan, next_pow2
-from sawquant.quant.attention import prefill_allowed
-from sawquant.quant.prefill import check_prefill_inputs
+from sawquant.quant.attention import prefill_allowed, stored_prefill_allowed
+from sawquant.quant.prefill import check_prefill_inputs, check_stored_prefill_inputs
 
-__all__ = ["paged_prefill_attention"]
+__all__ = ["paged_prefill_attention", "paged_prefill_attention_stored"]
 
 
 @triton.jit
@@ -204,23 +209,77 @@ def paged_prefill_attention(
         if width:
             _dequant_into(buf, store, block_table, cached_lens, width, group, hmat, rot_scale)
         buf[:, :, width:] = chunk.to(q.dtype).repeat_interleave(group, dim=1)
+    masks = functools.partial(prefill_allowed, total=width + t)
+    return _attend(q, keys, values, lens, masks, softmax_scale, sliding_window, softcap)
 
-    if softcap is None and sliding_window is None and min(lens, default=0) == width:
+
+def paged_prefill_attention_stored(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    cached_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    plan: PrefillPlan | None = None,
+) -> torch.Tensor:
+    """:func:`paged_prefill_attention` for a chunk already written to the pages (positions
+    [cached_lens[b], cached_lens[b] + T)): one gather reads prefix and chunk back as stored,
+    so the chunk needs no quantize-dequantize round trip of its own. Twin:
+    ``sawquant.quant.prefill.paged_prefill_attention_stored_ref``."""
+    check_stored_prefill_inputs(
+        q, k_store, v_store, block_table, cached_lens,
+        sliding_window=sliding_window, softcap=softcap, stored=0,
+    )  # fmt: skip
+    b, h_q, t, d = q.shape
+    if plan is None:
+        plan = PrefillPlan.build(k_store, v_store, q.device)
+    if b == 0 or t == 0:
+        return torch.empty_like(q)
+    group = h_q // k_store.num_kv_heads
+    cached = cached_lens.tolist()  # one sync: sizes the buffer (prefill is not graph-captured)
+    cap = block_table.shape[1] * k_store.page_size
+    if min(cached) < 0 or max(cached) + t > cap:
+        raise InputError(
+            f"cached_lens + {t} chunk tokens must be in [0, {cap}] (block table pages x page "
+            "size); allocate the chunk's pages before attending"
+        )
+    width = max(cached) + t
+    total = cached_lens + t  # int32: positions each sequence's pages hold
+    block_table = block_table.contiguous()
+    keys = torch.empty(b, h_q, width, d, dtype=q.dtype, device=q.device)
+    values = torch.empty_like(keys)
+    for buf, store, hmat, rot_scale in (
+        (keys, k_store, plan.k_unrot, plan.k_rot_scale),
+        (values, v_store, plan.v_unrot, plan.v_rot_scale),
+    ):
+        _dequant_into(buf, store, block_table, total, width, group, hmat, rot_scale)
+    masks = functools.partial(stored_prefill_allowed, total=width)
+    return _attend(q, keys, values, cached, masks, softmax_scale, sliding_window, softcap)
+
+
+def _attend(q, keys, values, cached: list[int], masks, scale, sliding_window, softcap):
+    """Attention of q [B, H_q, T, D] over keys/values [B, H_q, S, D] with the mask ``masks``
+    builds per sequence (``masks(cached, t, sliding_window=, device=)``)."""
+    t = q.shape[2]
+    if softcap is None and sliding_window is None and min(cached) == max(cached):
         # Equal cached lengths: the mask is the causal one aligned to the bottom right, which
         # torch serves with its flash / memory-efficient kernels without building a mask.
         from torch.nn.attention.bias import causal_lower_right
 
-        mask = causal_lower_right(t, width + t)
-        return scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=softmax_scale)
-    masks = [prefill_allowed(c, t, width + t, sliding_window, q.device) for c in lens]
-    allowed = torch.stack(masks)[:, None]  # [B, 1, T, width + T]
+        mask = causal_lower_right(t, keys.shape[2])
+        return scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    rows = [masks(c, t, sliding_window=sliding_window, device=q.device) for c in cached]
+    allowed = torch.stack(rows)[:, None]  # [B, 1, T, S]
     if softcap is None:
-        return scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=softmax_scale)
+        return scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
     out = torch.empty_like(q)
     kf, vf = keys.float(), values.float()
     for t0 in range(0, t, 256):  # explicit math, 256 queries at a time
         sl = slice(t0, t0 + 256)
-        s = (q[:, :, sl].float() @ kf.transpose(-1, -2)) * softmax_scale
+        s = (q[:, :, sl].float() @ kf.transpose(-1, -2)) * scale
         s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~allowed[:, :, sl], float("-inf"))
         out[:, :, sl] = (torch.softmax(s, dim=-1) @ vf).to(q.dtype)

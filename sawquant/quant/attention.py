@@ -91,6 +91,20 @@ def prefill_allowed(
     return ok
 
 
+def stored_prefill_allowed(
+    cached: int, t: int, total: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[T, total] bool for a chunk read back from the pages with its prefix: column j is
+    position j, query t is position cached + t and sees j <= cached + t (minus keys more than
+    the window back); columns past cached + T (other sequences' longer rows) are never seen."""
+    q_pos = cached + torch.arange(t, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(total, device=device)[None, :]
+    ok = k_pos <= q_pos
+    if sliding_window is not None:
+        ok &= q_pos - k_pos < sliding_window
+    return ok
+
+
 def gather_heads(
     store: SideStore, block_table: torch.Tensor, seq_lens: torch.Tensor
 ) -> list[torch.Tensor]:

@@ -19,11 +19,17 @@ from sawquant.quant.attention import (
     check_table,
     gather_heads,
     prefill_allowed,
+    read_positions,
 )
 from sawquant.quant.hadamard import unrotate
 from sawquant.quant.transforms import restore
 
-__all__ = ["check_prefill_inputs", "paged_prefill_attention_ref"]
+__all__ = [
+    "check_prefill_inputs",
+    "check_stored_prefill_inputs",
+    "paged_prefill_attention_ref",
+    "paged_prefill_attention_stored_ref",
+]
 
 
 def check_prefill_inputs(
@@ -55,8 +61,40 @@ def check_prefill_inputs(
             f"the chunk has {k.shape[1]} KV heads, the stores {k_store.num_kv_heads}; pass this "
             "layer's stores"
         )
+    check_stored_prefill_inputs(
+        q, k_store, v_store, block_table, cached_lens,
+        sliding_window=sliding_window, softcap=softcap, stored=0,
+    )  # fmt: skip
+
+
+def check_stored_prefill_inputs(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    cached_lens: torch.Tensor,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    stored: int | None = None,
+) -> None:
+    """The checks of :func:`check_prefill_inputs` that do not involve the chunk's own K/V.
+    ``stored``: tokens per sequence the pages must hold beyond cached_lens (default T, the
+    chunk itself, as the ``*_stored`` attentions read it from the pages)."""
+    if q.dim() != 4:
+        raise InputError(f"q must be [B, H_q, T, D], got {tuple(q.shape)}")
+    b, h_q, t, d = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise InputError(f"q dtype {q.dtype} is not supported; pass fp16, bf16 or fp32")
     check_stores(k_store, v_store, h_q, d, q.device)
     check_table(block_table, cached_lens, b, q.device, "cached_lens")
+    extra = t if stored is None else stored
+    cap = block_table.shape[1] * k_store.page_size
+    if extra and b and int(cached_lens.max()) + extra > cap:
+        raise InputError(
+            f"cached_lens + {extra} chunk tokens exceed the block table ({cap} positions); "
+            "allocate the chunk's pages before attending"
+        )
     if sliding_window is not None and sliding_window < 1:
         raise InputError(f"sliding_window must be >= 1, got {sliding_window}; or pass None")
     if softcap is not None and softcap <= 0:
@@ -113,3 +151,37 @@ def paged_prefill_attention_ref(
             softcap=softcap,
         )
     return out.to(q.dtype)
+
+
+def paged_prefill_attention_stored_ref(
+    q: torch.Tensor,
+    k_store: SideStore,
+    v_store: SideStore,
+    block_table: torch.Tensor,
+    cached_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`paged_prefill_attention_ref` for a chunk whose T tokens the pages already hold at
+    positions [cached_lens[b], cached_lens[b] + T): the chunk attends to its own K/V as stored
+    (read back in q.dtype), exactly as it would had they come from the prefix cache. The
+    kernel reads them from the pages in the same pass as the prefix."""
+    check_stored_prefill_inputs(
+        q, k_store, v_store, block_table, cached_lens,
+        sliding_window=sliding_window, softcap=softcap,
+    )  # fmt: skip
+    t = q.shape[2]
+    sides = []
+    for store in (k_store, v_store):
+        rows = [
+            read_positions(store, block_table[i : i + 1], c, c + t)
+            for i, c in enumerate(cached_lens.tolist())
+        ]
+        shape = (0, store.num_kv_heads, t, store.head_dim)
+        sides.append(torch.stack(rows).to(q.dtype) if rows else q.new_empty(shape))
+    return paged_prefill_attention_ref(
+        q, *sides, k_store, v_store, block_table, cached_lens,
+        softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
+    )  # fmt: skip

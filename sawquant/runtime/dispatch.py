@@ -15,11 +15,18 @@ from typing import Any
 import torch
 
 from sawquant.quant.decode import paged_decode_attention_ref
-from sawquant.quant.prefill import paged_prefill_attention_ref
+from sawquant.quant.prefill import paged_prefill_attention_ref, paged_prefill_attention_stored_ref
 from sawquant.quant.write import rotate_quantize_paged_ref
 from sawquant.runtime.layer import LayerKV
 
-__all__ = ["backend_name", "decode_attention", "prefill_attention", "use_triton", "write_kv"]
+__all__ = [
+    "backend_name",
+    "decode_attention",
+    "prefill_attention",
+    "prefill_attention_stored",
+    "use_triton",
+    "write_kv",
+]
 
 
 @functools.cache
@@ -65,13 +72,15 @@ def write_kv(
     fn(k, v, slot_mapping, layer.k, layer.v, flag=flag, flag_value=flag_value)
 
 
-def _attention(kind: str, twin, q: torch.Tensor, layer: LayerKV, args: tuple, kwargs: dict):
+def _attention(
+    kind: str, twin, q: torch.Tensor, layer: LayerKV, args: tuple, kwargs: dict, suffix: str = ""
+):
     """Run ``kind`` ("decode" / "prefill") on the kernel with the layer's plan, or the twin."""
     if use_triton(q):
         import importlib
 
         module = importlib.import_module(f"sawquant.kernels.{kind}")
-        fn = getattr(module, f"paged_{kind}_attention")
+        fn = getattr(module, f"paged_{kind}_attention{suffix}")
         return fn(*args, plan=layer.plan(kind), **kwargs)
     return twin(*args, **kwargs)
 
@@ -100,3 +109,17 @@ def prefill_attention(
     """A chunk over its own K/V plus the cached prefix. q: [B, H_q, T, D] -> [B, H_q, T, D]."""
     args = (q, k, v, layer.k, layer.v, block_table, cached_lens)
     return _attention("prefill", paged_prefill_attention_ref, q, layer, args, kwargs)
+
+
+def prefill_attention_stored(
+    q: torch.Tensor,
+    layer: LayerKV,
+    block_table: torch.Tensor,
+    cached_lens: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """A chunk already written to the pages (positions [cached_lens, cached_lens + T) of each
+    sequence), attending to prefix and chunk as stored. q: [B, H_q, T, D] -> [B, H_q, T, D]."""
+    args = (q, layer.k, layer.v, block_table, cached_lens)
+    twin = paged_prefill_attention_stored_ref
+    return _attention("prefill", twin, q, layer, args, kwargs, suffix="_stored")

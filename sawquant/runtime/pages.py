@@ -34,6 +34,9 @@ class StepPlan:
     cached_lens: torch.Tensor  # [B] int32, tokens stored before this step
     seq_lens: torch.Tensor  # [B] int32, tokens stored after this step
     block_table: torch.Tensor  # [B, max_pages] int32
+    # Some of this step's tokens are padding (not stored): its chunk is not contiguous in the
+    # pages, so attention cannot read it back from them (host-side; decode steps never are).
+    padded: bool = False
     done: set[int] = field(default_factory=set)  # layers that already wrote this step
     _moved: dict = field(default_factory=dict, repr=False)
 
@@ -50,6 +53,7 @@ class StepPlan:
                 self.cached_lens.to(device),
                 self.seq_lens.to(device),
                 self.block_table.to(device),
+                self.padded,
             )
         return self._moved[key]
 
@@ -146,6 +150,7 @@ class PageTable:
             cached_lens=self.lens.to(dev, torch.int32),
             seq_lens=new_lens.to(dev, torch.int32),
             block_table=self._table_dev,
+            padded=real is not None,
         )
         self.lens = new_lens
         self.planned += length

@@ -7,10 +7,15 @@ import torch
 from _paged_fixture import build_cache, check_close, poison_float_allocations
 
 from sawquant.errors import InputError
-from sawquant.kernels.prefill import paged_prefill_attention
+from sawquant.kernels.prefill import paged_prefill_attention, paged_prefill_attention_stored
 from sawquant.quant import unrotate
 from sawquant.quant.attention import gather_heads as _gather_heads
-from sawquant.quant.prefill import _per_head, paged_prefill_attention_ref
+from sawquant.quant.attention import read_positions, stored_round_trip
+from sawquant.quant.prefill import (
+    _per_head,
+    paged_prefill_attention_ref,
+    paged_prefill_attention_stored_ref,
+)
 from sawquant.quant.transforms import restore
 
 
@@ -82,6 +87,69 @@ def test_prefill_matches_reference(name, monkeypatch):
     out = paged_prefill_attention(q, k, v, k_store, v_store, table, lens, **kw)
     assert out.dtype == dtype and out.shape == q.shape
     check_close(out, ref.float(), lowp)
+
+
+def _chunk_as_stored(store, table, cached, t, dtype):
+    """[B, H_kv, T, D]: positions [c, c + T) of each sequence read back from the pages."""
+    rows = [read_positions(store, table[i : i + 1], c, c + t) for i, c in enumerate(cached)]
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stored_chunk_prefill_matches_reference(name, monkeypatch):
+    """The chunk already in the pages, read back with its prefix by one gather."""
+    d, block, page, (h_q, h_kv), dtype, cached, t, window, softcap, extra = CASES[name]
+    torch.manual_seed(2)
+    k_store, v_store, table = build_cache(
+        lens=[c + t for c in cached], num_kv_heads=h_kv, head_dim=d, page_size=page,
+        block=block, dtype=dtype, **extra,
+    )  # fmt: skip
+    q = (torch.randn(len(cached), h_q, t, d) * 2).to(dtype)
+    lens = torch.tensor(cached, dtype=torch.int32)
+    kw = dict(softmax_scale=d**-0.5, sliding_window=window, softcap=softcap)
+    ref = paged_prefill_attention_stored_ref(q, k_store, v_store, table, lens, **kw)
+    k = _chunk_as_stored(k_store, table, cached, t, dtype)
+    v = _chunk_as_stored(v_store, table, cached, t, dtype)
+    # The twin is the chunked-prefill twin over the chunk as the pages hold it.
+    assert torch.equal(
+        ref, paged_prefill_attention_ref(q, k, v, k_store, v_store, table, lens, **kw)
+    )
+    lowp = _torch_lowp(q, k, v, k_store, v_store, table, lens, scale=d**-0.5, window=window,
+                       softcap=softcap)  # fmt: skip
+    poison_float_allocations(monkeypatch)  # rows past a shorter sequence must be written too
+    out = paged_prefill_attention_stored(q, k_store, v_store, table, lens, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    check_close(out, ref.float(), lowp)
+
+
+def test_reading_the_chunk_back_equals_its_round_trip():
+    """What the stored path reads from the pages is bit for bit what the runtime's round trip
+    (stored_round_trip, the padded path) computes for the same chunk."""
+    from sawquant.quant.write import rotate_quantize_paged_ref
+
+    k_store, v_store, table = build_cache(
+        lens=[30], num_kv_heads=2, head_dim=64, page_size=16, block=32, transforms=True,
+        k_bits=(4, 16), v_bits=(8, 4),
+    )  # fmt: skip
+    t, cached = 7, 20
+    k, v = torch.randn(t, 2, 64) * 3, torch.randn(t, 2, 64)
+    pos = torch.arange(cached, cached + t)
+    slots = table[0].long()[pos // 16] * 16 + pos % 16
+    rotate_quantize_paged_ref(k, v, slots, k_store, v_store)
+    for store, x in ((k_store, k), (v_store, v)):
+        back = read_positions(store, table, cached, cached + t).transpose(0, 1)
+        assert torch.equal(back, stored_round_trip(x, store))
+
+
+def test_stored_chunk_prefill_rejects_a_table_too_short_for_the_chunk():
+    k_store, v_store, table = build_cache(
+        lens=[20], num_kv_heads=2, head_dim=64, page_size=16, block=16
+    )
+    q = torch.randn(1, 4, 13, 64)
+    lens = torch.tensor([table.shape[1] * 16 - 12], dtype=torch.int32)
+    for fn in (paged_prefill_attention_stored, paged_prefill_attention_stored_ref):
+        with pytest.raises(InputError, match="chunk tokens"):
+            fn(q, k_store, v_store, table, lens, softmax_scale=1.0)
 
 
 def test_prefill_last_row_equals_decode_reference():

@@ -125,9 +125,17 @@ def sawquant_attention(
         )
     plan = cache.plan.on(query.device)
     layer = cache.layer_kv(layer_idx)
+    kw = dict(softmax_scale=scale, sliding_window=window, softcap=softcap)
     if plan.past == 0:
         cache.calls["first_chunk"] += 1
-        # First chunk: it is the whole context; attend to it as stored (pads masked).
+        # First chunk: it is the whole context; attend to it as stored (pads masked). With no
+        # pads the kernels read it back from the pages it was just written to (one gather, no
+        # round trip of its own); the twins' dense path computes the same attention.
+        if not plan.padded and dispatch.use_triton(query):
+            out = dispatch.prefill_attention_stored(
+                query, layer, plan.block_table, plan.cached_lens, **kw
+            )  # [B, H_q, T, D]
+            return out.transpose(1, 2).contiguous(), None
         return _dense_attention(
             module, query, _as_stored(key, layer.k), _as_stored(value, layer.v), attention_mask,
             scaling=scale, dropout=dropout, softcap=softcap, kwargs=kwargs,
@@ -135,25 +143,17 @@ def sawquant_attention(
     if query.shape[2] == 1:
         cache.calls["decode"] += 1
         out = dispatch.decode_attention(
-            query[:, :, 0],  # [B, H_q, D]
-            layer,
-            plan.block_table,
-            plan.seq_lens,
-            softmax_scale=scale,
-            sliding_window=window,
-            softcap=softcap,
-        )
+            query[:, :, 0], layer, plan.block_table, plan.seq_lens, **kw
+        )  # [B, H_q, D]
         return out[:, None], None  # [B, 1, H_q, D]
     cache.calls["prefill"] += 1
-    out = dispatch.prefill_attention(
-        query,
-        _as_stored(key, layer.k),
-        _as_stored(value, layer.v),
-        layer,
-        plan.block_table,
-        plan.cached_lens,
-        softmax_scale=scale,
-        sliding_window=window,
-        softcap=softcap,
-    )  # [B, H_q, T, D]
-    return out.transpose(1, 2).contiguous(), None
+    if not plan.padded:  # the chunk is contiguous in the pages: read it back with the prefix
+        out = dispatch.prefill_attention_stored(
+            query, layer, plan.block_table, plan.cached_lens, **kw
+        )
+    else:
+        out = dispatch.prefill_attention(
+            query, _as_stored(key, layer.k), _as_stored(value, layer.v), layer,
+            plan.block_table, plan.cached_lens, **kw,
+        )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None  # [B, T, H_q, D]

@@ -30,7 +30,6 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from sawquant.quant.attention import read_positions
 from sawquant.runtime import dispatch
 from sawquant.runtime.vllm.state import ServingState, layer_index, serving_state
 
@@ -236,16 +235,12 @@ class SawquantAttentionImpl(AttentionImpl):
             out3[rows] = out.to(output.dtype)
             self.state.calls["decode"] += rows.numel()
         for i, s, e, length in md.chunks:
-            # The chunk's own K/V as the pages hold them (quantized, original basis), so it
-            # attends exactly as it would had it come from the prefix cache.
+            # The chunk's own K/V are read back from the pages with its prefix (as stored), so
+            # it attends exactly as it would had it come from the prefix cache.
             table = md.block_table[i : i + 1]
-            chunk_k = read_positions(kv.k, table, length - (e - s), length)[None]
-            chunk_v = read_positions(kv.v, table, length - (e - s), length)[None]
             qc = q[s:e].transpose(0, 1)[None]  # [1, H_q, T, D]
             cached = torch.tensor([length - (e - s)], dtype=torch.int32, device=q.device)
-            out = dispatch.prefill_attention(
-                qc, chunk_k.to(qc.dtype), chunk_v.to(qc.dtype), kv, table, cached, **kw
-            )  # [1, H_q, T, D]
+            out = dispatch.prefill_attention_stored(qc, kv, table, cached, **kw)  # [1, H_q, T, D]
             out3[s:e] = out[0].transpose(0, 1).to(output.dtype)
             self.state.calls["prefill"] += 1
         return output
