@@ -204,14 +204,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (TRITON_INTERPRET=1)")
+    checks = {"blocks": check_blocks, "runtime": check_runtime, "graphs": check_graphs}
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(checks)}")
     args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(checks)
+    if unknown := set(names) - set(checks):
+        parser.error(f"unknown check(s) {sorted(unknown)}; pick from {', '.join(checks)}")
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     rows = [{"device": name, "torch": torch.__version__}]
-    for check in (check_blocks, check_runtime, check_graphs):
-        rows += check(dev)
+    for check in names:
+        rows += checks[check](dev)
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
