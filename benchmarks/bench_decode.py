@@ -67,8 +67,12 @@ def read_bandwidth(device: torch.device) -> float:
     return best
 
 
-def _random_stores(batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0):
-    """Stores filled with random codes/scales (valid data for timing), permuted block table."""
+def _random_stores(
+    batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0, rotations=None
+):
+    """Stores filled with random codes/scales (valid data for timing), permuted block table.
+    ``rotations``: ((block, sign seed or None) of K, the same of V); default: the spec's block,
+    signs from seed 1 on both sides."""
     h_kv, d = spec["h_kv"], spec["d"]
     g = torch.Generator(device=device).manual_seed(seed)
     pages_per_seq = math.ceil(ctx / page)
@@ -76,10 +80,11 @@ def _random_stores(batch, ctx, spec, page, device, k_bits=None, v_bits=None, see
     table = torch.randperm(num_pages, device=device, generator=g)[: batch * pages_per_seq]
     table = table.view(batch, pages_per_seq).to(torch.int32)
     stores = []
-    for bits in (k_bits, v_bits):
+    rotations = rotations or ((spec["block"], 1), (spec["block"], 1))
+    for bits, (block, sign_seed) in zip((k_bits, v_bits), rotations):
         st = poisoned_side(
-            num_kv_heads=h_kv, head_dim=d, block=spec["block"], num_pages=num_pages,
-            page_size=page, seed=1, head_bits=bits, device=device,
+            num_kv_heads=h_kv, head_dim=d, block=block, num_pages=num_pages,
+            page_size=page, seed=sign_seed, head_bits=bits, device=device,
         )  # fmt: skip
         for pool in st.pools.values():  # valid values (random bytes may be NaN/Inf patterns)
             if pool.scale is None:
@@ -534,6 +539,52 @@ def run(
     return rows
 
 
+# Rotation cost at generate()'s shapes: ((K block, K sign seed), (V block, V sign seed)).
+ROTATIONS = {
+    "none": ((1, None), (1, None)),
+    "k32": ((32, 0), (1, None)),
+    "k128": ((128, 0), (1, None)),
+    "k128+v32": ((128, 0), (32, None)),
+}
+
+
+def bench_rotation(device, shapes=((1, 4096), (8, 4096), (32, 16384))) -> list[dict]:
+    """Graph time of a Qwen3-8B layer per rotation config: what the rotations cost over plain
+    INT4 where a step is short (batch 1, 4k) and where it is long. (Two variants of the q
+    rotation, after the first tiles' loads and by torch before the launch, were measured
+    with this on the H200 and lost: RESULTS.md.)"""
+    rows = []
+    for batch, ctx in shapes:
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+        base = None
+        for name, rot in ROTATIONS.items():
+            ks, vs, table = _random_stores(batch, ctx, QWEN3_8B, 16, device, rotations=rot)
+            plan = DecodePlan.build(ks, vs, device)
+
+            def fn(ks=ks, vs=vs, table=table, plan=plan):
+                return paged_decode_attention(
+                    q, ks, vs, table, lens, softmax_scale=0.088, plan=plan
+                )
+
+            us = _bench(fn, graph=True)
+            base = us if base is None else base
+            row = {"kind": "rotation", "batch": batch, "context": ctx, "config": name,
+                   "graph_us": us, "vs_none": us / base}  # fmt: skip
+            print(_rotation_line(row), flush=True)
+            rows.append(row)
+            del ks, vs, fn
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _rotation_line(r: dict) -> str:
+    return (
+        f"rotation B{r['batch']}x{r['context']} {r['config']:9s} "
+        f"graph {r['graph_us']:7.1f} us ({r['vs_none']:.3f}x none)"
+    )
+
+
 def _table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -562,6 +613,8 @@ def _table(rows: list[dict]) -> str:
                 f"fallback B{r['batch']}x{r['context']} {r['config']:12s} {r['mode']:10s} "
                 f"graph {r['graph_us']:8.1f} us  {r['GBps']:6.0f} GB/s"
             )
+        elif r["kind"] == "rotation":
+            lines.append(_rotation_line(r))
         elif r["kind"] in ("correctness", "fallback_check"):
             lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")
         else:
@@ -580,11 +633,19 @@ def main() -> None:
         action="store_true",
         help="only the INT8 / 16-bit pool check and timings (batch 64 x 16k)",
     )
+    parser.add_argument(
+        "--rotation",
+        action="store_true",
+        help="only the rotation-cost A/B (plain INT4 vs rotated K/V, q-rotation variants)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode needs a CUDA device")
     dev = torch.device("cuda", torch.cuda.current_device())
-    if args.fallback:
+    if args.rotation:
+        env = {"kind": "env", "device": torch.cuda.get_device_name(dev)}
+        rows = [env, *bench_rotation(dev)]
+    elif args.fallback:
         env = {"kind": "env", "device": torch.cuda.get_device_name(dev)}
         env.update(torch=torch.__version__, triton=triton.__version__)
         rows = [env, *check_fallback_correctness(dev)]
