@@ -82,6 +82,22 @@ def check(device: torch.device) -> list[dict]:
         ("mixed pools", 3, 64, 32, 3, 16, 32, (4, 8, 16), (16, 4, 4), 1001, torch.bfloat16),
         ("d96 b32", 4, 96, 32, 4, 16, 32, (4, 4, 8, 4), None, 777, torch.bfloat16),
         ("decode 32", 8, 128, 128, 5, 128, None, None, None, 32, torch.bfloat16),
+        # Decode-step sizes (a row spread over several threads): fallback pools, groups, d96.
+        (
+            "decode 7 mixed pools g32",
+            3,
+            64,
+            32,
+            7,
+            16,
+            32,
+            (4, 8, 16),
+            (16, 4, 4),
+            7,
+            torch.bfloat16,
+        ),
+        ("decode 5 d96 b32", 4, 96, 32, 8, 16, 32, (4, 4, 8, 4), None, 5, torch.float16),
+        ("decode 256 b64 fp32", 8, 128, 64, 9, 128, None, None, None, 256, torch.float32),
         ("d256 b256", 2, 256, 256, 6, 16, None, None, None, 300, torch.bfloat16),
     ]
     rows = []
@@ -118,7 +134,7 @@ def _bytes(tokens, h_kv, d, in_bytes=2) -> int:
     return tokens * (2 * h_kv * (d * in_bytes + d // 2 + 4) + 8)
 
 
-def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
+def time_write(spec, tokens, block, device, copy_gbs, *, signs=False, spread=None) -> dict:
     h_kv, d = spec["h_kv"], spec["d"]
     gen = torch.Generator(device=device).manual_seed(1)
     pages = tokens // PAGE + 2
@@ -136,7 +152,7 @@ def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
     def step():
         k, v = sets[state["i"] % n_sets]
         state["i"] += 1
-        rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag)
+        rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag, spread=spread)
 
     us = _us(step)
     nbytes = _bytes(tokens, h_kv, d)
@@ -145,13 +161,13 @@ def time_write(spec, tokens, block, device, copy_gbs, *, signs=False) -> dict:
     row = {
         "model": spec["name"], "h_kv": h_kv, "head_dim": d, "tokens": tokens, "block": block,
         "signs": signs, "warps": write._NUM_WARPS, "us": round(us, 2), "bytes": nbytes,
-        "GB/s": round(gbs, 1), "pct_copy": round(100 * gbs / copy_gbs, 1),
+        "GB/s": round(gbs, 1), "pct_copy": round(100 * gbs / copy_gbs, 1), "spread": spread,
     }  # fmt: skip
     if tokens <= 1024:  # a decode step: launch overhead dominates eager timing; graph = device
         k, v = sets[0]
         graph_us = triton.testing.do_bench_cudagraph(
-            lambda: rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag), rep=100,
-            return_mode="median",
+            lambda: rotate_quantize_paged(k, v, slots, k_store, v_store, flag=flag, spread=spread),
+            rep=100, return_mode="median",
         ) * 1e3  # fmt: skip
         row["graph_us"] = round(graph_us, 2)
     return row
@@ -182,6 +198,21 @@ def run(device: torch.device | str) -> list[dict]:
             if tokens == 65536:
                 row = time_write(spec, tokens, spec["blocks"][-1], device, copy_gbs, signs=True)
                 row["vs_block1"] = round(row["us"] / base, 3)
+                rows.append(row)
+    return rows
+
+
+def small_steps(device: torch.device | str, copy_gbs: float) -> list[dict]:
+    """Decode-step writes (a few tokens) of a Qwen3-8B layer: one row per thread against a
+    row spread over several threads, without rotation and with block 128 and signs."""
+    rows = []
+    for tokens in (1, 8, 32, 64, 256):
+        for block, signs in ((1, False), (128, True)):
+            for spread in (False, True):
+                row = time_write(QWEN3_8B, tokens, block, device, copy_gbs, signs=signs,
+                                 spread=spread)  # fmt: skip
+                print(f"T={tokens:4d} block {block:3d} signs {signs!s:5} spread {spread!s:5} "
+                      f"graph {row['graph_us']:6.2f} us", flush=True)  # fmt: skip
                 rows.append(row)
     return rows
 
@@ -253,8 +284,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--sweep", action="store_true", help="also time warps per program")
+    parser.add_argument(
+        "--small", action="store_true", help="only the decode-step writes, both row layouts"
+    )
     args = parser.parse_args()
     device = triton.runtime.driver.active.get_active_torch_device()
+    if args.small:
+        rows = check(device)
+        rows += small_steps(device, copy_bandwidth(device))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = run(device)
     if args.sweep:
         rows += sweep(device, next(r["copy_GB/s"] for r in rows if "copy_GB/s" in r))

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import SHAPES, _graph_step, build_model, cache_configs, filled_cache  # noqa: E402
+from serve import SHAPES, build_model, cache_configs, filled_cache  # noqa: E402
 
 from sawquant.config import ModelFacts  # noqa: E402
 from sawquant.runtime import patch, unpatch  # noqa: E402
@@ -94,13 +94,8 @@ def main() -> None:
         cache = filled_cache(configs[name], args.batch, args.context, 64, device, dtype)
         kernels = profile_steps(model, cache, args.batch, args.steps, device)
         entry = {"kernels": kernels, "total_us": sum(k["us"] for k in kernels.values())}
-        if device.type == "cuda":
-            ids = cache_ids(model, args.batch, device)
-            entry["graph_step_us"] = 1e6 * _graph_step(model, cache, ids, device)
         report["caches"][name] = entry
-        graph_us = entry.get("graph_step_us", float("nan"))
-        print(f"{name}: {entry['total_us']:.1f} us of kernels per eager step, "
-              f"graph step {graph_us:.1f} us", flush=True)  # fmt: skip
+        print(f"{name}: {entry['total_us']:.1f} us of kernels per eager step", flush=True)
         del cache
         unpatch(model)
     names = list(report["caches"])
@@ -118,10 +113,6 @@ def main() -> None:
                   f"{b['us']:8.1f} ({b['launches']:4.0f})")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
-
-
-def cache_ids(model, batch: int, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
 
 if __name__ == "__main__":

@@ -255,17 +255,24 @@ def _graph_step(model, cache, ids, device, replays: int = 20) -> float:
         cache.reuse_plan = True
     else:
         cache.frozen = True
-    kw = dict(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    kw = dict(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+
+    def step():
+        # The decoder's forward, not __call__: the runtime's pre-hook (host planning, a copy
+        # to the device) must not run inside the capture; then the head on the last position.
+        hidden = model.model.forward(**kw).last_hidden_state
+        return model.lm_head(hidden[:, -1:])
+
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                model.forward(**kw)  # forward, not __call__: no pre-hook, no host planning
+                step()
         torch.cuda.current_stream(device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            model.forward(**kw)
+            step()
         g.replay()
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -15,6 +15,9 @@ by joining one 16-byte load per chunk, so every butterfly stage, min/max and nib
 in its registers (no shuffles, no spills on triton 3.6 and 3.9 at head_dim <= 128); only the
 packed codes change layout (through shared memory) for 16-byte coalesced stores. Rows are
 head-major (pool head, then token), so stores of consecutive tokens of a head are contiguous.
+That layout is for bandwidth; a decode step writes only a few rows, and then one thread doing a
+whole row is the latency, so up to ``_SPREAD_ROWS`` rows a row is spread over several threads
+(``SPREAD``; the same operations in the same order, the same bits).
 
 Measured (benchmarks/RESULTS.md), 65,536 tokens of a Qwen3-8B layer: H100 145 us at block 1 (78%
 of copy bandwidth), 177 us at block 128; H200 122 us (65%), 174 us. head_dim 256 compiles with
@@ -41,6 +44,14 @@ _ROWS_PER_WARP = 32  # one row (token, head) per thread
 # H100, triton 3.6 (benchmarks/RESULTS.md): 1, 2 and 4 warps within 2% on the Qwen3-8B layer,
 # 8 warps 50% slower; 2 was the fastest on the small demo layer.
 _NUM_WARPS = 2
+# A decode step writes a few rows (Qwen3-8B at batch 1: 8 per side). One row per thread then
+# leaves the whole row's butterfly and min/max to a single thread: 12 us a layer with block-128
+# rotations against 4 us without on the H200 (benchmarks/profile_step.py). Up to this many rows
+# a row is spread over several threads instead: 2.6 us at 1 token (block 128, signs), and still
+# 1.5x faster at 2048 rows (bench_write.py --small, benchmarks/RESULTS.md).
+_SPREAD_ROWS = 2048
+_SPREAD_ROWS_PER_PROGRAM = 4
+_SPREAD_NUM_WARPS = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +233,7 @@ def _write_rows(
     HAS_CENTER: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     LIMIT: tl.constexpr,  # largest storable magnitude (fp16 range for INT pools)
+    SPREAD: tl.constexpr,  # a row spread over several threads (few rows: latency), see below
 ):
     tl.static_assert(D % VEC == 0)
     tl.static_assert(D_PAD % GROUP == 0 or GROUP == D)
@@ -241,13 +253,29 @@ def _write_rows(
     dst = page * stride_cp + i.to(tl.int64) * stride_ch + tok * stride_ct  # [R] row of codes
     dst_s = page * stride_sp + i.to(tl.int64) * stride_sh + tok * stride_st  # [R] of scales
 
-    e = tl.arange(0, VEC)[None, :]
-    per_head = head.to(tl.int64)[:, None] * D + e  # [R, VEC] offsets into [H_kv, D] tables
-    x = _load_rows(
-        x_ptr + src[:, None] + e, signs_ptr + e + 0 * r[:, None], center_ptr + per_head,
-        inv_smooth_ptr + per_head, live[:, None], 0, D_PAD // VEC, VEC, D,
-        HAS_SIGNS, HAS_CENTER, HAS_SMOOTH,
-    )  # [R, D_PAD] float32, transforms and signs applied  # fmt: skip
+    if SPREAD:
+        # Few rows (a decode step: one token per sequence): one [R, D_PAD] load, which Triton
+        # spreads over the threads, so each thread holds a few elements of a row and the
+        # butterfly's stages run in parallel (through layout conversions). The same float32
+        # operations in the same order per element as the row-per-thread layout.
+        c = tl.arange(0, D_PAD)[None, :]
+        ok = live[:, None] & (c < D)
+        per_head = head.to(tl.int64)[:, None] * D + c
+        x = tl.load(x_ptr + src[:, None] + c, mask=ok, other=0.0).to(tl.float32)
+        if HAS_CENTER:
+            x = x - tl.load(center_ptr + per_head, mask=ok, other=0.0)
+        if HAS_SMOOTH:
+            x = x * tl.load(inv_smooth_ptr + per_head, mask=ok, other=0.0)
+        if HAS_SIGNS:
+            x = x * tl.load(signs_ptr + c + 0 * r[:, None], mask=c < D, other=0.0)
+    else:
+        e = tl.arange(0, VEC)[None, :]
+        per_head = head.to(tl.int64)[:, None] * D + e  # [R, VEC] offsets into [H_kv, D] tables
+        x = _load_rows(
+            x_ptr + src[:, None] + e, signs_ptr + e + 0 * r[:, None], center_ptr + per_head,
+            inv_smooth_ptr + per_head, live[:, None], 0, D_PAD // VEC, VEC, D,
+            HAS_SIGNS, HAS_CENTER, HAS_SMOOTH,
+        )  # [R, D_PAD] float32, transforms and signs applied  # fmt: skip
     if LOG_BLOCK > 0:
         x = _butterfly(x, ROWS, D_PAD, LOG_BLOCK) * HSCALE
     # The storage policy of every write path (sawquant.quant.check_storable): a value that
@@ -379,6 +407,7 @@ def _rotate_quantize_paged_kernel(
     HAS_CENTER1: tl.constexpr,
     HAS_SMOOTH1: tl.constexpr,
     LIMIT: tl.constexpr,
+    SPREAD: tl.constexpr,
 ):
     """Two write jobs (K and V pools of one precision) in one launch; see ``_write_rows``."""
     pid = tl.program_id(0)
@@ -390,7 +419,7 @@ def _rotate_quantize_paged_kernel(
                 num_pool_heads0, page_size, stride_x0t, stride_x0h,
                 stride_c0p, stride_c0h, stride_c0t, stride_s0p, stride_s0h, stride_s0t,
                 D, D_PAD, VEC0, ROWS, BITS, GROUP0, LOG_BLOCK0, HSCALE0, HAS_SIGNS0,
-                HAS_CENTER0, HAS_SMOOTH0, LIMIT,
+                HAS_CENTER0, HAS_SMOOTH0, LIMIT, SPREAD,
             )  # fmt: skip
     else:
         if pid * ROWS < num_rows1:
@@ -400,7 +429,7 @@ def _rotate_quantize_paged_kernel(
                 num_pool_heads1, page_size, stride_x1t, stride_x1h,
                 stride_c1p, stride_c1h, stride_c1t, stride_s1p, stride_s1h, stride_s1t,
                 D, D_PAD, VEC1, ROWS, BITS, GROUP1, LOG_BLOCK1, HSCALE1, HAS_SIGNS1,
-                HAS_CENTER1, HAS_SMOOTH1, LIMIT,
+                HAS_CENTER1, HAS_SMOOTH1, LIMIT, SPREAD,
             )  # fmt: skip
 
 
@@ -418,6 +447,7 @@ def rotate_quantize_paged(
     *,
     flag: torch.Tensor | None = None,
     flag_value: int = 1,
+    spread: bool | None = None,
 ) -> None:
     """Fused Triton write of K and V of T new tokens into their page slots, in place.
 
@@ -429,6 +459,11 @@ def rotate_quantize_paged(
     kernel: with ``flag`` (int32 [1] on k's device) the kernel sets ``flag[0] = flag_value``
     and the caller checks it once per step (the runtime does); without it the launcher
     synchronises and raises NonFiniteKVError as the twin does.
+
+    ``spread`` (benchmarks and tests; None: by the number of rows): up to ``_SPREAD_ROWS``
+    (token, head) rows, a row is spread over several threads, ``_SPREAD_ROWS_PER_PROGRAM``
+    rows a program, for latency; above, one row per thread for bandwidth. Both give the same
+    bits.
     """
     check_write_inputs(k, v, slot_mapping, k_store, v_store)
     _check_kernel_limits(k, v, k_store, v_store)
@@ -445,11 +480,16 @@ def rotate_quantize_paged(
         for bits in sorted(store.pools):
             jobs.setdefault(bits, []).append(_job(x, store, bits))
     d_pad = triton.next_power_of_2(head_dim)
-    rows = _ROWS_PER_WARP * _NUM_WARPS
     for bits in sorted(jobs):
         pair = jobs[bits]
         j0, j1 = pair[0], pair[-1]
-        grid = (triton.cdiv(max(j["num_rows"] for j in pair), rows), len(pair))
+        num_rows = max(j["num_rows"] for j in pair)
+        spread_here = num_rows <= _SPREAD_ROWS if spread is None else spread
+        if spread_here:
+            rows, warps = _SPREAD_ROWS_PER_PROGRAM, _SPREAD_NUM_WARPS
+        else:
+            rows, warps = _ROWS_PER_WARP * _NUM_WARPS, _NUM_WARPS
+        grid = (triton.cdiv(num_rows, rows), len(pair))
         _rotate_quantize_paged_kernel[grid](
             j0["x"], j0["heads"], j0["signs"], j0["center"], j0["inv_smooth"], j0["codes"],
             j0["scale"], j0["zero"],
@@ -469,8 +509,8 @@ def rotate_quantize_paged(
             VEC1=j1["vec"], GROUP1=j1["group"], LOG_BLOCK1=j1["log_block"],
             HSCALE1=j1["hscale"], HAS_SIGNS1=j1["has_signs"],
             HAS_CENTER1=j1["has_center"], HAS_SMOOTH1=j1["has_smooth"],
-            LIMIT=storable_limit(bits, j0["codes"].dtype),
-            num_warps=_NUM_WARPS,
+            LIMIT=storable_limit(bits, j0["codes"].dtype), SPREAD=spread_here,
+            num_warps=warps,
             # Bit-exactness: the reference rounds every multiply and add separately.
             enable_fp_fusion=False,
         )  # fmt: skip

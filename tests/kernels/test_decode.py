@@ -57,6 +57,9 @@ CASES = {
     "group-size-32": (64, 32, 16, (4, 2), torch.bfloat16, [40, 9], 2, None, None,
                       {"group_size": 32}),
     "no-rotation": (64, 1, 16, (4, 2), torch.float16, [20, 3], 2, 8, 20.0, {}),
+    # More splits than the merge reads at once (4), the last chunk partial.
+    "seven-splits-fallback": (64, 32, 16, (4, 2), torch.bfloat16, [300, 41], 7, None, None,
+                              {"k_bits": (4, 8)}),
     # Version-2 transforms: centering and smoothing on K and V, rotated and not, with fallbacks.
     "transforms-rotated": (64, 32, 16, (4, 2), torch.bfloat16, [90, 7], 2, None, None,
                            {"transforms": True, "k_bits": (4, 8), "v_bits": (16, 4)}),

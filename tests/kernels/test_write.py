@@ -64,10 +64,10 @@ def _assert_same(a: SideStore, b: SideStore) -> None:
             assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), f"pool {bits} {field}"
 
 
-def _run_both(k, v, slots, k_store, v_store):
+def _run_both(k, v, slots, k_store, v_store, spread=None):
     k_ref, v_ref = _clone(k_store), _clone(v_store)
     before = (_clone(k_store), _clone(v_store))
-    rotate_quantize_paged(k, v, slots, k_store, v_store)
+    rotate_quantize_paged(k, v, slots, k_store, v_store, spread=spread)
     rotate_quantize_paged_ref(k, v, slots, k_ref, v_ref)
     _assert_same(k_store, k_ref)
     _assert_same(v_store, v_ref)
@@ -113,6 +113,21 @@ def test_int4_bit_exact(head_dim, page, k_block, k_seed, v_block, group, T, dtyp
     print(f"written slots {int(written.sum())} of {written.numel()}")
 
 
+@pytest.mark.parametrize("spread", [True, False])
+@pytest.mark.parametrize("case", [1, 4, 7])
+def test_both_row_layouts_bit_exact(case, spread):
+    """A row spread over several threads (few rows: the decode-step layout) and one row per
+    thread (many rows) store the same bits as the twin, whichever the row count would pick."""
+    head_dim, page, k_block, k_seed, v_block, group, T, dtype = CASES[case]
+    gen = torch.Generator().manual_seed(head_dim * 1000 + T + k_block)  # storable inputs
+    heads, num_pages = 3, 2 * (-(-T // page) + 1)
+    common = dict(heads=heads, head_dim=head_dim, group=group, page_size=page, num_pages=num_pages)
+    k_store = _store(block=k_block, seed=k_seed, **common)
+    v_store = _store(block=v_block, seed=None, **common)
+    k, v = _inputs(T, heads, head_dim, dtype, gen)
+    _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store, spread=spread)
+
+
 def test_ref_quantizes_the_rotation():
     """The twin stores rotate(x) within half a quantization step (sanity of the spec itself)."""
     gen = torch.Generator().manual_seed(1)
@@ -156,8 +171,9 @@ def test_mixed_pools_bit_exact(k_bits, v_bits, group, pool_dtype):
     _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
 
 
+@pytest.mark.parametrize("spread", [True, False])
 @pytest.mark.parametrize("k_bits", [(4, 4, 4), (8, 4, 16)])
-def test_centering_and_smoothing_bit_exact(k_bits):
+def test_centering_and_smoothing_bit_exact(k_bits, spread):
     """Version-2 transforms: (x - center) * inv_smooth before the signs and the butterfly, in
     the kernel as in the twin, down to the last bit (keys with a planted per-channel bias)."""
     gen = torch.Generator().manual_seed(11)
@@ -170,7 +186,7 @@ def test_centering_and_smoothing_bit_exact(k_bits):
     v_store = _store(block=16, seed=None, center=center[:, :].flip(1), **common)
     k, v = _inputs(T, heads, head_dim, torch.bfloat16, gen)
     k = k + center.to(torch.bfloat16)
-    _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store)
+    _run_both(k, v, _slots(T, page, num_pages, gen), k_store, v_store, spread=spread)
 
 
 def test_strided_views_of_a_fused_qkv():
