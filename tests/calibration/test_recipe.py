@@ -12,9 +12,17 @@ from sawquant.errors import ConfigError, InputError
 
 
 def test_shipped_recipes_exist():
-    assert {"default", "lean", "llama", "qwen2", "qwen3", "gemma", "demo", "demo-lean"} <= set(
-        available_recipes()
-    )
+    assert {
+        "default",
+        "lean",
+        "llama",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma-lean",
+        "demo",
+        "demo-lean",
+    } <= set(available_recipes())
     # The budgets the issue asks for: 5.0 bits, and 4.5 (plain INT4's memory at head_dim 64).
     assert load_recipe("default").max_avg_bits == 5.0 and load_recipe("lean").max_avg_bits == 4.5
 
