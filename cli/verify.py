@@ -55,8 +55,8 @@ _STAGES = {
     "--prefix",
     type=click.IntRange(min=1),
     default=DEFAULT_PREFIX,
-    show_default=True,
-    help="Tokens of each window prefilled before teacher-forced decoding starts.",
+    help="Tokens of each window prefilled before teacher-forced decoding starts "
+    "[default: --seq-len minus 64, so the last 63 positions are decoded].",
 )
 @click.option(
     "--json",

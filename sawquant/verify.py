@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SEQ_LEN",
     "DEFAULT_TOKENS",
+    "default_prefix",
     "RuntimeScores",
     "demo_export",
     "demo_export_dir",
@@ -53,12 +54,21 @@ __all__ = [
     "verify",
 ]
 
-# Defaults measured on the demo (docs/verify.md): 8 windows of 512 tokens, the last 127
-# positions of each teacher-forced through the decode path (1016 scored positions per runtime):
-# 130 s of CPU time on one thread, including naive INT4 through the runtime.
-DEFAULT_TOKENS = 4096
-DEFAULT_SEQ_LEN = 512
-DEFAULT_PREFIX = 384
+# Defaults: 16 windows of 1024 tokens, enough windows for a bootstrap interval that means
+# something (the accuracy standard of the project), the last 63 positions of each teacher-forced
+# through the decode path (1008 scored positions per runtime, as many as the earlier 8 x 512
+# default's 1016). Time on the demo: docs/verify.md.
+DEFAULT_TOKENS = 16 * 1024
+DEFAULT_SEQ_LEN = 1024
+DEFAULT_DECODED = 63  # decoded positions per window when no prefix is given
+DEFAULT_PREFIX = None  # seq_len - 1 - DEFAULT_DECODED (at least 1)
+
+
+def default_prefix(seq_len: int) -> int:
+    """The prefill length when none is given: all but the last DEFAULT_DECODED + 1 tokens."""
+    return max(1, seq_len - 1 - DEFAULT_DECODED)
+
+
 # Thresholds from the same measurements: calibrated demo configs at +0.3 to +3.1% runtime
 # perplexity and 74-94% recovery, naive INT4 at +7.6 to +8.2% and 0% by definition, the paper's
 # fixed block at 54% recovery; a runtime that reads keys with the wrong rotation: +78,000%.
@@ -425,7 +435,7 @@ def verify(
     data: str | Path = "demo",
     tokens: int = DEFAULT_TOKENS,
     seq_len: int = DEFAULT_SEQ_LEN,
-    prefix: int = DEFAULT_PREFIX,
+    prefix: int | None = DEFAULT_PREFIX,
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
     min_recovery: float = DEFAULT_MIN_RECOVERY,
     config: str | Path | KVConfig | None = None,
@@ -439,7 +449,8 @@ def verify(
     config: a KVConfig, a calibration / ``sawquant_kv.json`` file, or ``"fixed"`` (the paper's
     fixed configuration); with it, ``model_path`` may be any supported HF checkpoint.
     ``tokens`` held-out tokens are cut into ``tokens // seq_len`` windows; the last
-    ``seq_len - prefix - 1`` positions of each are teacher-forced through the decode path.
+    ``seq_len - prefix - 1`` positions of each are teacher-forced through the decode path
+    (``prefix`` None: :func:`default_prefix`, the last 63 positions).
     ``runtime_baseline`` also runs naive INT4 through the runtime (``runtime.naive_int4``), so
     the runtime numbers can be compared with the simulated ones in direction.
     Raises InputError / ConfigError for bad input.
@@ -448,6 +459,7 @@ def verify(
     from sawquant.architectures import model_facts
     from sawquant.simulate import window_nlls
 
+    prefix = default_prefix(seq_len) if prefix is None else prefix
     _check_sizes(tokens, seq_len, prefix)
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -203,7 +203,7 @@ def test_demo_passes_and_a_wrong_runtime_rotation_fails(monkeypatch, tmp_path):
     from sawquant.verify import demo_export, verify
 
     path = demo_export()  # built once per cache (calibration), then reused
-    report = verify(path, tokens=1024)
+    report = verify(path, tokens=1024, seq_len=512, prefix=384)
     d = report.to_dict()
     print(json.dumps(d, indent=1))
     sim, rt = d["simulated"], d["runtime"]
@@ -222,7 +222,8 @@ def test_demo_passes_and_a_wrong_runtime_rotation_fails(monkeypatch, tmp_path):
     _read_keys_with_another_rotation(monkeypatch)
     result = CliRunner().invoke(
         cli,
-        ["verify", str(path), "--tokens", "512", "--no-runtime-baseline"]
+        ["verify", str(path), "--tokens", "512", "--seq-len", "512", "--prefix", "384"]
+        + ["--no-runtime-baseline"]
         + ["--json", str(tmp_path / "r.json")],
     )
     print(result.output)

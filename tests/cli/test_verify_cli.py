@@ -57,6 +57,21 @@ def invoke(*args: str):
     return result
 
 
+def test_default_prefix_follows_the_window_length(tiny_export, tmp_path):
+    """Without --prefix, each window decodes its last 63 positions whatever --seq-len is
+    (a fixed default prefix would reject shorter windows)."""
+    from sawquant.verify import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, default_prefix
+
+    assert (DEFAULT_TOKENS // DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN) == (16, 1024)
+    assert [default_prefix(n) for n in (1024, 128, 65, 3)] == [960, 64, 1, 1]
+    report = tmp_path / "report.json"
+    result = invoke(str(tiny_export), "--tokens", "160", "--seq-len", "80", *LOOSE,
+                    "--no-runtime-baseline", "--json", str(report))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    d = json.loads(report.read_text())
+    assert d["prefix"] == 16 and d["scored_positions"] == 2 * 63
+
+
 def test_pass_writes_the_json_report(tiny_export, tmp_path):
     report = tmp_path / "report.json"
     result = invoke(str(tiny_export), *SMALL, *LOOSE, "--json", str(report))
@@ -118,7 +133,8 @@ def test_text_shorter_than_requested_exits_2(tiny_export, tmp_path):
 
 def test_bad_options_exit_2(tiny_export):
     assert invoke(str(tiny_export), "--tokens", "100", "--seq-len", "128").exit_code == 2
-    assert invoke(str(tiny_export), "--prefix", "600").exit_code == 2
+    assert invoke(str(tiny_export), "--prefix", "1100").exit_code == 2  # default windows: 1024
+    assert invoke(str(tiny_export), *SMALL[:4], "--prefix", "127").exit_code == 2
     assert invoke(str(tiny_export), "--tokens", "abc").exit_code == 2
 
 
