@@ -636,7 +636,7 @@ def main() -> None:
     parser.add_argument(
         "--rotation",
         action="store_true",
-        help="only the rotation-cost A/B (plain INT4 vs rotated K/V, q-rotation variants)",
+        help="only the rotation cost (plain INT4 vs rotated K, rotated K and V)",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():

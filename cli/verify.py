@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sawquant.verify import (
+    DEFAULT_DECODED,
     DEFAULT_MAX_PPL_INCREASE,
     DEFAULT_MIN_RECOVERY,
     DEFAULT_PREFIX,
@@ -56,7 +57,8 @@ _STAGES = {
     type=click.IntRange(min=1),
     default=DEFAULT_PREFIX,
     help="Tokens of each window prefilled before teacher-forced decoding starts "
-    "[default: --seq-len minus 64, so the last 63 positions are decoded].",
+    f"[default: --seq-len minus {DEFAULT_DECODED + 1}, so the last {DEFAULT_DECODED} "
+    "positions are decoded].",
 )
 @click.option(
     "--json",

@@ -37,6 +37,7 @@ from sawquant.errors import InputError, RuntimeBypassError
 __all__ = [
     "DEFAULT_MAX_PPL_INCREASE",
     "DEFAULT_MIN_RECOVERY",
+    "DEFAULT_DECODED",
     "DEFAULT_PREFIX",
     "DEFAULT_SEQ_LEN",
     "DEFAULT_TOKENS",
