@@ -50,7 +50,7 @@ class ServingCache(SawquantCache):
         return self._plan
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are removed from lists by `is`, never by value
 class Request:
     prompt: torch.Tensor  # [P] token ids
     new_tokens: int

@@ -226,6 +226,26 @@ def test_a_forward_that_bypasses_the_cache_raises(monkeypatch):
         model.generate(ids, max_new_tokens=3, do_sample=False)
 
 
+def test_a_direct_decoder_forward_call_raises():
+    """``decoder.forward(...)`` skips the pre-forward hook that hands the attention layers the
+    step's cache: attention would see the new token only. It must raise, not answer wrongly."""
+    from sawquant.errors import RuntimeBypassError
+
+    model = patch(_llama(), _config(_llama(), rotation_block=16))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)  # a prompt through the hooks: the cache holds 6 tokens
+        cache = returned_cache(out)
+        step = dict(input_ids=ids[:, :1], use_cache=True, **cache_kwargs(model.model, cache))
+        with pytest.raises(RuntimeBypassError, match="pre-forward hook"):
+            model.model.forward(**step)
+        model.model._sawquant_state.cache = cache  # what the hook does: now served
+        cache.prepare_step(1, batch_size=1, device=ids.device)
+        before = cache.calls["decode"]
+        model.model.forward(**step)
+    assert cache.calls["decode"] - before == 2  # both layers read the pages
+
+
 def test_config_for_another_shape_is_refused():
     model = _llama()
     wrong = KVConfig.uniform(ModelFacts(2, 2, 32, "llama"))

@@ -110,6 +110,13 @@ def sawquant_attention(
     state = getattr(module, "_sawquant_state", None)
     cache = None if state is None else state.cache
     if cache is None:
+        if getattr(key, "_sawquant_stored", False):
+            raise RuntimeBypassError(
+                "a sawquant cache served this step's keys, but the forward skipped the "
+                "runtime's pre-forward hook (called as decoder.forward(...) instead of "
+                "decoder(...)), so attention would see the new tokens only; call the module, "
+                "or set its _sawquant_state.cache to the cache as the hook does"
+            )
         # No cache in this step (use_cache=False, or a model that is not patched): plain
         # attention on what we got, as the unpatched model would compute it.
         return _dense_attention(

@@ -282,6 +282,10 @@ class SawquantCache(Cache):
         if not self.reuse_plan:
             layer.seen += t
         layer.last_key = weakref.ref(key_states)
+        # A mark the attention function checks when it finds no cache in the patch state: a
+        # forward that skipped the pre-hook (a direct ``decoder.forward(...)`` call) would
+        # otherwise attend to this step's new tokens only, with no error.
+        key_states._sawquant_stored = True
         return key_states, value_states
 
     def __repr__(self) -> str:
