@@ -186,7 +186,7 @@ def check_graphs(dev: torch.device) -> list[dict]:
         "beams 3": (16, dict(num_beams=3)),
         "page 2 (the table widens)": (2, dict(do_sample=False)),
     }
-    rows = []
+    rows, eager = [], None
     for name, (page, mode) in modes.items():
         patch(model, config, page_size=page, cuda_graphs=False)
         want, _ = _generate(model, ids, mask, **mode)
@@ -197,6 +197,24 @@ def check_graphs(dev: torch.device) -> list[dict]:
         replays = cache.calls["graph_replay"]
         rows.append({"check": f"graphs: {name}", "same_tokens": same, "graph_replays": replays,
                      "graphs": len(cache.graphs), "ok": same and replays == 39})  # fmt: skip
+        eager = want if name.startswith("greedy") else eager
+    # A second generate takes the first one's pools and graphs (sawquant.runtime.hf.reuse):
+    # no new capture, the same tokens as eager.
+    patch(model, config)
+    _generate(model, ids, mask, do_sample=False)  # its cache dies at once: the leftovers stay
+    reuse = model._sawquant_state.reuse  # None without graphs (a CPU dry run)
+    spare = None if reuse is None else reuse.spare
+    kept = -1 if spare is None else len(spare.graphs)
+    got, cache = _generate(model, ids, mask, do_sample=False)
+    reused = 0 if reuse is None else reuse.reused
+    unpatch(model)
+    same = bool(torch.equal(got, eager))
+    replays = cache.calls["graph_replay"]
+    rows.append({"check": "graphs: a second generate reuses the first one's", "same_tokens": same,
+                 "reused": reused, "graphs_before": kept, "graphs_after": len(cache.graphs),
+                 "graph_replays": replays,
+                 "ok": same and reused == 1 and kept == len(cache.graphs) > 0
+                 and replays == 39})  # fmt: skip
     return rows
 
 

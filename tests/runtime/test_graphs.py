@@ -172,3 +172,61 @@ def test_a_cache_with_graphs_is_freed_without_the_cyclic_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def _captures(monkeypatch, graphs) -> list:
+    seen = []
+    capture = graphs._capture
+
+    def counted(cache, kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return capture(cache, kwargs)
+
+    monkeypatch.setattr(graphs, "_capture", counted)
+    return seen
+
+
+def test_a_second_generate_reuses_the_first_ones_pools_and_graphs(monkeypatch):
+    eager, graphed = _models()
+    state = graphed._sawquant_state
+    captured = _captures(monkeypatch, state.graphs)
+    first = _generate(graphed).sequences  # the output (and its cache) dies here
+    n_first = len(captured)
+    assert n_first >= 1 and state.reuse.spare is not None
+    out = _generate(graphed)
+    assert len(captured) == n_first  # no capture: the first call's graphs serve every step
+    assert state.reuse.reused == 1
+    assert out.past_key_values.calls["graph_replay"] == 11
+    assert torch.equal(out.sequences, first)
+    assert torch.equal(out.sequences, _generate(eager).sequences)
+
+
+def test_a_cache_the_user_holds_is_never_shared(monkeypatch):
+    _, graphed = _models()
+    state = graphed._sawquant_state
+    held = _generate(graphed)  # return_dict_in_generate: the cache stays alive
+    assert state.reuse.spare is None
+    again = _generate(graphed)
+    assert state.reuse.reused == 0
+    a, b = returned_cache(held), returned_cache(again)
+    assert a.layers[0].kv is not b.layers[0].kv and a.graphs is not b.graphs
+    assert torch.equal(held.sequences, again.sequences)
+
+
+def test_moved_weights_drop_the_leftovers_and_release_frees_them(monkeypatch):
+    eager, graphed = _models()
+    state = graphed._sawquant_state
+    captured = _captures(monkeypatch, state.graphs)
+    _generate(graphed)
+    n_first = len(captured)
+    for model in (eager, graphed):
+        model.to(torch.bfloat16)  # new parameter tensors: captured graphs would read the old ones
+    out = _generate(graphed)
+    assert state.reuse.reused == 0 and len(captured) > n_first
+    assert torch.equal(out.sequences, _generate(eager).sequences)
+    del out
+    assert state.reuse.spare is not None
+    graphed.sawquant_release()
+    assert state.reuse.spare is None
+    unpatch(graphed)
+    assert not hasattr(graphed, "sawquant_release")

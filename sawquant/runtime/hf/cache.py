@@ -28,6 +28,7 @@ from sawquant.config import KVConfig
 from sawquant.errors import ConfigError, NonFiniteKVError, SawquantError
 from sawquant.format import SideStore
 from sawquant.runtime import dispatch
+from sawquant.runtime.hf.reuse import CacheReuse, Leftovers
 from sawquant.runtime.layer import LayerKV
 from sawquant.runtime.pages import PageTable, StepPlan
 
@@ -81,6 +82,8 @@ class SawquantCache(Cache):
 
     ``num_pages`` fixes the initial page count (all layers share page ids); None sizes it from
     the first step. ``grow=False`` keeps it fixed: a step that needs more raises CacheFullError.
+    ``reuse`` (set by the runtime for the caches it creates) recycles pools and CUDA graphs
+    from one cache to the next (:mod:`sawquant.runtime.hf.reuse`).
     """
 
     def __init__(
@@ -90,8 +93,12 @@ class SawquantCache(Cache):
         page_size: int = 16,
         num_pages: int | None = None,
         grow: bool = True,
+        reuse: CacheReuse | None = None,
     ):
         self.kv_config = kv_config
+        # Where this cache leaves its pools and graphs when it dies, and takes a dead one's
+        # at its first step (sawquant.runtime.hf.reuse); None: allocate, capture, free.
+        self._reuse = reuse
         # The page table calls back through a weak reference: no cycle, so a dead cache frees
         # its pools (and CUDA graphs) at once, not at some later run of the cyclic collector.
         grow_pools = weakref.WeakMethod(self._grow)
@@ -225,8 +232,43 @@ class SawquantCache(Cache):
         """Allocate pages for the next ``length`` tokens of every sequence and plan their slots:
         ``where`` is :meth:`PageTable.plan`'s batch_size, device and attention_mask."""
         self.check_storable()  # a bad write of the previous step is never silently kept
+        if self._reuse is not None and self.pages.lens is None and self.pages.num_pages == 0:
+            self._adopt(self._reuse.take(where["device"], self.page_size))
         self._plan = self.pages.plan(length, **where)
         return self._plan
+
+    def _adopt(self, left: Leftovers | None) -> None:
+        """Take a dead cache's pools and graphs before the first step (nothing allocated)."""
+        if left is None or len(left.kvs) != len(self.layers):
+            return
+        self.pages.num_pages = left.num_pages
+        self.pages.reset()
+        for layer, kv in zip(self.layers, left.kvs):
+            layer.kv = kv
+            layer.is_initialized = kv is not None
+        self.graphs, self.graph_pool, self._bad_write = left.graphs, left.graph_pool, left.bad_write
+
+    def __del__(self):
+        reuse = getattr(self, "_reuse", None)
+        if reuse is None:
+            return
+        try:
+            kvs = [layer.kv for layer in self.layers]
+            device = next((kv.device for kv in kvs if kv is not None), None)
+            if device is not None:
+                reuse.give(
+                    Leftovers(
+                        kvs,
+                        self.pages.num_pages,
+                        self.page_size,
+                        device,
+                        self.graphs,
+                        self.graph_pool,
+                        self._bad_write,
+                    )  # fmt: skip
+                )
+        except Exception:  # noqa: BLE001  (a finalizer must not raise: the pools are just freed)
+            pass
 
     def _grow(self, num_pages: int) -> None:
         self.graphs.clear()

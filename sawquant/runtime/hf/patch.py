@@ -35,6 +35,7 @@ from sawquant.runtime.hf.compat import (
     returned_cache,
 )
 from sawquant.runtime.hf.graphs import DecodeGraphs, graph_support
+from sawquant.runtime.hf.reuse import CacheReuse
 from sawquant.runtime.memory import KVMemory, kv_memory
 from sawquant.runtime.sharding import local_config, tensor_parallel_rank
 
@@ -62,6 +63,7 @@ class _PatchState:
     cache: SawquantCache | None = None  # the cache of the forward in progress
     graphs: DecodeGraphs | None = None  # CUDA-graph decode steps, when on
     previous_forward: Any = None  # the decoder's instance-level forward before the graphs'
+    reuse: CacheReuse | None = None  # a dead cache's pools and graphs for the next (with graphs)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -89,7 +91,7 @@ def _before_forward(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> tupl
     cache = pop_cache(kwargs)  # whichever name generate or the caller used
     fresh_dynamic = type(cache) is DynamicCache and cache.get_seq_length() == 0
     if cache is None or fresh_dynamic:
-        cache = SawquantCache(state.config, page_size=state.page_size)
+        cache = SawquantCache(state.config, page_size=state.page_size, reuse=state.reuse)
     kwargs.update(cache_kwargs(decoder, cache))
     if isinstance(cache, SawquantCache):
         mask = kwargs.get("attention_mask")
@@ -135,6 +137,16 @@ def _sawquant_memory(self: torch.nn.Module) -> KVMemory:
     return kv_memory(state.config, page_size=state.page_size)
 
 
+def _sawquant_release(self: torch.nn.Module) -> None:
+    """Free the KV pools and CUDA graphs the runtime keeps from the last finished
+    ``generate`` for the next one (``sawquant.runtime.hf.reuse``); the next call allocates and
+    captures again. Call ``torch.cuda.empty_cache()`` after it to return the memory to the
+    driver."""
+    reuse = self._sawquant_state.reuse
+    if reuse is not None:
+        reuse.release()
+
+
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The module that receives the cache: the decoder stack under a *ForCausalLM head, so a
     direct call of ``model.model(...)`` is served too; the model itself otherwise."""
@@ -157,7 +169,9 @@ def patch(
     ``model.sawquant_memory()`` reports the KV bytes per token. ``cuda_graphs``: replay
     one-token decode steps from CUDA graphs (``sawquant.runtime.hf.graphs``); None (default)
     turns them on for a model on one CUDA device with triton, False turns them off, True
-    insists (ConfigError where they cannot run). Raises ConfigError when the config was made
+    insists (ConfigError where they cannot run). With graphs on, a finished ``generate``
+    leaves its pools and graphs to the next call (``sawquant.runtime.hf.reuse``;
+    ``model.sawquant_release()`` frees them). Raises ConfigError when the config was made
     for another model shape or asks for what the kernels cannot do, and
     UnsupportedModelError for a model without decoder KV attention. Returns the model.
     """
@@ -191,6 +205,7 @@ def patch(
         module._sawquant_state = state
     model.sawquant_config = config  # this rank's part under tensor parallelism
     model.sawquant_memory = types.MethodType(_sawquant_memory, model)
+    model.sawquant_release = types.MethodType(_sawquant_release, model)
     return model
 
 
@@ -218,6 +233,7 @@ def install_graphs(state: _PatchState, decoder: torch.nn.Module, *, simulate: bo
     stand-in the tests use). Returns the DecodeGraphs."""
     state.previous_forward = decoder.__dict__.get("forward")  # e.g. accelerate's hook
     state.graphs = DecodeGraphs(decoder, decoder.forward, simulate=simulate)
+    state.reuse = CacheReuse(decoder)
     decoder.forward = state.graphs
     return state.graphs
 
@@ -229,6 +245,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
+    if state.reuse is not None:
+        state.reuse.release()
     if state.graphs is not None:
         decoder = state.graphs.decoder
         if state.previous_forward is None:
@@ -239,7 +257,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for module in state.holders:
         if "_sawquant_state" in module.__dict__:
             del module._sawquant_state
-    for name in ("sawquant_config", "sawquant_memory"):
+    for name in ("sawquant_config", "sawquant_memory", "sawquant_release"):
         if name in model.__dict__:
             delattr(model, name)
     return model
