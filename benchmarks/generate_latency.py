@@ -64,9 +64,9 @@ def _pairs(model, ids, new: int, repeats: int, fresh: bool, **kwargs):
     firsts, fulls, out = [], [], None
     for i in range(repeats):
         for n, times in ((1, firsts), (new, fulls)):
+            out = None  # the last call's cache dies (and leaves its pools) before this call
             if fresh and release is not None:
-                release()
-            out = None  # the last call's cache dies before this one starts
+                release()  # after that death, or the leftovers would be taken after all
             t, out = _generate(model, ids, n, **kwargs)
             times.append(t)
     return firsts, fulls, out
