@@ -230,3 +230,51 @@ def test_moved_weights_drop_the_leftovers_and_release_frees_them(monkeypatch):
     assert state.reuse.spare is None
     unpatch(graphed)
     assert not hasattr(graphed, "sawquant_release")
+
+
+def test_weights_swapped_while_a_cache_is_held_drop_its_leftovers():
+    """The graphs bake the weights they were captured with: a cache that outlives a weight
+    swap must not hand its graphs on when it finally dies."""
+    eager, graphed = _models()
+    state = graphed._sawquant_state
+    held = _generate(graphed)
+    for model in (eager, graphed):
+        layer = model.model.layers[0].mlp.down_proj
+        layer.weight = torch.nn.Parameter(layer.weight.detach() * 1.5)  # a new tensor
+    del held  # dies now, after the swap
+    out = _generate(graphed)
+    assert state.reuse.reused == 0
+    assert torch.equal(out.sequences, _generate(eager).sequences)
+
+
+def test_a_longer_second_prompt_grows_the_adopted_pools_and_matches_eager():
+    eager, graphed = _models()
+    for model in (eager, graphed):
+        model._sawquant_state.page_size = 2  # few tokens per page: the second call must grow
+    _generate(graphed)
+    ids = torch.randint(0, 128, (3, 30), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for model in (eager, graphed):
+        with torch.no_grad():
+            outs.append(
+                model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               pad_token_id=0, return_dict_in_generate=True)
+            )  # fmt: skip
+    assert graphed._sawquant_state.reuse.reused == 1
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert returned_cache(outs[1]).calls["graph_replay"] == 11
+
+
+def test_a_shallow_copy_of_a_cache_hands_nothing_on():
+    import copy
+
+    _, graphed = _models()
+    state = graphed._sawquant_state
+    out = _generate(graphed)
+    cache = returned_cache(out)
+    twin = copy.copy(cache)
+    assert twin.layers[0].kv is cache.layers[0].kv  # shared pools
+    del out, cache
+    assert state.reuse.spare is None  # the original died while its copy still uses the pools
+    del twin
+    assert state.reuse.spare is None

@@ -112,10 +112,11 @@ def sawquant_attention(
     if cache is None:
         if getattr(key, "_sawquant_stored", False):
             raise RuntimeBypassError(
-                "a sawquant cache served this step's keys, but the forward skipped the "
-                "runtime's pre-forward hook (called as decoder.forward(...) instead of "
-                "decoder(...)), so attention would see the new tokens only; call the module, "
-                "or set its _sawquant_state.cache to the cache as the hook does"
+                "a sawquant cache stored this step's keys, but the runtime's pre-forward hook "
+                "did not hand it to the attention layers (the call was decoder.forward(...) "
+                "instead of decoder(...), passed the cache positionally, or set "
+                "use_cache=False), so attention would see the new tokens only; call the model "
+                "with past_key_values=cache and use_cache=True"
             )
         # No cache in this step (use_cache=False, or a model that is not patched): plain
         # attention on what we got, as the unpatched model would compute it.

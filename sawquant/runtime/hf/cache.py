@@ -99,6 +99,7 @@ class SawquantCache(Cache):
         # Where this cache leaves its pools and graphs when it dies, and takes a dead one's
         # at its first step (sawquant.runtime.hf.reuse); None: allocate, capture, free.
         self._reuse = reuse
+        self._weights: tuple | None = None  # the decoder's tensors its pools and graphs saw
         # The page table calls back through a weak reference: no cycle, so a dead cache frees
         # its pools (and CUDA graphs) at once, not at some later run of the cyclic collector.
         grow_pools = weakref.WeakMethod(self._grow)
@@ -247,6 +248,25 @@ class SawquantCache(Cache):
             layer.kv = kv
             layer.is_initialized = kv is not None
         self.graphs, self.graph_pool, self._bad_write = left.graphs, left.graph_pool, left.bad_write
+        self._weights = left.weights
+
+    def note_weights(self) -> None:
+        """Record the decoder's tensors (at the first allocation and at every capture): if they
+        ever differ, this cache's pools and graphs are not handed on."""
+        if self._reuse is None:
+            return
+        now = self._reuse.fingerprint()
+        if self._weights is None and not any(layer.kv is not None for layer in self.layers):
+            self._weights = now
+        elif now != self._weights:
+            self._weights = ()  # mixed: never equal to a real fingerprint
+
+    def __copy__(self):
+        # A shallow copy shares the layers (and so the pools): neither may hand them on.
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        self._reuse = clone._reuse = None
+        return clone
 
     def __del__(self):
         reuse = getattr(self, "_reuse", None)
@@ -256,17 +276,20 @@ class SawquantCache(Cache):
             kvs = [layer.kv for layer in self.layers]
             device = next((kv.device for kv in kvs if kv is not None), None)
             if device is not None:
-                reuse.give(
-                    Leftovers(
-                        kvs,
-                        self.pages.num_pages,
-                        self.page_size,
-                        device,
-                        self.graphs,
-                        self.graph_pool,
-                        self._bad_write,
-                    )  # fmt: skip
+                # A graph pool with no live graph is never joined again (torch's allocator
+                # asserts), so it goes only with its graphs.
+                pool = self.graph_pool if self.graphs else None
+                left = Leftovers(
+                    kvs=kvs,
+                    weights=self._weights or None,
+                    num_pages=self.pages.num_pages,
+                    page_size=self.page_size,
+                    device=device,
+                    graphs=self.graphs,
+                    graph_pool=pool,
+                    bad_write=self._bad_write,
                 )
+                reuse.give(left)
         except Exception:  # noqa: BLE001  (a finalizer must not raise: the pools are just freed)
             pass
 
@@ -279,6 +302,8 @@ class SawquantCache(Cache):
 
     # -- per-layer work -----------------------------------------------------------------
     def _allocate_layer(self, layer: _PagedLayer, key_states: torch.Tensor) -> None:
+        if self._weights is None:  # the first pool of a fresh cache
+            self.note_weights()
         m = self.kv_config.model
         if key_states.shape[1] != m.num_kv_heads:
             raise ConfigError(

@@ -174,6 +174,7 @@ class DecodeGraphs:
         )
 
     def _capture(self, cache: SawquantCache, kwargs: dict) -> _Graph:
+        cache.note_weights()  # the graph bakes the weights' addresses (sawquant.runtime.hf.reuse)
         step = cache.plan
         ids = kwargs["input_ids"].clone()
         positions = self._positions(cache, kwargs, ids).clone()

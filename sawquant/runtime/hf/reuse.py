@@ -8,10 +8,12 @@ it), it leaves its pools, graphs, graph memory pool and bad-write flag here, and
 created for the same model takes them: same shapes, same graphs, no capture.
 
 What a graph bakes besides the pools is the model's weights, so the leftovers are taken only
-while every parameter and buffer of the decoder is the tensor it was (same address, dtype and
-shape): ``model.to(...)``, ``model.half()`` or swapped modules drop them. In-place weight
-updates keep the addresses and the graphs read the new values. A cache the user still holds
-(``return_dict_in_generate=True``) leaves nothing, so no two caches ever share pools.
+while every parameter and buffer of the decoder is the tensor it was when the pools were
+allocated and when each graph was captured (same address, dtype and shape): ``model.to(...)``,
+``model.half()`` or swapped modules, even while the cache was still held, drop them. In-place
+weight updates keep the addresses and the graphs read the new values. A cache the user still
+holds (``return_dict_in_generate=True``) leaves nothing, and a shallow copy of a cache turns the
+hand-over off for both, so no two live caches ever share pools.
 
 The price: between calls the last cache's pools and the graphs' memory stay allocated on the
 device. ``model.sawquant_release()`` frees them (and ``unpatch``); ``cuda_graphs=False`` turns
@@ -37,6 +39,7 @@ class Leftovers:
     """What a dead cache leaves: the graphs are only valid with exactly these tensors."""
 
     kvs: list[LayerKV | None]  # one per layer (pools of both sides)
+    weights: tuple | None  # the decoder's tensors at allocation and every capture (None: mixed)
     num_pages: int
     page_size: int
     device: torch.device
@@ -51,35 +54,33 @@ def _fingerprint(module: torch.nn.Module) -> tuple:
 
 
 class CacheReuse:
-    """One model's spare leftovers (at most one set: the largest pools win)."""
+    """One model's spare leftovers: at most one set, the last cache to die (the likeliest to
+    match the model as it is now)."""
 
     def __init__(self, decoder: torch.nn.Module):
         self._decoder = weakref.ref(decoder)  # (the decoder holds the patch state, which holds us)
         self.spare: Leftovers | None = None
-        self._weights: tuple | None = None  # the decoder's tensors when the spare was left
         self.reused = 0  # how many caches took leftovers (tests and benchmarks read it)
 
-    def give(self, leftovers: Leftovers) -> None:
-        if not any(kv is not None for kv in leftovers.kvs):
-            return  # nothing was allocated
-        if self.spare is not None and self.spare.num_pages > leftovers.num_pages:
-            return  # keep the larger pools; these are freed with their cache
+    def fingerprint(self) -> tuple | None:
+        """The decoder's parameters and buffers as tensors (address, dtype, shape, device)."""
         decoder = self._decoder()
-        if decoder is None:
-            return
-        self.spare, self._weights = leftovers, _fingerprint(decoder)
+        return None if decoder is None else _fingerprint(decoder)
+
+    def give(self, leftovers: Leftovers) -> None:
+        if leftovers.weights is None or not any(kv is not None for kv in leftovers.kvs):
+            return  # nothing allocated, or graphs captured with other weights: just freed
+        self.spare = leftovers
 
     def take(self, device: torch.device, page_size: int) -> Leftovers | None:
         """The spare leftovers if they fit a new cache on ``device`` with ``page_size`` pages
-        and the decoder still has the same tensors; they are handed over once."""
-        spare, weights = self.spare, self._weights
-        self.spare = self._weights = None
-        decoder = self._decoder()
-        if spare is None or decoder is None:
+        and the decoder still has the tensors they were made with; handed over once."""
+        spare, self.spare = self.spare, None
+        if spare is None:
             return None
         if spare.device != torch.device(device) or spare.page_size != page_size:
             return None
-        if weights != _fingerprint(decoder):
+        if spare.weights != self.fingerprint():
             return None  # the model moved or changed: its graphs would read stale weights
         if spare.bad_write is not None:
             spare.bad_write.zero_()  # the dead cache's problem was its own
@@ -88,4 +89,4 @@ class CacheReuse:
 
     def release(self) -> None:
         """Drop the spare leftovers (their device memory is freed)."""
-        self.spare = self._weights = None
+        self.spare = None
