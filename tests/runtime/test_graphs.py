@@ -278,3 +278,13 @@ def test_a_shallow_copy_of_a_cache_hands_nothing_on():
     assert state.reuse.spare is None  # the original died while its copy still uses the pools
     del twin
     assert state.reuse.spare is None
+
+
+def test_a_step_under_autocast_does_not_replay_a_graph_captured_without_it(monkeypatch):
+    _, graphed = _models()
+    captured = _captures(monkeypatch, graphed._sawquant_state.graphs)
+    _generate(graphed)
+    plain = len(captured)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _generate(graphed)  # takes the leftovers, but needs graphs of its own
+    assert graphed._sawquant_state.reuse.reused == 1 and len(captured) > plain

@@ -15,15 +15,16 @@ What a step depends on, and how the graph sees it:
 * the 2D attention mask: not passed. The paged decode kernels mask by ``seq_lens`` (padding is
   never stored) and ignore transformers' mask, so leaving it out keeps the step's shapes static
   (the mask grows by one column per token) without changing its result;
-* the pools: their addresses are baked into the graph, so a graph lives on its cache and is
-  dropped when the pools are reallocated (growth doubles them: rare).
+* the pools: their addresses are baked into the graph, so a graph lives with its pools (on its
+  cache, then on the next cache that takes them: ``sawquant.runtime.hf.reuse``) and is dropped
+  when the pools are reallocated (growth doubles them: rare).
 
-Graph keys are the input shapes and the block table's width (it doubles as sequences grow, so a
-long generation captures a handful of graphs). Steps a graph cannot serve run eagerly, and the
-user is told once why (gradients on, hidden states requested, a forward argument the graph does
-not carry, several devices). ``simulate=True`` replays by running the captured call again with
-the host-side lengths frozen at their capture values: the bookkeeping of the graph path, tested
-on a CPU.
+Graph keys are the input shapes, the block table's width (it doubles as sequences grow, so a
+long generation captures a handful of graphs) and the autocast dtype, if any. Steps a graph
+cannot serve run eagerly, and the user is told once why (gradients on, hidden states requested,
+a forward argument the graph does not carry, several devices). ``simulate=True`` replays by
+running the captured call again with the host-side lengths frozen at their capture values: the
+bookkeeping of the graph path, tested on a CPU.
 """
 
 from __future__ import annotations
@@ -162,7 +163,11 @@ class DecodeGraphs:
         ids = kwargs["input_ids"]
         pos = kwargs.get("position_ids")
         pos_shape = None if pos is None else (tuple(pos.shape), pos.dtype)
-        return tuple(ids.shape), pos_shape, tuple(cache.plan.block_table.shape)
+        # Autocast changes the kernels a step runs: a graph captured without it (or with
+        # another dtype) must not serve a step under it, now that graphs outlive their call.
+        kind = ids.device.type
+        cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return tuple(ids.shape), pos_shape, tuple(cache.plan.block_table.shape), cast
 
     def _call(self, cache: SawquantCache, graph_inputs: tuple[torch.Tensor, torch.Tensor]):
         ids, positions = graph_inputs
