@@ -5,6 +5,13 @@ calibrated (one or more recipes, i.e. bit budgets).
     python benchmarks/calibration_accuracy.py               # demo, recipes demo + demo-lean
     python benchmarks/calibration_accuracy.py --model PATH --recipe gemma --recipe lean
     python benchmarks/calibration_accuracy.py --plant-bias  # demo with planted key biases
+    python benchmarks/calibration_accuracy.py --recipe demo-lean --seeds 0,1,2  # spread
+
+``--seeds`` calibrates each recipe once per seed (the recipe's ``seed``, which samples the query
+positions of the error model, and its sign seed candidates ``[null, s]``): equally valid
+calibrations whose rounding outcomes differ. Their spread is uncertainty the interval over
+windows does not include (each version shifts every window the same way; see RESULTS.md,
+"8-bit group parameters"), so a claim about a recipe should hold across its seeds.
 
 Fairness: every config is scored on the same windows of held-out text (default: the KJV
 evaluation split, which shares no book with the calibration split, and ``pydocs``, the Python
@@ -18,9 +25,11 @@ Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -59,6 +68,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per evaluation window")
     parser.add_argument("--plant-bias", action="store_true", help="plant massive key biases")
+    parser.add_argument("--seeds", help="calibration seeds per recipe, e.g. 0,1,2 (see above)")
     parser.add_argument("--out", default="calibration_accuracy.json")
     args = parser.parse_args()
     recipes = args.recipe or (["demo", "demo-lean"] if args.model is None else ["default"])
@@ -77,21 +87,30 @@ def main() -> None:
         ),
     }
     calibrations = {}
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+    versions: dict[str, list[str]] = {}  # recipe -> the config names of its seeds
     for name in recipes:
-        recipe = load_recipe(name)
+        base = load_recipe(name)
         windows = data.token_windows(
-            tokenizer, data.load_text(recipe.data), num=recipe.samples, seq_len=recipe.seq_len
+            tokenizer, data.load_text(base.data), num=base.samples, seq_len=base.seq_len
         )
-        start = time.perf_counter()
-        result = calibrate(model, tokenizer, windows, recipe, data_name=recipe.data)
-        calibrations[name] = {
-            "wall_s": time.perf_counter() - start,
-            "peak_memory": result.stats.get("peak_memory"),
-            "avg_bits": result.avg_bits,
-        }
-        configs[f"sawquant {name} ({result.avg_bits:.2f} bits)"] = result.config
-        print(f"calibrated with {name}: {result.avg_bits:.3f} bits in "
-              f"{calibrations[name]['wall_s']:.0f} s", flush=True)  # fmt: skip
+        for seed in seeds:
+            recipe, label = base, name
+            if seed is not None:
+                recipe = dataclasses.replace(base, seed=seed, sign_seeds=(None, seed))
+                label = f"{name} seed {seed}"
+            start = time.perf_counter()
+            result = calibrate(model, tokenizer, windows, recipe, data_name=recipe.data)
+            calibrations[label] = {
+                "wall_s": time.perf_counter() - start,
+                "peak_memory": result.stats.get("peak_memory"),
+                "avg_bits": result.avg_bits,
+            }
+            config_name = f"sawquant {label} ({result.avg_bits:.2f} bits)"
+            configs[config_name] = result.config
+            versions.setdefault(name, []).append(config_name)
+            print(f"calibrated with {label}: {result.avg_bits:.3f} bits in "
+                  f"{calibrations[label]['wall_s']:.0f} s", flush=True)  # fmt: skip
 
     rows = []
     for text in texts:
@@ -114,11 +133,17 @@ def main() -> None:
                 row["recovery"] = rec.to_dict()
                 row["recovery_text"] = str(rec)
 
+    spread = _seed_spread(rows, versions) if len(seeds) > 1 else []
     print()
     print(f"{'text':16s} {'config':40s} {'ppl':>9s} {'bits':>6s}  recovered (95% CI over windows)")
     for row in rows:
         print(f"{row['text']:16s} {row['config']:40s} {row['perplexity']:9.4f} "
               f"{row['avg_bits']:6.3f}  {row.get('recovery_text', '-')}")  # fmt: skip
+    for row in spread:
+        print(
+            f"{row['text']:16s} {row['recipe']:22s} over seeds {row['seeds']}: mean "
+            f"{100 * row['mean']:.1f}%, range {100 * row['min']:.1f}-{100 * row['max']:.1f}%"
+        )
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/calibration_accuracy.py "
@@ -132,10 +157,26 @@ def main() -> None:
         "eval": {"texts": texts, "windows": args.windows, "seq_len": args.seq_len},
         "calibrations": calibrations,
         "rows": rows,
+        "seed_spread": spread,
     }
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     print(f"wrote {args.out}")
+
+
+def _seed_spread(rows: list[dict], versions: dict[str, list[str]]) -> list[dict]:
+    """Per text and recipe: the recovery of each seed's calibration, its mean and range."""
+    out = []
+    for text in dict.fromkeys(r["text"] for r in rows):
+        for recipe, names in versions.items():
+            values = [
+                r["recovery"]["value"] for r in rows
+                if r["text"] == text and r["config"] in names
+            ]  # fmt: skip
+            out.append({"text": text, "recipe": recipe, "seeds": len(values), "values": values,
+                        "mean": statistics.fmean(values), "min": min(values),
+                        "max": max(values)})  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":
