@@ -22,6 +22,7 @@ graphs and this reuse off.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ class Leftovers:
     bad_write: torch.Tensor | None  # the flag the captured writes set
 
 
+def _release(ref: weakref.ref) -> None:
+    reuse = ref()
+    if reuse is not None:
+        reuse.release()
+
+
 def _fingerprint(module: torch.nn.Module) -> tuple:
     tensors = itertools.chain(module.parameters(), module.buffers())
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
@@ -61,6 +68,8 @@ class CacheReuse:
         self._decoder = weakref.ref(decoder)  # (the decoder holds the patch state, which holds us)
         self.spare: Leftovers | None = None
         self.reused = 0  # how many caches took leftovers (tests and benchmarks read it)
+        # Free the spare graphs at exit while CUDA is still up, not in module teardown order.
+        atexit.register(_release, weakref.ref(self))
 
     def fingerprint(self) -> tuple | None:
         """The decoder's parameters and buffers as tensors (address, dtype, shape, device)."""
