@@ -146,8 +146,7 @@ def main() -> None:
         )
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/calibration_accuracy.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v),
+        "command": "python benchmarks/calibration_accuracy.py " + _command_args(args),
         "device": f"CPU ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -162,6 +161,20 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=1)
     print(f"wrote {args.out}")
+
+
+def _command_args(args: argparse.Namespace) -> str:
+    """The options as typed (a repeatable option once per value)."""
+    parts = []
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [f"{flag} {v}" for v in value]
+        elif value:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
 
 
 def _seed_spread(rows: list[dict], versions: dict[str, list[str]]) -> list[dict]:
