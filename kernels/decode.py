@@ -31,6 +31,9 @@ SM count) comes in a ``DecodePlan`` built once per layer; launch parameters come
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +48,18 @@ from sawquant.kernels.plans import (
 )
 from sawquant.quant.decode import check_decode_inputs
 
-__all__ = ["DecodePlan", "DecodeTuning", "paged_decode_attention"]
+try:  # Gluon (explicit layouts) ships with triton >= 3.5; without it the Triton kernel serves
+    from sawquant.kernels.decode_mma import launch_mma_split
+except ImportError as _err:  # pragma: no cover - the supported tritons all have it
+    launch_mma_split = None
+    _MMA_MISSING = f"{type(_err).__name__}: {_err}"
+
+__all__ = ["LAUNCHES", "DecodePlan", "DecodeTuning", "paged_decode_attention"]
+
+# Split-kernel launches by kernel ("mma": the tensor-core kernel, "triton": the Triton one), so
+# benchmarks and GPU checks can show which path really ran.
+LAUNCHES: Counter = Counter()
+_warned_mma = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +557,28 @@ def _word_aligned(codes: torch.Tensor) -> bool:
     return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
 
 
+def _mma_applies(plan: DecodePlan, g, k_store, v_store, group: int, d: int) -> bool:
+    """This INT4 / INT4 head group runs the tensor-core kernel (decode_mma.py)."""
+    global _warned_mma
+    if not (plan.mma_capable and g.k_bits == 4 and g.v_bits == 4 and group <= 16):
+        return False
+    kpool, vpool = k_store.pools[4], v_store.pools[4]
+    if kpool.spec.groups_divisor != d or vpool.spec.groups_divisor != d:
+        return False  # per-group scales: the Triton kernel dequantizes those in registers
+    if not (_word_aligned(kpool.codes) and _word_aligned(vpool.codes)):
+        return False
+    if launch_mma_split is None:
+        if not _warned_mma:
+            _warned_mma = True
+            warnings.warn(
+                f"sawquant: the tensor-core INT4 decode kernel is unavailable ({_MMA_MISSING}); "
+                "decoding with the slower Triton kernel. Install triton>=3.6 for it.",
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_store: SideStore,
@@ -580,10 +616,16 @@ def paged_decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_table = block_table.contiguous()
     max_len = block_table.shape[1] * k_store.page_size
-    if num_splits is not None:
-        splits = [int(max(1, num_splits))] * len(plan.groups)
-    else:  # each launch fills the GPU on its own: a lone fallback head gets more splits
-        splits = [plan.splits(b, g.heads.numel(), max_len) for g in plan.groups]
+    mma, splits = [], []
+    for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
+        n = g.heads.numel()
+        m = tuning.mma and _mma_applies(plan, g, k_store, v_store, group, d)
+        s = num_splits or (plan.mma_splits if m else plan.splits)(b, n, max_len)
+        if m and max_len < tuning.mma_min_tokens * s:  # short programs: the Triton kernel wins
+            m = False
+            s = num_splits or plan.splits(b, n, max_len)
+        mma.append(m)
+        splits.append(int(max(1, s)))
     total_splits = max(splits)
 
     ml = torch.empty(b, h_q, total_splits, 2, dtype=torch.float32, device=device)
@@ -592,9 +634,21 @@ def paged_decode_attention(
     acc = torch.empty(b, h_q, total_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
     block_g = max(16, next_pow2(group))
-    for g, g_splits in zip(plan.groups, splits):
+    for g, g_splits, g_mma in zip(plan.groups, splits, mma):
         k_nat, v_nat = g.k_bits != 4, g.v_bits != 4
         kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
+        if g_mma:
+            LAUNCHES["mma"] += 1
+            launch_mma_split(
+                q, kpool, vpool, group, g, block_table, seq_lens, ml, acc,
+                splits=g_splits, page_size=k_store.page_size, k_rot=plan.mma_rot,
+                k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
+                softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
+                max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
+                maxnreg=tuning.mma_maxnreg, depth=tuning.mma_depth,
+            )  # fmt: skip
+            continue
+        LAUNCHES["triton"] += 1
         # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
         ks = kpool.scale if kpool.scale is not None else kpool.codes
         kz = kpool.zero if kpool.zero is not None else kpool.codes

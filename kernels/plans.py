@@ -23,6 +23,9 @@ __all__ = [
     "HeadGroup",
     "PrefillPlan",
     "channel_order",
+    "mma_rotation_columns",
+    "mma_word_of_col",
+    "mma_word_of_k",
     "next_pow2",
     "rotation_matrix",
 ]
@@ -59,6 +62,23 @@ def channel_order(block_w: int) -> list[int]:
     return [8 * (c // 8) + nib[c % 8] for c in range(8 * block_w)]
 
 
+def mma_word_of_k(k: int) -> int:
+    """Word of a row at K-operand index k of the tensor-core decode kernel (its ``_tau``)."""
+    return (k & 1) + 2 * ((k >> 3) & 1) + 4 * ((k >> 1) & 3)
+
+
+def mma_word_of_col(n: int) -> int:
+    """Word of a row at V-operand column n of the tensor-core decode kernel (its ``_sigma``)."""
+    return 2 * (n & 7) + (n >> 3)
+
+
+def mma_rotation_columns(matrix: torch.Tensor) -> torch.Tensor:
+    """[128, 128] -> the same columns in the tensor-core kernel's order: column 16 j + k is
+    ``matrix[:, 8 * mma_word_of_k(k) + j]`` (q's channels of nibble slot j, word order tau)."""
+    order = [8 * mma_word_of_k(k) + j for j in range(8) for k in range(16)]
+    return matrix[:, torch.tensor(order, device=matrix.device)].contiguous()
+
+
 def _permuted_columns(matrix: torch.Tensor, block_w: int, *, natural: bool) -> torch.Tensor:
     """[D, D] -> [D, 8 * block_w]: column c' is ``matrix[:, chan[c']]`` (0 past D);
     ``natural``: chan[c'] = c' (only padded), for tiles in natural channel order."""
@@ -87,6 +107,17 @@ class DecodeTuning:
     num_stages: int = 2
     # INT4 unpack through fp16 subnormals (5 instructions a word instead of 11): 1-2 % faster.
     subnormal_unpack: bool = True
+    # INT4 / INT4 head groups with per-token scales run the tensor-core kernel (decode_mma.py)
+    # where the plan says it can; False: the Triton kernel everywhere (benchmarks' A/B).
+    mma: bool = True
+    mma_tokens_per_warp: int = 16  # 32: 255 registers (ptxas, triton 3.6, sm_90a)
+    mma_maxnreg: int | None = None
+    # Tiles of codes in flight per warp: 2 was 2-3 % faster than 1 at 32x16k, 64x8k and 8x32k
+    # on the H200 (216 registers instead of 186: 2 programs per SM either way).
+    mma_depth: int = 2
+    # Below this many context tokens per program the Triton kernel is faster (the tensor-core
+    # kernel's per-program q rotation: H200, 1x4k at 16 splits: 20.6 vs 15.7 us).
+    mma_min_tokens: int = 512
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -123,6 +154,10 @@ class DecodePlan:
     v_rot_scale: float
     num_sms: int  # programs per wave: splits are sized from it
     use_asm: bool  # inline PTX unpack (NVIDIA GPUs; the interpreter cannot run it)
+    # The tensor-core kernel (decode_mma.py) can serve this layer's INT4 / INT4 heads: an
+    # NVIDIA GPU with mma.sync (sm_80+) and head_dim 128. Its q rotation, columns permuted.
+    mma_capable: bool = False
+    mma_rot: torch.Tensor | None = None
 
     @classmethod
     def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
@@ -139,6 +174,8 @@ class DecodePlan:
         hk, k_scale = rotation_matrix(k_store, device, inverse=False)
         hv, v_scale = rotation_matrix(v_store, device, inverse=True)
         cuda = device.type == "cuda"
+        nvidia = cuda and torch.version.hip is None
+        mma = nvidia and d == 128 and torch.cuda.get_device_capability(device)[0] >= 8
         return cls(
             head_dim=d,
             block_w=block_w,
@@ -149,7 +186,9 @@ class DecodePlan:
             v_unrot=hv,
             v_rot_scale=v_scale,
             num_sms=torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4,
-            use_asm=cuda and torch.version.hip is None,
+            use_asm=nvidia,
+            mma_capable=mma,
+            mma_rot=mma_rotation_columns(hk) if mma and hk is not None else None,
         )
 
     def splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
@@ -161,6 +200,14 @@ class DecodePlan:
         want = max(1, (4 * self.num_sms) // max(batch * num_kv_heads, 1))
         cap = max(1, max_context // 256)
         return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
+
+    def mma_splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
+        """Splits for the tensor-core kernel: one wave of 2 programs per SM (its registers
+        allow 2), no split shorter than 256 tokens. The H200 sweep (RESULTS.md) had its best at
+        32x16k -> 1, 64x8k -> 1, 8x32k -> 4, 8x16k -> 4, 8x4k -> 4, 1x4k -> 16."""
+        want = max(1, (2 * self.num_sms) // max(batch * num_kv_heads, 1))
+        cap = max(1, max_context // 256)
+        return 1 << (min(want, cap, 128).bit_length() - 1)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ import torch
 from _builders import paged_cache
 
 from sawquant.config import SideConfig
+from sawquant.quant import rotate, unrotate
+from sawquant.quant.attention import gather_heads
+from sawquant.quant.transforms import per_query_head, restore
 
 
 def build_cache(
@@ -74,3 +77,28 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor) -> Non
     err_lowp = (lowp.float() - ref.float()).abs().max().item()
     print(f"max err kernel {err:.3e}, torch {lowp.dtype} {err_lowp:.3e}, atol {atol:.1e}")
     assert err <= 2 * err_lowp + atol
+
+
+def torch_lowp_attention(q, k_store, v_store, table, lens, *, scale, window=None, softcap=None):
+    """Plain torch attention in q.dtype on the same dequantized cache (the error yardstick)."""
+    dt = q.dtype
+    group = q.shape[1] // k_store.num_kv_heads
+    keys = gather_heads(k_store, table, lens)
+    values = gather_heads(v_store, table, lens)
+    qs = restore(q, None, per_query_head(k_store.smooth, q.shape[1]))
+    qr = rotate(qs, k_store.block, k_store.signs).to(dt)
+    out = []
+    for i, n in enumerate(lens.tolist()):
+        k = keys[i].to(dt).repeat_interleave(group, 0)  # [H_q, L, D]
+        v = values[i].to(dt).repeat_interleave(group, 0)
+        s = (qr[i][:, None] @ k.transpose(-1, -2)) * scale  # [H_q, 1, L] in dt
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if window is not None:
+            s[..., : max(n - window, 0)] = float("-inf")
+        out.append((torch.softmax(s, -1) @ v)[:, 0])
+    o = unrotate(torch.stack(out).float(), v_store.block, v_store.signs)
+    h_q = q.shape[1]
+    return restore(o, per_query_head(v_store.center, h_q), per_query_head(v_store.smooth, h_q)).to(
+        dt
+    )

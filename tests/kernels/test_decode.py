@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _paged_fixture import build_cache, check_close, poison_float_allocations
+from _paged_fixture import (
+    build_cache,
+    check_close,
+    poison_float_allocations,
+    torch_lowp_attention,
+)
 
 from sawquant.errors import InputError
 from sawquant.kernels import decode, plans
@@ -13,33 +18,6 @@ from sawquant.kernels.plans import DecodePlan, DecodeTuning
 from sawquant.quant import rotate, unrotate
 from sawquant.quant.attention import gather_heads as _gather_heads
 from sawquant.quant.decode import paged_decode_attention_ref
-from sawquant.quant.transforms import per_query_head, restore
-
-
-def _torch_lowp(q, k_store, v_store, table, lens, *, scale, window=None, softcap=None):
-    """Plain torch attention in q.dtype on the same dequantized cache (the error yardstick)."""
-    dt = q.dtype
-    group = q.shape[1] // k_store.num_kv_heads
-    keys = _gather_heads(k_store, table, lens)
-    values = _gather_heads(v_store, table, lens)
-    qs = restore(q, None, per_query_head(k_store.smooth, q.shape[1]))
-    qr = rotate(qs, k_store.block, k_store.signs).to(dt)
-    out = []
-    for i, n in enumerate(lens.tolist()):
-        k = keys[i].to(dt).repeat_interleave(group, 0)  # [H_q, L, D]
-        v = values[i].to(dt).repeat_interleave(group, 0)
-        s = (qr[i][:, None] @ k.transpose(-1, -2)) * scale  # [H_q, 1, L] in dt
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        if window is not None:
-            s[..., : max(n - window, 0)] = float("-inf")
-        out.append((torch.softmax(s, -1) @ v)[:, 0])
-    o = unrotate(torch.stack(out).float(), v_store.block, v_store.signs)
-    h_q = q.shape[1]
-    return restore(o, per_query_head(v_store.center, h_q), per_query_head(v_store.smooth, h_q)).to(
-        dt
-    )
-
 
 CASES = {
     # name: head_dim, block, page, (H_q, H_kv), dtype, lens, num_splits, window, softcap, extra
@@ -84,7 +62,7 @@ def test_decode_matches_reference(name, monkeypatch):
     kw = dict(softmax_scale=d**-0.5, sliding_window=window, softcap=softcap)
     ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
     assert ref.dtype == dtype and ref.shape == q.shape
-    lowp = _torch_lowp(q, k_store, v_store, table, seq_lens, scale=d**-0.5, window=window,
+    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=d**-0.5, window=window,
                        softcap=softcap)  # fmt: skip
     poison_float_allocations(monkeypatch)
     out = paged_decode_attention(q, k_store, v_store, table, seq_lens, num_splits=splits, **kw)
@@ -245,7 +223,7 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     kw = dict(softmax_scale=0.125)
     ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
-    lowp = _torch_lowp(q, k_store, v_store, table, seq_lens, scale=0.125)
+    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=0.125)
     poison_float_allocations(monkeypatch)
     out = paged_decode_attention(q, k_store, v_store, table, seq_lens, plan=plan, **kw)
     check_close(out, ref.float(), lowp)

@@ -1,0 +1,218 @@
+"""The tensor-core decode kernel's algebra and dispatch, on CPU.
+
+The Gluon kernel (decode_mma.py) needs an NVIDIA GPU: the GPU checks run it against the
+twin (benchmarks/gpu_check.py, bench_decode_mma.py). Here a torch emulation of it, written
+from its docstring's decomposition (per-nibble-slot products, word orders tau / sigma, fp16
+subnormal codes with their factors folded into q and the output, the zero-point terms), stands
+in for the launch inside the real launcher, so the permuted rotation, the partial-state
+contract with the merge, the split arithmetic and the dispatch rules are all checked against
+the float32 twin; and the kernel's own index maps are checked against the host's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from _paged_fixture import (
+    build_cache,
+    check_close,
+    poison_float_allocations,
+    torch_lowp_attention,
+)
+
+from sawquant.kernels import decode, decode_mma, plans
+from sawquant.kernels.decode import paged_decode_attention
+from sawquant.kernels.plans import DecodePlan, DecodeTuning
+from sawquant.quant.decode import paged_decode_attention_ref
+
+LOG2E = 1.4426950408889634
+BLOCK_N = decode_mma.NUM_WARPS * 16  # tokens a program's warps take per step
+
+
+def _slot_values(words: torch.Tensor, j: int) -> torch.Tensor:
+    """Nibble slot j of int32 words as the kernel's prmt / and unpack leaves it: the fp16
+    subnormal code * 2**-24 (even slots, low nibble of a byte) or code * 2**-20 (odd)."""
+    code = ((words.long() & 0xFFFFFFFF) >> (4 * j)) & 15
+    return code.float() * (2.0**-24 if j % 2 == 0 else 2.0**-20)
+
+
+def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, acc, *,
+                    splits, page_size, k_rot, k_rot_scale, k_smooth, softmax_scale,
+                    sliding_window, softcap, max_len, num_q_heads, **_tuning):  # fmt: skip
+    """What one launch of the kernel writes into ML / ACC, program by program."""
+    tau = torch.tensor([plans.mma_word_of_k(k) for k in range(16)])
+    sigma = torch.tensor([plans.mma_word_of_col(n) for n in range(16)])
+    q_split = k_smooth is not None or q.dtype == torch.float32
+    for b in range(q.shape[0]):
+        length = min(int(seq_lens[b]), max_len)
+        start = max(length - sliding_window, 0) if sliding_window else 0
+        chunk = math.ceil(math.ceil((length - start) / splits) / BLOCK_N) * BLOCK_N
+        for i in range(heads.heads.numel()):
+            kvh, kp, vp = (int(t[i]) for t in (heads.heads, heads.k_index, heads.v_index))
+            rows = slice(kvh * group, (kvh + 1) * group)
+            qf = q[b, rows].float()
+            if k_smooth is not None:
+                qf = qf * k_smooth[kvh].float()
+            q_hi = qf.half().float()
+            q_lo = (qf - q_hi).half().float() if q_split else torch.zeros_like(qf)
+            q_slots, q_sum = [], torch.zeros(group)
+            for j in range(8):
+                if k_rot is not None:
+                    r = k_rot[:, 16 * j : 16 * j + 16].float()
+                    qj = (q_hi @ r + q_lo @ r) * k_rot_scale
+                else:
+                    qj = qf[:, 8 * tau + j]
+                qj = (qj / 16 if j % 2 else qj).half().float()
+                q_slots.append(qj)
+                q_sum += qj.sum(1) * (16 if j % 2 else 1)
+            for split in range(splits):
+                lo = start + split * chunk
+                hi = min(lo + chunk, length)
+                part = (b, rows, split)
+                if lo >= hi:  # a program with no token: weight 0 in the merge
+                    ml[part] = torch.tensor([float("-inf"), 0.0])
+                    acc[part] = 0.0
+                    continue
+                pos = torch.arange(lo, hi)
+                pages = block_table[b, pos // page_size].long()
+                off = pos % page_size
+                kw = kpool.codes[pages, kp, off].contiguous().view(torch.int32)  # [T, 16]
+                vw = vpool.codes[pages, vp, off].contiguous().view(torch.int32)
+                ks, kz = (t[pages, kp, off, 0].float() for t in (kpool.scale, kpool.zero))
+                vs, vz = (t[pages, vp, off, 0].float() for t in (vpool.scale, vpool.zero))
+                s = sum(q_slots[j] @ _slot_values(kw[:, tau], j).T for j in range(8))
+                s = (s * ks * 2.0**24 + kz * q_sum[:, None]) * softmax_scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                s = s * LOG2E
+                m = s.max(1).values
+                p = torch.exp2(s - m[:, None])
+                pv = (p * vs).half().float()
+                out = torch.empty(group, 128)
+                for j in range(8):
+                    a = pv @ _slot_values(vw[:, sigma], j)  # [G, 16 columns]
+                    out[:, 8 * sigma + j] = a * (2.0**24 if j % 2 == 0 else 2.0**20)
+                ml[part] = torch.stack([m, p.sum(1)], 1)
+                acc[part] = out + (p * vz).sum(1)[:, None]
+
+
+def _emulating_plan(k_store, v_store) -> DecodePlan:
+    plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
+    rot = plans.mma_rotation_columns(plan.k_rot_natural) if plan.k_rot_natural is not None else None
+    return dataclasses.replace(plan, mma_capable=True, mma_rot=rot)
+
+
+CASES = {
+    # name: block, (H_q, H_kv), dtype, lens, splits, window, softcap, extra
+    "rotated-gqa4-bf16": (128, (8, 2), torch.bfloat16, [130, 37], 2, None, None, {}),
+    "block32-gqa8-fp16-window-softcap": (32, (8, 1), torch.float16, [200], 3, 70, 30.0, {}),
+    "no-rotation-fp16": (1, (4, 2), torch.float16, [90, 5], 1, None, None, {}),
+    "float32-query-many-splits": (128, (4, 1), torch.float32, [150], 5, None, None, {}),
+    # Centering / smoothing (smoothed q rides as fp16 hi + lo), and INT8 / BF16 heads that
+    # stay with the Triton kernel in the same call.
+    "transforms-with-fallbacks": (
+        64, (6, 3), torch.bfloat16, [100, 20], 2, None, None,
+        {"transforms": True, "k_bits": (4, 8, 4), "v_bits": (4, 4, 16)},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_mma_kernel_matches_reference(name, monkeypatch):
+    block, (h_q, h_kv), dtype, lens, splits, window, softcap, extra = CASES[name]
+    torch.manual_seed(0)
+    k_store, v_store, table = build_cache(
+        lens=lens, num_kv_heads=h_kv, head_dim=128, page_size=16, block=block, dtype=dtype,
+        **extra,
+    )  # fmt: skip
+    q = (torch.randn(len(lens), h_q, 128) * 2).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(softmax_scale=128**-0.5, sliding_window=window, softcap=softcap)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
+    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=128**-0.5,
+                                window=window, softcap=softcap)  # fmt: skip
+    monkeypatch.setattr(decode, "launch_mma_split", _emulated_split)
+    poison_float_allocations(monkeypatch)
+    before = dict(decode.LAUNCHES)
+    plan = _emulating_plan(k_store, v_store)
+    out = paged_decode_attention(
+        q, k_store, v_store, table, seq_lens, num_splits=splits, plan=plan,
+        tuning=DecodeTuning(mma_min_tokens=0), **kw,
+    )  # fmt: skip
+    mma = decode.LAUNCHES["mma"] - before.get("mma", 0)
+    triton_launches = decode.LAUNCHES["triton"] - before.get("triton", 0)
+    print(f"launches: mma {mma}, triton {triton_launches}")
+    assert mma == 1  # the INT4 / INT4 group took the tensor-core path
+    assert triton_launches == sum((g.k_bits, g.v_bits) != (4, 4) for g in plan.groups)
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    print(f"relative error vs the twin: {rel:.2e}")
+    if dtype != torch.float32:  # float32 torch is exact: the rule does not apply (fp16 MMAs)
+        check_close(out, ref.float(), lowp)
+    assert torch.isfinite(out).all()
+    # fp16 operands (measured 1e-3 .. 2e-3 in float32) plus one rounding of the output
+    assert rel < 2.5e-3 + torch.finfo(dtype).eps / 2
+
+
+def test_kernel_index_maps_match_the_host():
+    """The kernel's tau / sigma are the host's maps; both are bijections of the 16 words, and
+    the permuted rotation holds every column of the rotation exactly once."""
+    ks = list(range(16))
+    assert [decode_mma._tau.fn(k) for k in ks] == [plans.mma_word_of_k(k) for k in ks]
+    assert [decode_mma._sigma.fn(n) for n in ks] == [plans.mma_word_of_col(n) for n in ks]
+    assert sorted(plans.mma_word_of_k(k) for k in ks) == ks
+    assert sorted(plans.mma_word_of_col(n) for n in ks) == ks
+    # A thread holds K indices 2t, 2t+1, 2t+8, 2t+9: they must be 4 adjacent words.
+    for t in range(4):
+        words = [plans.mma_word_of_k(k) for k in (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)]
+        assert words == list(range(4 * t, 4 * t + 4))
+    m = torch.arange(128 * 128, dtype=torch.float32).reshape(128, 128)
+    cols = plans.mma_rotation_columns(m)
+    assert sorted(cols[0].long().tolist()) == list(range(128))
+    assert torch.equal(cols[:, 16 * 3 + 5], m[:, 8 * plans.mma_word_of_k(5) + 3])
+
+
+def test_cpu_plans_use_the_triton_kernel():
+    """No tensor cores on CPU: the plan says so and every launch is the Triton kernel's."""
+    k_store, v_store, table = build_cache(
+        lens=[40], num_kv_heads=2, head_dim=128, page_size=16, block=128
+    )
+    plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
+    assert not plan.mma_capable and plan.mma_rot is None
+    before = dict(decode.LAUNCHES)
+    paged_decode_attention(
+        torch.randn(1, 4, 128), k_store, v_store, table, torch.tensor([40], dtype=torch.int32),
+        softmax_scale=0.1, num_splits=1,
+    )  # fmt: skip
+    assert decode.LAUNCHES["triton"] - before.get("triton", 0) == 1
+    assert decode.LAUNCHES["mma"] == before.get("mma", 0)
+
+
+def test_dispatch_rules(monkeypatch):
+    """The tensor-core kernel takes INT4 / INT4 groups with per-token scales and GQA <= 16,
+    and only for long enough programs (mma_min_tokens); the rest go to the Triton kernel."""
+    monkeypatch.setattr(decode, "launch_mma_split", _emulated_split)
+
+    def launches(tuning=DecodeTuning(mma_min_tokens=0), *, h_q=4, lens=(40,), splits=None,
+                 **extra):  # fmt: skip
+        k_store, v_store, table = build_cache(
+            lens=list(lens), num_kv_heads=1, head_dim=128, page_size=16, block=128, **extra
+        )
+        before = dict(decode.LAUNCHES)
+        paged_decode_attention(
+            torch.randn(1, h_q, 128, dtype=torch.bfloat16), k_store, v_store, table,
+            torch.tensor(list(lens), dtype=torch.int32), softmax_scale=0.1,
+            num_splits=splits, plan=_emulating_plan(k_store, v_store), tuning=tuning,
+        )  # fmt: skip
+        return {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items() if v != before.get(k)}
+
+    assert launches() == {"mma": 1}
+    assert launches(h_q=32) == {"triton": 1}  # GQA 32: more query rows than the MMA tile
+    assert launches(group_size=32) == {"triton": 1}  # per-group scales
+    assert launches(k_bits=(8,)) == {"triton": 1}
+    assert launches(DecodeTuning(mma=False)) == {"triton": 1}
+    assert launches(DecodeTuning()) == {"triton": 1}  # 40 tokens < mma_min_tokens
+    assert launches(DecodeTuning(), lens=(600,), splits=1) == {"mma": 1}
+    assert launches(DecodeTuning(), lens=(600,), splits=2) == {"triton": 1}  # 300 per split
