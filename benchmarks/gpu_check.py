@@ -26,6 +26,7 @@ import sys
 import torch
 
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
+from sawquant.kernels import decode
 from sawquant.kernels.decode import paged_decode_attention
 from sawquant.kernels.plans import DecodePlan
 from sawquant.kernels.write import rotate_quantize_paged
@@ -234,7 +235,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     rows = [{"device": name, "torch": torch.__version__}]
     for check in names:
+        before = dict(decode.LAUNCHES)
         rows += checks[check](dev)
+        # Which decode kernel served the check (the tensor-core one where it applies).
+        rows[-1]["decode_launches"] = {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items()}
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -170,6 +170,7 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
+    PAGES_AHEAD: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
@@ -270,16 +271,27 @@ def _mma_split_kernel(
     ks_head = kp * stride_ksh
     vs_head = vp * stride_vsh
 
-    # ---- the first tiles' codes and scales: the loop keeps DEPTH tiles in flight
-    nkw, nvw, nks, nkz, nvs, nvz = _load_tile(
-        lo, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k, word_v, PAGE,
-        kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct, stride_vcp, stride_vct,
-        stride_ksp, stride_kst, stride_vsp, stride_vst)
-    if DEPTH == 2:
-        mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
-            lo + BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k,
-            word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
+    # ---- the first tiles' codes and scales: the loop keeps DEPTH tiles in flight (n: the
+    # next tile, m: the one after, o: the third)
+    pgk, pgv, pgs = _tile_pages(lo, hi, bt_row, off_k, off_v, off_s, PAGE)
+    nkw, nvw, nks, nkz, nvs, nvz = _tile_codes(
+        lo, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k, word_v,
+        PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct, stride_vcp,
+        stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
+    if DEPTH >= 2:
+        pgk, pgv, pgs = _tile_pages(lo + BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
+        mkw, mvw, mks, mkz, mvs, mvz = _tile_codes(
+            lo + BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s,
+            word_k, word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
             stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
+    if DEPTH == 3:
+        pgk, pgv, pgs = _tile_pages(lo + 2 * BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
+        okw, ovw, oks, okz, ovs, ovz = _tile_codes(
+            lo + 2 * BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v,
+            off_s, word_k, word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp,
+            stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
+    if PAGES_AHEAD:
+        pgk, pgv, pgs = _tile_pages(lo + DEPTH * BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
 
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, 16] per-row softmax state
     m_i = gl.full([W, 16], float("-inf"), gl.float32, ROWS)
@@ -298,15 +310,28 @@ def _mma_split_kernel(
         vw, vs, vz = nvw, nvs, nvz
         ok_c = (n0 + off_s) < hi  # [W, NT] tokens of this tile
 
-        # ---- prefetch DEPTH tiles ahead
-        if DEPTH == 2:
+        # ---- prefetch DEPTH tiles ahead. The code loads depend on page ids loaded from the
+        # block table; in order issue stalls the warp on them unless they came an iteration
+        # early (PAGES_AHEAD).
+        if DEPTH >= 2:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
-        mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
-            n0 + DEPTH * BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s,
-            word_k, word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
+        if DEPTH == 3:
+            mkw, mvw, mks, mkz, mvs, mvz = okw, ovw, oks, okz, ovs, ovz
+        n_next = n0 + DEPTH * BLOCK_N
+        if not PAGES_AHEAD:
+            pgk, pgv, pgs = _tile_pages(n_next, hi, bt_row, off_k, off_v, off_s, PAGE)
+        xkw, xvw, xks, xkz, xvs, xvz = _tile_codes(
+            n_next, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k,
+            word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
             stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
+        if PAGES_AHEAD:
+            pgk, pgv, pgs = _tile_pages(n_next + BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
         if DEPTH == 1:
-            nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
+            nkw, nvw, nks, nkz, nvs, nvz = xkw, xvw, xks, xkz, xvs, xvz
+        if DEPTH == 2:
+            mkw, mvw, mks, mkz, mvs, mvz = xkw, xvw, xks, xkz, xvs, xvz
+        if DEPTH == 3:
+            okw, ovw, oks, okz, ovs, ovz = xkw, xvw, xks, xkz, xvs, xvz
 
         # ---- scores s = sum_j q_j K_j^T  [W, 16 rows, NT tokens]
         k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(kw)
@@ -383,10 +408,25 @@ def _mma_split_kernel(
 
 
 @gluon.jit
-def _load_tile(
+def _tile_pages(n, hi, bt_row, off_k, off_v, off_s, PAGE: gl.constexpr):
+    """Page ids (block-table entries) of the tile starting at token n, for the K words', the V
+    words' and the scales' layouts; 0 at or past hi."""
+    pos_k = n + off_k
+    pos_v = n + off_v
+    pos_s = n + off_s
+    pg_k = gl.load(bt_row + pos_k // PAGE, mask=pos_k < hi, other=0)
+    pg_v = gl.load(bt_row + pos_v // PAGE, mask=pos_v < hi, other=0)
+    pg_s = gl.load(bt_row + pos_s // PAGE, mask=pos_s < hi, other=0)
+    return pg_k, pg_v, pg_s
+
+
+@gluon.jit
+def _tile_codes(
     n,
     hi,
-    bt_row,
+    pg_k,
+    pg_v,
+    pg_s,
     kc32,
     vc32,
     KS,
@@ -413,26 +453,26 @@ def _load_tile(
     stride_vst,
 ):
     """Raw K and V words (each thread its own fragment's) and the four per-token parameter
-    vectors of the tile starting at token n; tokens at or past hi read as 0."""
+    vectors of the tile starting at token n, on its pages; tokens at or past hi read as 0."""
     pos_k = n + off_k
-    ok_k = pos_k < hi
-    pg_k = gl.load(bt_row + pos_k // PAGE, mask=ok_k, other=0).to(gl.int64)
     kw = gl.load(
-        kc32 + (pg_k * stride_kcp + kc_head + (pos_k % PAGE) * stride_kct) // 4 + word_k,
-        mask=ok_k & (word_k < 16),
+        kc32
+        + (pg_k.to(gl.int64) * stride_kcp + kc_head + (pos_k % PAGE) * stride_kct) // 4
+        + word_k,
+        mask=(pos_k < hi) & (word_k < 16),
         other=0,
     )
     pos_v = n + off_v
-    ok_v = pos_v < hi
-    pg_v = gl.load(bt_row + pos_v // PAGE, mask=ok_v, other=0).to(gl.int64)
     vw = gl.load(
-        vc32 + (pg_v * stride_vcp + vc_head + (pos_v % PAGE) * stride_vct) // 4 + word_v,
-        mask=ok_v & (word_v < 16),
+        vc32
+        + (pg_v.to(gl.int64) * stride_vcp + vc_head + (pos_v % PAGE) * stride_vct) // 4
+        + word_v,
+        mask=(pos_v < hi) & (word_v < 16),
         other=0,
     )
     pos_s = n + off_s
     ok_s = pos_s < hi
-    pg_s = gl.load(bt_row + pos_s // PAGE, mask=ok_s, other=0).to(gl.int64)
+    pg_s = pg_s.to(gl.int64)
     t_s = pg_s * stride_ksp + ks_head + (pos_s % PAGE) * stride_kst
     u_s = pg_s * stride_vsp + vs_head + (pos_s % PAGE) * stride_vst
     ks = gl.load(KS + t_s, mask=ok_s, other=0.0)
@@ -473,6 +513,7 @@ def launch_mma_split(
     tokens_per_warp=16,
     maxnreg=None,
     depth=1,
+    pages_ahead=False,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
     for the groups ``mma_decode_supported`` accepts; arguments as for the Triton kernel)."""
@@ -490,7 +531,8 @@ def launch_mma_split(
         GROUP=group, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
+        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, PAGES_AHEAD=pages_ahead,
+        num_warps=NUM_WARPS,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on

@@ -1,0 +1,177 @@
+"""The tensor-core decode kernel (``kernels/decode_mma.py``) against the Triton kernel, same run.
+
+First correctness against the fp32 twin on real quantized data (both kernels, every case the
+tensor-core kernel takes: rotation or none, smoothing, GQA 1 to 16, softcap, sliding window,
+odd lengths, pages of 16 and 64, a fallback head in the same layer), with the launch counts
+that show which kernel ran; then CUDA-graph device times of a Qwen3-8B layer at the issue's
+shapes for both kernels, a split sweep and launch variants of the new one, torch SDPA bf16,
+and the measured read and copy rates. Usage: ``python benchmarks/bench_decode_mma.py
+[--json PATH] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, replace
+
+import torch
+import triton
+from bench_decode import (
+    QWEN3_8B,
+    _bench,
+    _decode_bytes,
+    _quantized_case,
+    _random_stores,
+    copy_bandwidth,
+    read_bandwidth,
+)
+from torch.nn.functional import scaled_dot_product_attention
+
+from sawquant.kernels import decode
+from sawquant.kernels.plans import DEFAULT_DECODE_TUNING, DecodePlan
+from sawquant.quant.decode import paged_decode_attention_ref
+
+TRITON = replace(DEFAULT_DECODE_TUNING, mma=False)
+MMA = replace(DEFAULT_DECODE_TUNING, mma_min_tokens=0)  # forced: the dispatch rule off
+# Tiles in flight per warp and page ids loaded an iteration early (ptxas 3.6, sm_90a:
+# depth 1 186 registers, 1 + pages 210, 2 216, 2 + pages 236, 3 232, 3 + pages 252; no spills,
+# 2 programs per SM for all).
+MMA_VARIANTS = {
+    "depth1": replace(MMA, mma_depth=1, mma_pages_ahead=False),
+    "depth1_pages": replace(MMA, mma_depth=1, mma_pages_ahead=True),
+    "depth2": replace(MMA, mma_depth=2, mma_pages_ahead=False),
+    "depth2_pages": replace(MMA, mma_depth=2, mma_pages_ahead=True),
+    "depth3": replace(MMA, mma_depth=3, mma_pages_ahead=False),
+    "depth3_pages": replace(MMA, mma_depth=3, mma_pages_ahead=True),
+}
+
+CASES = [
+    dict(h_q=32, h_kv=8, block=128, lens=[1, 999, 4096]),
+    dict(h_q=32, h_kv=8, block=128, lens=[37, 130, 2000], dtype=torch.float16,
+         kw=dict(softcap=30.0)),
+    dict(h_q=32, h_kv=8, block=128, lens=[300, 5000], kw=dict(sliding_window=300, num_splits=3)),
+    dict(h_q=32, h_kv=8, block=1, signs=False, lens=[999, 17]),
+    dict(h_q=32, h_kv=8, block=1, lens=[640]),  # signs only: a diagonal rotation
+    dict(h_q=32, h_kv=8, block=128, lens=[1500, 3], smooth=True),
+    dict(h_q=32, h_kv=8, block=1, signs=False, lens=[1500], smooth=True),
+    dict(h_q=16, h_kv=1, block=64, lens=[777]),
+    dict(h_q=8, h_kv=8, block=32, lens=[1, 65, 1024]),
+    dict(h_q=12, h_kv=2, block=128, lens=[513, 4100], page=64),
+    dict(h_q=32, h_kv=8, block=128, lens=[999, 2500], bits=((8,) + (4,) * 7, (4,) * 8)),
+    dict(h_q=32, h_kv=8, block=128, lens=[4096] * 2, kw=dict(num_splits=1)),
+]  # fmt: skip
+
+
+def check(device) -> list[dict]:
+    rows = []
+    for i, c in enumerate(CASES):
+        dtype = c.get("dtype", torch.bfloat16)
+        args = _quantized_case(
+            device, c["h_q"], c["h_kv"], 128, c["block"], c.get("page", 16), c["lens"], dtype,
+            seed=i, bits=c.get("bits"),
+        )  # fmt: skip
+        q, ks, vs, table, lens = args
+        if not c.get("signs", True):
+            ks.signs = None
+        if c.get("smooth"):
+            g = torch.Generator(device=device).manual_seed(100 + i)
+            ks.smooth = torch.rand(c["h_kv"], 128, device=device, generator=g) * 3 + 0.25
+            ks.inv_smooth = 1.0 / ks.smooth
+        kw = c.get("kw", {})
+        ref = paged_decode_attention_ref(*args, softmax_scale=0.088, **kw).float()
+        row = {"kind": "check", "case": {k: str(v) for k, v in c.items()}}
+        kernels = {"triton": TRITON, "mma": MMA, **{f"mma_{k}": t for k, t in MMA_VARIANTS.items()}}
+        for name, tune in kernels.items():
+            before = dict(decode.LAUNCHES)
+            out = decode.paged_decode_attention(*args, softmax_scale=0.088, tuning=tune, **kw)
+            torch.cuda.synchronize()
+            row[f"{name}_rel_err"] = ((out.float() - ref).norm() / ref.norm()).item()
+            row[f"{name}_finite"] = bool(torch.isfinite(out).all())
+            row[f"{name}_launches"] = {
+                k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items() if v != before.get(k)
+            }
+        print(
+            f"check {i:2d} triton {row['triton_rel_err']:.2e} mma {row['mma_rel_err']:.2e} "
+            f"variants max {max(row[f'mma_{k}_rel_err'] for k in MMA_VARIANTS):.2e} "
+            f"launches {row['mma_launches']} {c}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
+    ks, vs, table = _random_stores(batch, ctx, QWEN3_8B, 16, device)
+    plan = DecodePlan.build(ks, vs, device)
+    q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    nbytes = _decode_bytes(ks, vs, batch, ctx, q.numel() * 2)
+
+    def fn(tune, **kw):
+        return lambda: decode.paged_decode_attention(
+            q, ks, vs, table, lens, softmax_scale=0.088, plan=plan, tuning=tune, **kw
+        )
+
+    row = {"kind": "time", "batch": batch, "context": ctx, "bytes": nbytes}
+    row["triton_us"] = _bench(fn(TRITON), True)
+    row["default_us"] = _bench(fn(DEFAULT_DECODE_TUNING), True)  # what the launcher picks
+    row["mma_us"] = _bench(fn(MMA), True)
+    row["mma_eager_us"] = _bench(fn(MMA), False)
+    row["triton_eager_us"] = _bench(fn(TRITON), False)
+    row["auto_splits"] = plan.mma_splits(batch, 8, ctx)
+    if sweep:
+        row["mma_splits"] = {
+            s: _bench(fn(MMA, num_splits=s), True) for s in (1, 2, 4, 8, 16, 32, 64)
+        }
+        for name, tune in MMA_VARIANTS.items():
+            try:
+                row[f"{name}_us"] = _bench(fn(tune), True)
+            except Exception as err:  # a variant that does not compile is reported
+                row[f"{name}_us"] = repr(err)[:200]
+    kc = torch.randn(batch, 8, ctx, 128, device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    row["sdpa_us"] = _bench(
+        lambda: scaled_dot_product_attention(q[:, :, None], kc, vc, scale=0.088, enable_gqa=True),
+        True,
+    )
+    row["fp8_at_read_us"] = 2 * batch * ctx * 8 * 128 / read_bw / 1e3
+    row["int4_at_read_us"] = nbytes / read_bw / 1e3
+    row["mma_pct_read"] = 100 * row["int4_at_read_us"] / row["mma_us"]
+    print(
+        f"B{batch}x{ctx}: triton {row['triton_us']:.1f} mma {row['mma_us']:.1f} "
+        f"(eager {row['mma_eager_us']:.1f}) sdpa {row['sdpa_us']:.1f} "
+        f"int4@read {row['int4_at_read_us']:.1f} ({row['mma_pct_read']:.0f}%) "
+        f"splits {row.get('mma_splits')} variants "
+        f"{ {k: row.get(k + '_us') for k in MMA_VARIANTS} }",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true", help="no split sweep or variants")
+    args = parser.parse_args()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+             "triton": triton.__version__, "tuning": asdict(MMA)}]  # fmt: skip
+    rows += check(dev)
+    bw, read_bw = copy_bandwidth(dev), read_bandwidth(dev)
+    rows.append({"kind": "bandwidth", "copy_GBps": bw, "read_GBps": read_bw})
+    print(f"copy {bw:.0f} GB/s read {read_bw:.0f} GB/s", flush=True)
+    for b, n in ((1, 4096), (8, 4096), (32, 16384), (8, 32768), (64, 8192), (8, 16384)):
+        try:
+            rows.append(time_shape(dev, b, n, read_bw, sweep=not args.quick))
+        except Exception as err:  # keep timing the other shapes
+            rows.append({"kind": "error", "shape": [b, n], "error": repr(err)[:500]})
+            print("error", b, n, repr(err)[:500], flush=True)
+        torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
