@@ -56,6 +56,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from sawquant.config import KVConfig, LayerConfig, ModelFacts, SideConfig
+from sawquant.kernels import decode
 from sawquant.runtime import SawquantCache, kv_memory, patch, unpatch
 from sawquant.runtime.hf.compat import cache_kwargs, returned_cache
 
@@ -457,10 +458,13 @@ def wallclock(model, config: KVConfig, args, device) -> dict:
             Request(torch.randint(0, vocab, (args.prompt,), generator=gen), args.gen)
             for _ in range(c)
         ]
-        calls = dict(engine.cache.calls)
+        calls, launches = dict(engine.cache.calls), dict(decode.LAUNCHES)
         makespan = engine.serve(reqs)
         ran = {k: v - calls.get(k, 0) for k, v in engine.cache.calls.items()}
-        out[str(c)] = {**summarize(reqs, makespan), "calls": ran}
+        # Which decode kernel the host launched (eager steps and graph captures; a graph's
+        # replays launch what its capture recorded)
+        kernels = {k: v - launches.get(k, 0) for k, v in decode.LAUNCHES.items()}
+        out[str(c)] = {**summarize(reqs, makespan), "calls": ran, "decode_launches": kernels}
         print(f"  wall clock c={c}: {json.dumps(out[str(c)])}", flush=True)
     return out
 

@@ -557,11 +557,13 @@ def _word_aligned(codes: torch.Tensor) -> bool:
     return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
 
 
-def _mma_applies(plan: DecodePlan, g, k_store, v_store, group: int, d: int) -> bool:
+def _mma_applies(plan: DecodePlan, tuning, g, k_store, v_store, group: int, d: int) -> bool:
     """This INT4 / INT4 head group runs the tensor-core kernel (decode_mma.py)."""
     global _warned_mma
     if not (plan.mma_capable and g.k_bits == 4 and g.v_bits == 4 and group <= 16):
         return False
+    if k_store.page_size % tuning.mma_tokens_per_warp:
+        return False  # a warp's tokens must share a page
     kpool, vpool = k_store.pools[4], v_store.pools[4]
     if kpool.spec.groups_divisor != d or vpool.spec.groups_divisor != d:
         return False  # per-group scales: the Triton kernel dequantizes those in registers
@@ -619,7 +621,7 @@ def paged_decode_attention(
     mma, splits = [], []
     for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
         n = g.heads.numel()
-        m = tuning.mma and _mma_applies(plan, g, k_store, v_store, group, d)
+        m = tuning.mma and _mma_applies(plan, tuning, g, k_store, v_store, group, d)
         s = num_splits or (plan.mma_splits if m else plan.splits)(b, n, max_len)
         if m and max_len < tuning.mma_min_tokens * s:  # short programs: the Triton kernel wins
             m = False
@@ -646,7 +648,6 @@ def paged_decode_attention(
                 softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
                 max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
                 maxnreg=tuning.mma_maxnreg, depth=tuning.mma_depth,
-                pages_ahead=tuning.mma_pages_ahead,
             )  # fmt: skip
             continue
         LAUNCHES["triton"] += 1

@@ -170,7 +170,6 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
-    PAGES_AHEAD: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
@@ -195,8 +194,12 @@ def _mma_split_kernel(
     start = 0
     if HAS_WINDOW:
         start = gl.maximum(length - window, 0)
-    chunk = gl.cdiv(gl.cdiv(length - start, gl.num_programs(2)), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
+    # Every warp's NT tokens lie in one page (the launcher asks PAGE % NT == 0): tiles start at
+    # multiples of NT, a window's tokens before `start` are masked in the softmax. So a thread
+    # loads one page id per operand and tile, not one per token it holds.
+    base = start - start % NT
+    chunk = gl.cdiv(gl.cdiv(length - base, gl.num_programs(2)), BLOCK_N) * BLOCK_N
+    lo = base + split * chunk
     hi = gl.minimum(lo + chunk, length)
     bt_row = BT + b.to(gl.int64) * stride_btb
 
@@ -261,37 +264,39 @@ def _mma_split_kernel(
     S2: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NT]: per-token scales of the C layout
     w_s = gl.arange(0, W, layout=gl.SliceLayout(1, S2))[:, None]
     n_s = gl.arange(0, NT, layout=gl.SliceLayout(0, S2))[None, :]
-    off_k = w_k * NT + n_k
-    off_v = w_v * NT + n_v
-    off_s = w_s * NT + n_s
+    tw_k = w_k * NT  # first token of each warp's part of a tile, in each operand's layout
+    tw_v = w_v * NT
+    tw_s = w_s * NT
+    off_s = tw_s + n_s
     kc32 = KC.to(gl.pointer_type(gl.int32))
     vc32 = VC.to(gl.pointer_type(gl.int32))
+    # Offsets of each thread's elements within a tile (int32) and of the head (code strides
+    # in 32-bit words)
+    ck = n_k * stride_kct + word_k
+    cv = n_v * stride_vct + word_v
+    cks = n_s * stride_kst
+    cvs = n_s * stride_vst
     kc_head = kp * stride_kch
     vc_head = vp * stride_vch
     ks_head = kp * stride_ksh
     vs_head = vp * stride_vsh
 
-    # ---- the first tiles' codes and scales: the loop keeps DEPTH tiles in flight (n: the
-    # next tile, m: the one after, o: the third)
-    pgk, pgv, pgs = _tile_pages(lo, hi, bt_row, off_k, off_v, off_s, PAGE)
+    # ---- the first tiles' codes and scales: the loop keeps DEPTH (1 or 2) tiles in flight
+    # (n: the next tile, m: the one after). Measured on the H200 (RESULTS.md): depth 2 beats 1
+    # by 2-4 %; 3 tiles, or page ids loaded an iteration ahead of their codes, were slower.
+    pgk, pgv, pgs = _tile_pages(lo, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
     nkw, nvw, nks, nkz, nvs, nvz = _tile_codes(
-        lo, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k, word_v,
-        PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct, stride_vcp,
-        stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
-    if DEPTH >= 2:
-        pgk, pgv, pgs = _tile_pages(lo + BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
+            lo, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
+            stride_vsp, stride_vst)
+    if DEPTH == 2:
+        pgk, pgv, pgs = _tile_pages(lo + BLOCK_N, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
         mkw, mvw, mks, mkz, mvs, mvz = _tile_codes(
-            lo + BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s,
-            word_k, word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
-            stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
-    if DEPTH == 3:
-        pgk, pgv, pgs = _tile_pages(lo + 2 * BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
-        okw, ovw, oks, okz, ovs, ovz = _tile_codes(
-            lo + 2 * BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v,
-            off_s, word_k, word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp,
-            stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
-    if PAGES_AHEAD:
-        pgk, pgv, pgs = _tile_pages(lo + DEPTH * BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
+            lo + BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
+            stride_vsp, stride_vst)
 
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, 16] per-row softmax state
     m_i = gl.full([W, 16], float("-inf"), gl.float32, ROWS)
@@ -309,29 +314,21 @@ def _mma_split_kernel(
         kw, ks, kz = nkw, nks, nkz
         vw, vs, vz = nvw, nvs, nvz
         ok_c = (n0 + off_s) < hi  # [W, NT] tokens of this tile
+        if HAS_WINDOW:
+            ok_c = ok_c & ((n0 + off_s) >= start)
 
-        # ---- prefetch DEPTH tiles ahead. The code loads depend on page ids loaded from the
-        # block table; in order issue stalls the warp on them unless they came an iteration
-        # early (PAGES_AHEAD).
-        if DEPTH >= 2:
-            nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
-        if DEPTH == 3:
-            mkw, mvw, mks, mkz, mvs, mvz = okw, ovw, oks, okz, ovs, ovz
-        n_next = n0 + DEPTH * BLOCK_N
-        if not PAGES_AHEAD:
-            pgk, pgv, pgs = _tile_pages(n_next, hi, bt_row, off_k, off_v, off_s, PAGE)
-        xkw, xvw, xks, xkz, xvs, xvz = _tile_codes(
-            n_next, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, off_k, off_v, off_s, word_k,
-            word_v, PAGE, kc_head, vc_head, ks_head, vs_head, stride_kcp, stride_kct,
-            stride_vcp, stride_vct, stride_ksp, stride_kst, stride_vsp, stride_vst)
-        if PAGES_AHEAD:
-            pgk, pgv, pgs = _tile_pages(n_next + BLOCK_N, hi, bt_row, off_k, off_v, off_s, PAGE)
-        if DEPTH == 1:
-            nkw, nvw, nks, nkz, nvs, nvz = xkw, xvw, xks, xkz, xvs, xvz
+        # ---- prefetch DEPTH tiles ahead
         if DEPTH == 2:
-            mkw, mvw, mks, mkz, mvs, mvz = xkw, xvw, xks, xkz, xvs, xvz
-        if DEPTH == 3:
-            okw, ovw, oks, okz, ovs, ovz = xkw, xvw, xks, xkz, xvs, xvz
+            nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
+        n_next = n0 + DEPTH * BLOCK_N
+        pgk, pgv, pgs = _tile_pages(n_next, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
+        mkw, mvw, mks, mkz, mvs, mvz = _tile_codes(
+            n_next, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
+            stride_vsp, stride_vst)
+        if DEPTH == 1:
+            nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
 
         # ---- scores s = sum_j q_j K_j^T  [W, 16 rows, NT tokens]
         k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(kw)
@@ -408,15 +405,12 @@ def _mma_split_kernel(
 
 
 @gluon.jit
-def _tile_pages(n, hi, bt_row, off_k, off_v, off_s, PAGE: gl.constexpr):
-    """Page ids (block-table entries) of the tile starting at token n, for the K words', the V
-    words' and the scales' layouts; 0 at or past hi."""
-    pos_k = n + off_k
-    pos_v = n + off_v
-    pos_s = n + off_s
-    pg_k = gl.load(bt_row + pos_k // PAGE, mask=pos_k < hi, other=0)
-    pg_v = gl.load(bt_row + pos_v // PAGE, mask=pos_v < hi, other=0)
-    pg_s = gl.load(bt_row + pos_s // PAGE, mask=pos_s < hi, other=0)
+def _tile_pages(n, hi, bt_row, tw_k, tw_v, tw_s, PAGE: gl.constexpr):
+    """Page id of each warp's part of the tile starting at token n, in the K words', the V
+    words' and the scales' layouts (one value per thread, the same for a whole warp)."""
+    pg_k = gl.load(bt_row + (n + tw_k) // PAGE, mask=(n + tw_k) < hi, other=0)
+    pg_v = gl.load(bt_row + (n + tw_v) // PAGE, mask=(n + tw_v) < hi, other=0)
+    pg_s = gl.load(bt_row + (n + tw_s) // PAGE, mask=(n + tw_s) < hi, other=0)
     return pg_k, pg_v, pg_s
 
 
@@ -433,16 +427,23 @@ def _tile_codes(
     KZ,
     VS,
     VZ,
-    off_k,
-    off_v,
-    off_s,
+    tw_k,
+    tw_v,
+    tw_s,
+    n_k,
+    n_v,
+    n_s,
     word_k,
     word_v,
-    PAGE: gl.constexpr,
+    ck,
+    cv,
+    cks,
+    cvs,
     kc_head,
     vc_head,
     ks_head,
     vs_head,
+    PAGE: gl.constexpr,
     stride_kcp,
     stride_kct,
     stride_vcp,
@@ -454,31 +455,22 @@ def _tile_codes(
 ):
     """Raw K and V words (each thread its own fragment's) and the four per-token parameter
     vectors of the tile starting at token n, on its pages; tokens at or past hi read as 0."""
-    pos_k = n + off_k
-    kw = gl.load(
-        kc32
-        + (pg_k.to(gl.int64) * stride_kcp + kc_head + (pos_k % PAGE) * stride_kct) // 4
-        + word_k,
-        mask=(pos_k < hi) & (word_k < 16),
-        other=0,
-    )
-    pos_v = n + off_v
-    vw = gl.load(
-        vc32
-        + (pg_v.to(gl.int64) * stride_vcp + vc_head + (pos_v % PAGE) * stride_vct) // 4
-        + word_v,
-        mask=(pos_v < hi) & (word_v < 16),
-        other=0,
-    )
-    pos_s = n + off_s
-    ok_s = pos_s < hi
+    t_k = n + tw_k
+    base_k = pg_k.to(gl.int64) * stride_kcp + kc_head + (t_k % PAGE) * stride_kct
+    kw = gl.load(kc32 + base_k + ck, mask=((t_k + n_k) < hi) & (word_k < 16), other=0)
+    t_v = n + tw_v
+    base_v = pg_v.to(gl.int64) * stride_vcp + vc_head + (t_v % PAGE) * stride_vct
+    vw = gl.load(vc32 + base_v + cv, mask=((t_v + n_v) < hi) & (word_v < 16), other=0)
+    t_s = n + tw_s
+    ok_s = (t_s + n_s) < hi
     pg_s = pg_s.to(gl.int64)
-    t_s = pg_s * stride_ksp + ks_head + (pos_s % PAGE) * stride_kst
-    u_s = pg_s * stride_vsp + vs_head + (pos_s % PAGE) * stride_vst
-    ks = gl.load(KS + t_s, mask=ok_s, other=0.0)
-    kz = gl.load(KZ + t_s, mask=ok_s, other=0.0)
-    vs = gl.load(VS + u_s, mask=ok_s, other=0.0)
-    vz = gl.load(VZ + u_s, mask=ok_s, other=0.0)
+    in_page = t_s % PAGE
+    k_s = pg_s * stride_ksp + ks_head + in_page * stride_kst + cks
+    v_s = pg_s * stride_vsp + vs_head + in_page * stride_vst + cvs
+    ks = gl.load(KS + k_s, mask=ok_s, other=0.0)
+    kz = gl.load(KZ + k_s, mask=ok_s, other=0.0)
+    vs = gl.load(VS + v_s, mask=ok_s, other=0.0)
+    vz = gl.load(VZ + v_s, mask=ok_s, other=0.0)
     return kw, vw, ks, kz, vs, vz
 
 
@@ -512,11 +504,13 @@ def launch_mma_split(
     num_q_heads,
     tokens_per_warp=16,
     maxnreg=None,
-    depth=1,
-    pages_ahead=False,
+    depth=2,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
-    for the groups ``mma_decode_supported`` accepts; arguments as for the Triton kernel)."""
+    for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
+    ``page_size`` must be a multiple of ``tokens_per_warp``."""
+    if page_size % tokens_per_warp:
+        raise ValueError(f"page_size {page_size} is not a multiple of {tokens_per_warp}")
     # fmt: off
     _mma_split_kernel[(q.shape[0], heads.heads.numel(), splits)](
         q, kpool.codes, kpool.scale, kpool.zero, vpool.codes, vpool.scale, vpool.zero,
@@ -525,14 +519,13 @@ def launch_mma_split(
         softmax_scale, k_rot_scale, softcap or 1.0, sliding_window or 0, ml.shape[2],
         num_q_heads, max_len,
         q.stride(0), q.stride(1),
-        *kpool.codes.stride()[:3], *kpool.scale.stride()[:3],
-        *vpool.codes.stride()[:3], *vpool.scale.stride()[:3],
+        *(st // 4 for st in kpool.codes.stride()[:3]), *kpool.scale.stride()[:3],
+        *(st // 4 for st in vpool.codes.stride()[:3]), *vpool.scale.stride()[:3],
         block_table.stride(0),
         GROUP=group, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, PAGES_AHEAD=pages_ahead,
-        num_warps=NUM_WARPS,
+        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on

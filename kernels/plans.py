@@ -112,12 +112,9 @@ class DecodeTuning:
     mma: bool = True
     mma_tokens_per_warp: int = 16  # 32: 255 registers (ptxas, triton 3.6, sm_90a)
     mma_maxnreg: int | None = None
-    # Tiles of codes in flight per warp: 2 was 2-3 % faster than 1 at 32x16k, 64x8k and 8x32k
-    # on the H200 (216 registers instead of 186: 2 programs per SM either way).
+    # Tiles of codes in flight per warp (1 or 2): 2 was 2-4 % faster than 1 at 32x16k, 64x8k
+    # and 8x32k on the H200 (216 registers instead of 186: 2 programs per SM either way).
     mma_depth: int = 2
-    # Load a tile's page ids one iteration before its codes (in-order issue otherwise stalls
-    # the warp on the block-table load in front of every prefetch).
-    mma_pages_ahead: bool = False
     # Below this many context tokens per program the Triton kernel is faster (the tensor-core
     # kernel's per-program q rotation: H200, 1x4k at 16 splits: 20.6 vs 15.7 us).
     mma_min_tokens: int = 512

@@ -49,7 +49,8 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
     for b in range(q.shape[0]):
         length = min(int(seq_lens[b]), max_len)
         start = max(length - sliding_window, 0) if sliding_window else 0
-        chunk = math.ceil(math.ceil((length - start) / splits) / BLOCK_N) * BLOCK_N
+        base = start - start % 16  # tiles start at multiples of a warp's 16 tokens
+        chunk = math.ceil(math.ceil((length - base) / splits) / BLOCK_N) * BLOCK_N
         for i in range(heads.heads.numel()):
             kvh, kp, vp = (int(t[i]) for t in (heads.heads, heads.k_index, heads.v_index))
             rows = slice(kvh * group, (kvh + 1) * group)
@@ -69,8 +70,9 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                 q_slots.append(qj)
                 q_sum += qj.sum(1) * (16 if j % 2 else 1)
             for split in range(splits):
-                lo = start + split * chunk
+                lo = base + split * chunk
                 hi = min(lo + chunk, length)
+                lo = max(lo, start)  # the kernel masks a window's tokens before start
                 part = (b, rows, split)
                 if lo >= hi:  # a program with no token: weight 0 in the merge
                     ml[part] = torch.tensor([float("-inf"), 0.0])
@@ -196,9 +198,14 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setattr(decode, "launch_mma_split", _emulated_split)
 
     def launches(tuning=DecodeTuning(mma_min_tokens=0), *, h_q=4, lens=(40,), splits=None,
-                 **extra):  # fmt: skip
+                 page_size=16, **extra):  # fmt: skip
         k_store, v_store, table = build_cache(
-            lens=list(lens), num_kv_heads=1, head_dim=128, page_size=16, block=128, **extra
+            lens=list(lens),
+            num_kv_heads=1,
+            head_dim=128,
+            page_size=page_size,
+            block=128,
+            **extra,
         )
         before = dict(decode.LAUNCHES)
         paged_decode_attention(
@@ -212,6 +219,7 @@ def test_dispatch_rules(monkeypatch):
     assert launches(h_q=32) == {"triton": 1}  # GQA 32: more query rows than the MMA tile
     assert launches(group_size=32) == {"triton": 1}  # per-group scales
     assert launches(k_bits=(8,)) == {"triton": 1}
+    assert launches(page_size=8) == {"triton": 1}  # a warp's 16 tokens span two pages
     assert launches(DecodeTuning(mma=False)) == {"triton": 1}
     assert launches(DecodeTuning()) == {"triton": 1}  # 40 tokens < mma_min_tokens
     assert launches(DecodeTuning(), lens=(600,), splits=1) == {"mma": 1}
