@@ -34,16 +34,12 @@ from sawquant.quant.decode import paged_decode_attention_ref
 
 TRITON = replace(DEFAULT_DECODE_TUNING, mma=False)
 MMA = replace(DEFAULT_DECODE_TUNING, mma_min_tokens=0)  # forced: the dispatch rule off
-# Tiles in flight per warp and page ids loaded an iteration early (ptxas 3.6, sm_90a:
-# depth 1 186 registers, 1 + pages 210, 2 216, 2 + pages 236, 3 232, 3 + pages 252; no spills,
-# 2 programs per SM for all).
+# Tiles in flight per warp (ptxas 3.6, sm_90a: depth 1 186 registers, 2 216; no spills, 2
+# programs per SM). The 2026-12-03 run (bench_decode_mma_variants_h200_2026-12-03.json, commit
+# 3ecc7e6) also timed depth 3 and page ids an iteration ahead: both slower, since deleted.
 MMA_VARIANTS = {
-    "depth1": replace(MMA, mma_depth=1, mma_pages_ahead=False),
-    "depth1_pages": replace(MMA, mma_depth=1, mma_pages_ahead=True),
-    "depth2": replace(MMA, mma_depth=2, mma_pages_ahead=False),
-    "depth2_pages": replace(MMA, mma_depth=2, mma_pages_ahead=True),
-    "depth3": replace(MMA, mma_depth=3, mma_pages_ahead=False),
-    "depth3_pages": replace(MMA, mma_depth=3, mma_pages_ahead=True),
+    "depth1": replace(MMA, mma_depth=1),
+    "depth2": replace(MMA, mma_depth=2),
 }
 
 CASES = [
