@@ -284,16 +284,14 @@ def _mma_split_kernel(
     # ---- the first tiles' codes and scales: the loop keeps DEPTH (1 or 2) tiles in flight
     # (n: the next tile, m: the one after). Measured on the H200 (RESULTS.md): depth 2 beats 1
     # by 2-4 %; 3 tiles, or page ids loaded an iteration ahead of their codes, were slower.
-    pgk, pgv, pgs = _tile_pages(lo, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
-    nkw, nvw, nks, nkz, nvs, nvz = _tile_codes(
-            lo, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+    nkw, nvw, nks, nkz, nvs, nvz = _load_tile(
+            lo, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
     if DEPTH == 2:
-        pgk, pgv, pgs = _tile_pages(lo + BLOCK_N, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
-        mkw, mvw, mks, mkz, mvs, mvz = _tile_codes(
-            lo + BLOCK_N, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+        mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
+            lo + BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
@@ -321,9 +319,8 @@ def _mma_split_kernel(
         if DEPTH == 2:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
         n_next = n0 + DEPTH * BLOCK_N
-        pgk, pgv, pgs = _tile_pages(n_next, hi, bt_row, tw_k, tw_v, tw_s, PAGE)
-        mkw, mvw, mks, mkz, mvs, mvz = _tile_codes(
-            n_next, hi, pgk, pgv, pgs, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
+        mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
+            n_next, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
@@ -405,22 +402,10 @@ def _mma_split_kernel(
 
 
 @gluon.jit
-def _tile_pages(n, hi, bt_row, tw_k, tw_v, tw_s, PAGE: gl.constexpr):
-    """Page id of each warp's part of the tile starting at token n, in the K words', the V
-    words' and the scales' layouts (one value per thread, the same for a whole warp)."""
-    pg_k = gl.load(bt_row + (n + tw_k) // PAGE, mask=(n + tw_k) < hi, other=0)
-    pg_v = gl.load(bt_row + (n + tw_v) // PAGE, mask=(n + tw_v) < hi, other=0)
-    pg_s = gl.load(bt_row + (n + tw_s) // PAGE, mask=(n + tw_s) < hi, other=0)
-    return pg_k, pg_v, pg_s
-
-
-@gluon.jit
-def _tile_codes(
+def _load_tile(
     n,
     hi,
-    pg_k,
-    pg_v,
-    pg_s,
+    bt_row,
     kc32,
     vc32,
     KS,
@@ -454,14 +439,18 @@ def _tile_codes(
     stride_vst,
 ):
     """Raw K and V words (each thread its own fragment's) and the four per-token parameter
-    vectors of the tile starting at token n, on its pages; tokens at or past hi read as 0."""
+    vectors of the tile starting at token n; tokens at or past hi read as 0. A warp's part of
+    the tile lies in one page: one page id per thread and operand (the same for a warp)."""
     t_k = n + tw_k
+    t_v = n + tw_v
+    t_s = n + tw_s
+    pg_k = gl.load(bt_row + t_k // PAGE, mask=t_k < hi, other=0)
+    pg_v = gl.load(bt_row + t_v // PAGE, mask=t_v < hi, other=0)
+    pg_s = gl.load(bt_row + t_s // PAGE, mask=t_s < hi, other=0)
     base_k = pg_k.to(gl.int64) * stride_kcp + kc_head + (t_k % PAGE) * stride_kct
     kw = gl.load(kc32 + base_k + ck, mask=((t_k + n_k) < hi) & (word_k < 16), other=0)
-    t_v = n + tw_v
     base_v = pg_v.to(gl.int64) * stride_vcp + vc_head + (t_v % PAGE) * stride_vct
     vw = gl.load(vc32 + base_v + cv, mask=((t_v + n_v) < hi) & (word_v < 16), other=0)
-    t_s = n + tw_s
     ok_s = (t_s + n_s) < hi
     pg_s = pg_s.to(gl.int64)
     in_page = t_s % PAGE

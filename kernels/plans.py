@@ -140,6 +140,12 @@ class HeadGroup:
         return tuning.wide_block_n // 2 if wide else tuning.block_n // 2
 
 
+def _pow2_splits(want: int, max_context: int) -> int:
+    """The largest power of two <= want, 128 and one split per 256 context tokens."""
+    cap = max(1, max_context // 256)
+    return 1 << (min(want, cap, 128).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """Head groups, rotation matrices in the kernels' channel orders, and device facts."""
@@ -198,16 +204,13 @@ class DecodePlan:
         8x32k -> 8, 1x4k -> 16. ``num_kv_heads`` are the heads of ONE launch, so a lone
         fallback head at batch 64 gets 8 splits where the INT4 group gets 1."""
         want = max(1, (4 * self.num_sms) // max(batch * num_kv_heads, 1))
-        cap = max(1, max_context // 256)
-        return 1 << (min(want, cap, 128).bit_length() - 1)  # largest power of two <= the bound
+        return _pow2_splits(want, max_context)
 
     def mma_splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
         """Splits for the tensor-core kernel: one wave of 2 programs per SM (its registers
         allow 2), no split shorter than 256 tokens. The H200 sweep (RESULTS.md) had its best at
         32x16k -> 1, 64x8k -> 1, 8x32k -> 4, 8x16k -> 4, 8x4k -> 4, 1x4k -> 16."""
-        want = max(1, (2 * self.num_sms) // max(batch * num_kv_heads, 1))
-        cap = max(1, max_context // 256)
-        return 1 << (min(want, cap, 128).bit_length() - 1)
+        return _pow2_splits(max(1, (2 * self.num_sms) // max(batch * num_kv_heads, 1)), max_context)
 
 
 @dataclass(frozen=True)
