@@ -29,17 +29,19 @@ from bench_decode import (
 from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.kernels import decode
-from sawquant.kernels.plans import DEFAULT_DECODE_TUNING, DecodePlan
+from sawquant.kernels.plans import DEFAULT_DECODE_TUNING, DecodePlan, mma_programs_per_sm
 from sawquant.quant.decode import paged_decode_attention_ref
 
 TRITON = replace(DEFAULT_DECODE_TUNING, mma=False)
 MMA = replace(DEFAULT_DECODE_TUNING, mma_min_tokens=0)  # forced: the dispatch rule off
-# Tiles in flight per warp (ptxas 3.6, sm_90a: depth 1 186 registers, 2 216; no spills, 2
-# programs per SM). The 2026-12-03 run (bench_decode_mma_variants_h200_2026-12-03.json, commit
-# 3ecc7e6) also timed depth 3 and page ids an iteration ahead: both slower, since deleted.
+# The defaults (1 tile of codes in flight per warp, GQA <= 8 capped at 128 registers: 4
+# programs per SM) against 3 programs per SM: depth 1 uncapped (150 registers) and depth 2 (168;
+# ptxas, triton 3.6, sm_90a). The 2026-12-03 runs of the earlier kernel (commit 3ecc7e6,
+# bench_decode_mma_variants_h200_2026-12-03.json) timed depth 3 and page ids loaded an
+# iteration ahead: both slower, since deleted.
 MMA_VARIANTS = {
-    "depth1": replace(MMA, mma_depth=1),
-    "depth2": replace(MMA, mma_depth=2),
+    "depth1_uncapped": replace(MMA, mma_maxnreg=None),
+    "depth2_uncapped": replace(MMA, mma_depth=2, mma_maxnreg=None),
 }
 
 CASES = [
@@ -115,10 +117,10 @@ def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
     row["mma_us"] = _bench(fn(MMA), True)
     row["mma_eager_us"] = _bench(fn(MMA), False)
     row["triton_eager_us"] = _bench(fn(TRITON), False)
-    row["auto_splits"] = plan.mma_splits(batch, 8, ctx)
+    row["auto_splits"] = plan.mma_splits(batch, 8, ctx, mma_programs_per_sm(4, MMA))
     if sweep:
         row["mma_splits"] = {
-            s: _bench(fn(MMA, num_splits=s), True) for s in (1, 2, 4, 8, 16, 32, 64)
+            s: _bench(fn(MMA, num_splits=s), True) for s in (1, 2, 3, 4, 6, 8, 12, 16, 32)
         }
         for name, tune in MMA_VARIANTS.items():
             try:

@@ -44,6 +44,7 @@ from sawquant.kernels.plans import (
     DEFAULT_DECODE_TUNING,
     DecodePlan,
     DecodeTuning,
+    mma_programs_per_sm,
     next_pow2,
 )
 from sawquant.quant.decode import check_decode_inputs
@@ -622,8 +623,20 @@ def paged_decode_attention(
     for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
         n = g.heads.numel()
         m = tuning.mma and _mma_applies(plan, tuning, g, k_store, v_store, group, d)
-        s = num_splits or (plan.mma_splits if m else plan.splits)(b, n, max_len)
-        if m and max_len < tuning.mma_min_tokens * s:  # short programs: the Triton kernel wins
+        if num_splits:
+            s = num_splits
+        elif m:
+            per_sm = mma_programs_per_sm(group, tuning)
+            s = plan.mma_splits(b, n, max_len, per_sm, tuning.mma_min_tokens)
+        else:
+            s = plan.splits(b, n, max_len)
+        # Short programs, or fewer programs than half the SMs (a latency-bound launch, such as
+        # 1x4k): the Triton kernel wins (H200: 15.9 against 17.9 us at 1x4k, RESULTS.md).
+        if (
+            m
+            and tuning.mma_min_tokens
+            and (max_len < tuning.mma_min_tokens * s or 2 * b * n * s < plan.num_sms)
+        ):
             m = False
             s = num_splits or plan.splits(b, n, max_len)
         mma.append(m)

@@ -32,9 +32,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from sawquant.kernels.plans import mma_columns
+
 __all__ = ["launch_mma_split"]
 
 NUM_WARPS = 4  # each warp walks its own tokens: a program's tile is 4 x tokens_per_warp
+# The permutes that relabel loaded words as operand indices (tests/kernels check them against
+# plans.mma_word_of_k / mma_word_of_col): dims 2..5 of [W, NT, 2, 2, 2, 2] are word bits 3..0.
+K_OPERAND_DIMS = gl.constexpr((0, 1, 4, 2, 3, 5))  # [W, NT, k bits 3..0]
+V_OPERAND_DIMS = gl.constexpr((0, 5, 2, 3, 4, 1))  # [W, m bits 3..0, NT]
 
 # Two int32 words (a register pair of the fragment) -> 8 fp16x2 registers, one per nibble
 # slot j: (slot j of word a, slot j of word b) as subnormals. prmt puts byte i of a in byte 0
@@ -91,6 +97,26 @@ def _sigma(n):
 
 
 @gluon.jit
+def _k_operand(kw, LK: gl.constexpr):
+    """K words [W, NT, word] -> [W, NT, k] with element k = word tau(k): tau's bit
+    permutation (k bits 0, 1, 2, 3 -> word bits 0, 2, 3, 1) as a reshape and a permute."""
+    W: gl.constexpr = kw.shape[0]
+    NT: gl.constexpr = kw.shape[1]
+    x = gl.permute(gl.reshape(kw, W, NT, 2, 2, 2, 2), K_OPERAND_DIMS.value)
+    return gl.convert_layout(gl.reshape(x, W, NT, 16), LK, assert_trivial=True)
+
+
+@gluon.jit
+def _v_operand(vw, LV: gl.constexpr):
+    """V words [W, NT, word] -> [W, m, NT] with row m = word sigma(m) (m bits 0, 1, 2, 3 ->
+    word bits 1, 2, 3, 0), transposed: the A operand of acc^T += V^T P^T."""
+    W: gl.constexpr = vw.shape[0]
+    NT: gl.constexpr = vw.shape[1]
+    x = gl.permute(gl.reshape(vw, W, NT, 2, 2, 2, 2), V_OPERAND_DIMS.value)
+    return gl.convert_layout(gl.reshape(x, W, 16, NT), LV, assert_trivial=True)
+
+
+@gluon.jit
 def _dim0(n: gl.constexpr, L: gl.constexpr):
     return gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
 
@@ -114,45 +140,41 @@ def _q_slot(
     rot_scale,
     k_idx_r,
     c_idx_r,
-    g_c,
     k_c,
     q_ok_c,
     SMOOTH,
     j,
-    GROUP: gl.constexpr,
     K_ROT: gl.constexpr,
     K_SMOOTH: gl.constexpr,
     KVH_OFF,
     MMA: gl.constexpr,
     DA: gl.constexpr,
-    DB: gl.constexpr,
     Q_SPLIT: gl.constexpr,
     ODD: gl.constexpr,
 ):
-    """q_j [W, 16, 16] (C layout, fp16): q's channels 8 tau(k) + j, rotated (and smoothed) q
-    in fp32 then fp16, odd slots / 16 (their codes come 16x larger). Also its row sums in code
-    units (for the K zero-point term)."""
-    chan_c = 8 * _tau(k_c) + j  # [1, 1, 16] channel of each column (C layout)
+    """q_j^T [W, 16, NH] (C layout, fp16): q's channels 8 tau(k) + j down the rows, rotated
+    (and smoothed) q in fp32 then fp16, odd slots / 16 (their codes come 16x larger). Also its
+    column sums in code units (for the K zero-point term)."""
+    chan_c = 8 * _tau(k_c) + j  # [1, 16, 1] channel of each row (C layout)
+    zero = gl.zeros([qhi.shape[0], 16, qhi.shape[2]], gl.float32, MMA)
     if K_ROT:
         # ROT's columns 16 j .. 16 j + 15 are the rotation's columns 8 tau(k) + j (permuted by
         # the launcher), read with 16-byte loads and moved into the operand layout through
         # shared memory: once per program, not in the loop.
-        r = gl.load(ROT + c_idx_r * 128 + 16 * j + k_idx_r)  # [W, 128, 16], each warp a copy
-        r = gl.convert_layout(r, DB)
-        zero = gl.zeros([qhi.shape[0], 16, 16], gl.float32, MMA)
-        qj = mma_v2(qhi, r, zero)
+        r = gl.load(ROT + c_idx_r * 128 + 16 * j + k_idx_r)  # [W, 16, 128], each warp a copy
+        r = gl.convert_layout(r, DA)
+        qj = mma_v2(r, qhi, zero)
         if Q_SPLIT:
-            qj = qj + mma_v2(qlo, r, zero)
+            qj = qj + mma_v2(r, qlo, zero)
         qj = qj * rot_scale
     else:
-        qj = gl.load(Q_ROW + chan_c, mask=q_ok_c, other=0.0).to(gl.float32)
-        qj = qj + gl.zeros([qhi.shape[0], 16, 16], gl.float32, MMA)
+        qj = gl.load(Q_ROW + chan_c, mask=q_ok_c, other=0.0).to(gl.float32) + zero
         if K_SMOOTH:
             qj = qj * gl.load(SMOOTH + KVH_OFF + chan_c)
     if ODD:
         qj = qj * 0.0625
     qh = qj.to(gl.float16)
-    qsum = gl.sum(qh.to(gl.float32) * (16.0 if ODD else 1.0), 2)  # [W, 16]
+    qsum = gl.sum(qh.to(gl.float32) * (16.0 if ODD else 1.0), 1)  # [W, NH]
     return qh, qsum
 
 
@@ -167,7 +189,7 @@ def _mma_split_kernel(
     stride_vcp, stride_vch, stride_vct,
     stride_vsp, stride_vsh, stride_vst,
     stride_btb,
-    GROUP: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
+    GROUP: gl.constexpr, NH: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
 ):
@@ -179,9 +201,17 @@ def _mma_split_kernel(
         version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     DA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     DB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    LK: gl.constexpr = gl.to_linear_layout(DB, [W, 16, NT])  # K words [warp, word, token]
-    LV: gl.constexpr = gl.to_linear_layout(DB, [W, NT, 16])  # V words [warp, token, word]
-    LR: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 16, 2], [W, 1, 1], [2, 1, 0])
+    LK: gl.constexpr = gl.to_linear_layout(DA, [W, NT, 16])  # K operand [warp, token, k]
+    LV: gl.constexpr = gl.to_linear_layout(DA, [W, 16, NT])  # V operand [warp, m, token]
+    # The layouts the words are loaded in, indexed by the word itself: the operands' own
+    # thread mapping, registers ordered so a thread's adjacent words are adjacent registers
+    # (16-byte K and 8-byte V loads); _k_operand / _v_operand relabel them for free.
+    gl.static_assert(W == 4)
+    LKL: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [W, 1, 1], [2, 1, 0])
+    LVL: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 1, 0], [0, 8, 0]],
+        lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[W, NT, 16])
     BLOCK_N: gl.constexpr = W * NT
 
     b = gl.program_id(0)
@@ -203,65 +233,64 @@ def _mma_split_kernel(
     hi = gl.minimum(lo + chunk, length)
     bt_row = BT + b.to(gl.int64) * stride_btb
 
-    # ---- q_j for the 8 slots, once per program (every warp holds its own copy)
-    g_c = _dim1(16, MMA)  # [1, 16, 1] query row of the group
-    k_c = _dim2(16, MMA)  # [1, 1, 16]
+    # ---- q_j^T for the 8 slots [W, 16 word indices, NH heads], once per program (every warp
+    # holds its own copy)
+    k_c = _dim1(16, MMA)  # [1, 16, 1]
+    g_c = _dim2(NH, MMA)  # [1, 1, NH] query head of the group
     q_ok_c = (g_c < GROUP) & (k_c < 16)
     q_row_c = Q + b.to(gl.int64) * stride_qb + (kvh * GROUP + g_c).to(gl.int64) * stride_qh
     kvh_off = kvh * 128
-    qhi = gl.zeros([W, 16, 128], gl.float16, DA)
+    qhi = gl.zeros([W, 128, NH], gl.float16, DB)
     qlo = qhi
-    k_idx_r = _dim2(16, LR) + 0 * _dim0(W, LR)
-    c_idx_r = _dim1(128, LR)
+    LR: gl.constexpr = gl.BlockedLayout([1, 8, 1], [1, 2, 16], [W, 1, 1], [1, 2, 0])
+    k_idx_r = _dim1(16, LR) + 0 * _dim0(W, LR)
+    c_idx_r = _dim2(128, LR)
     if K_ROT:
-        LA: gl.constexpr = gl.to_linear_layout(DA, [W, 16, 128])
-        g_a = _dim1(16, LA)
-        c_a = _dim2(128, LA)
-        q_row_a = Q + b.to(gl.int64) * stride_qb + (kvh * GROUP + g_a).to(gl.int64) * stride_qh
-        qf = gl.load(q_row_a + c_a, mask=(g_a < GROUP) & (c_a < 128), other=0.0)
-        qf = qf.to(gl.float32) + gl.zeros([W, 16, 128], gl.float32, LA)
+        LQ: gl.constexpr = gl.to_linear_layout(DB, [W, 128, NH])
+        c_b = _dim1(128, LQ)
+        g_b = _dim2(NH, LQ)
+        q_row_b = Q + b.to(gl.int64) * stride_qb + (kvh * GROUP + g_b).to(gl.int64) * stride_qh
+        qf = gl.load(q_row_b + c_b, mask=(g_b < GROUP) & (c_b < 128), other=0.0)
+        qf = qf.to(gl.float32) + gl.zeros([W, 128, NH], gl.float32, LQ)
         if K_SMOOTH:
-            qf = qf * gl.load(SMOOTH + kvh_off + c_a)
+            qf = qf * gl.load(SMOOTH + kvh_off + c_b)
         qh16 = qf.to(gl.float16)
-        qhi = gl.convert_layout(qh16, DA, assert_trivial=True)
+        qhi = gl.convert_layout(qh16, DB, assert_trivial=True)
         if Q_SPLIT:  # q = hi + lo in fp16 (smoothed or fp32 q): the rotation keeps ~fp32
-            qlo = gl.convert_layout((qf - qh16.to(gl.float32)).to(gl.float16), DA,
+            qlo = gl.convert_layout((qf - qh16.to(gl.float32)).to(gl.float16), DB,
                                     assert_trivial=True)
     # A runtime loop over pairs of slots through shared memory: fully unrolled, the compiler
-    # hoisted all 8 slots' rotation loads and the prologue took every register (ptxas: 255 and
-    # spills, against 186 for the loop); one slot at a time, 8 dependent L2 round trips.
+    # hoisted all 8 slots' rotation loads and the prologue took every register.
     QL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                order=[2, 1, 0])
-    q_smem = gl.allocate_shared_memory(gl.float16, [8, W, 16, 16], QL)
-    q_sum = gl.zeros([W, 16], gl.float32, gl.SliceLayout(2, MMA))  # sum(q) in code units
+    q_smem = gl.allocate_shared_memory(gl.float16, [8, W, 16, NH], QL)
+    q_sum = gl.zeros([W, NH], gl.float32, gl.SliceLayout(1, MMA))  # sum(q) in code units
     for jj in range(4):
-        qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, g_c, k_c, q_ok_c,
-                         SMOOTH, 2 * jj, GROUP, K_ROT, K_SMOOTH, kvh_off, MMA, DA, DB, Q_SPLIT,
-                         False)
-        qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, g_c, k_c, q_ok_c,
-                         SMOOTH, 2 * jj + 1, GROUP, K_ROT, K_SMOOTH, kvh_off, MMA, DA, DB,
-                         Q_SPLIT, True)
+        qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
+                         SMOOTH, 2 * jj, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False)
+        qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
+                         SMOOTH, 2 * jj + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, True)
         q_smem.index(2 * jj).store(qa)
         q_smem.index(2 * jj + 1).store(qb)
         q_sum += sa + sb
     gl.thread_barrier()
-    q0 = q_smem.index(0).load(DA)
-    q1 = q_smem.index(1).load(DA)
-    q2 = q_smem.index(2).load(DA)
-    q3 = q_smem.index(3).load(DA)
-    q4 = q_smem.index(4).load(DA)
-    q5 = q_smem.index(5).load(DA)
-    q6 = q_smem.index(6).load(DA)
-    q7 = q_smem.index(7).load(DA)
+    q0 = q_smem.index(0).load(DB)
+    q1 = q_smem.index(1).load(DB)
+    q2 = q_smem.index(2).load(DB)
+    q3 = q_smem.index(3).load(DB)
+    q4 = q_smem.index(4).load(DB)
+    q5 = q_smem.index(5).load(DB)
+    q6 = q_smem.index(6).load(DB)
+    q7 = q_smem.index(7).load(DB)
 
     # ---- token and word indices of each operand's layout (warp w walks tokens w*NT ..)
-    w_k = _dim0(W, LK)
-    word_k = _tau(_dim1(16, LK))  # [1, 16, 1]
-    n_k = _dim2(NT, LK)
-    w_v = _dim0(W, LV)
-    n_v = _dim1(NT, LV)
-    word_v = _sigma(_dim2(16, LV))  # [1, 1, 16]
-    S2: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NT]: per-token scales of the C layout
+    w_k = _dim0(W, LKL)
+    n_k = _dim1(NT, LKL)
+    word_k = _dim2(16, LKL)
+    w_v = _dim0(W, LVL)
+    n_v = _dim1(NT, LVL)
+    word_v = _dim2(16, LVL)
+    S2: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, NT]: per-token scales of the C layout
     w_s = gl.arange(0, W, layout=gl.SliceLayout(1, S2))[:, None]
     n_s = gl.arange(0, NT, layout=gl.SliceLayout(0, S2))[None, :]
     tw_k = w_k * NT  # first token of each warp's part of a tile, in each operand's layout
@@ -282,8 +311,7 @@ def _mma_split_kernel(
     vs_head = vp * stride_vsh
 
     # ---- the first tiles' codes and scales: the loop keeps DEPTH (1 or 2) tiles in flight
-    # (n: the next tile, m: the one after). Measured on the H200 (RESULTS.md): depth 2 beats 1
-    # by 2-4 %; 3 tiles, or page ids loaded an iteration ahead of their codes, were slower.
+    # (n: the next tile, m: the one after).
     nkw, nvw, nks, nkz, nvs, nvz = _load_tile(
             lo, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
@@ -296,11 +324,13 @@ def _mma_split_kernel(
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
 
-    ROWS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, 16] per-row softmax state
-    m_i = gl.full([W, 16], float("-inf"), gl.float32, ROWS)
-    l_i = gl.zeros([W, 16], gl.float32, ROWS)
-    z_i = gl.zeros([W, 16], gl.float32, ROWS)
-    a0 = gl.zeros([W, 16, 16], gl.float32, MMA)
+    HEADS_L: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NH] per-head softmax state
+    m_i = gl.full([W, NH], float("-inf"), gl.float32, HEADS_L)
+    # The sums of p and p * v_zero stay per thread ([W, NT, NH]) and are reduced once, after
+    # the loop: no cross-lane sums in it.
+    l_t = gl.zeros([W, NT, NH], gl.float32, MMA)
+    z_t = l_t
+    a0 = gl.zeros([W, 16, NH], gl.float32, MMA)
     a1 = a0
     a2 = a0
     a3 = a0
@@ -327,68 +357,68 @@ def _mma_split_kernel(
         if DEPTH == 1:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
 
-        # ---- scores s = sum_j q_j K_j^T  [W, 16 rows, NT tokens]
-        k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(kw)
-        s = gl.zeros([W, 16, NT], gl.float32, MMA)
-        s = mma_v2(q0, gl.convert_layout(k0, DB, assert_trivial=True), s)
-        s = mma_v2(q1, gl.convert_layout(k1, DB, assert_trivial=True), s)
-        s = mma_v2(q2, gl.convert_layout(k2, DB, assert_trivial=True), s)
-        s = mma_v2(q3, gl.convert_layout(k3, DB, assert_trivial=True), s)
-        s = mma_v2(q4, gl.convert_layout(k4, DB, assert_trivial=True), s)
-        s = mma_v2(q5, gl.convert_layout(k5, DB, assert_trivial=True), s)
-        s = mma_v2(q6, gl.convert_layout(k6, DB, assert_trivial=True), s)
-        s = mma_v2(q7, gl.convert_layout(k7, DB, assert_trivial=True), s)
+        # ---- scores s^T = sum_j K_j q_j^T  [W, NT tokens, NH heads]
+        k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(_k_operand(kw, LK))
+        s = gl.zeros([W, NT, NH], gl.float32, MMA)
+        s = mma_v2(gl.convert_layout(k0, DA, assert_trivial=True), q0, s)
+        s = mma_v2(gl.convert_layout(k1, DA, assert_trivial=True), q1, s)
+        s = mma_v2(gl.convert_layout(k2, DA, assert_trivial=True), q2, s)
+        s = mma_v2(gl.convert_layout(k3, DA, assert_trivial=True), q3, s)
+        s = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s)
+        s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
+        s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
+        s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
         ks32 = ks.to(gl.float32) * 16777216.0  # the subnormals' 2**-24
-        s = s * ks32[:, None, :] + kz.to(gl.float32)[:, None, :] * q_sum[:, :, None]
+        s = s * ks32[:, :, None] + kz.to(gl.float32)[:, :, None] * q_sum[:, None, :]
 
-        # ---- online softmax per warp, log2 units, along the tokens (axis 2)
+        # ---- online softmax per warp, log2 units, along the tokens (axis 1)
         s = s * qk_scale
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
-        s = gl.where(ok_c[:, None, :], s * 1.4426950408889634, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 2))
+        s = gl.where(ok_c[:, :, None], s * 1.4426950408889634, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet
         alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s - m_use[:, :, None])
-        l_i = l_i * alpha + gl.sum(p, 2)
-        z_i = z_i * alpha + gl.sum(p * vz.to(gl.float32)[:, None, :], 2)
         m_i = m_new
-        al = alpha[:, :, None]
-        pv = gl.convert_layout(
-            (p * vs.to(gl.float32)[:, None, :]).to(gl.float16),
-            gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), assert_trivial=True)
+        al = alpha[:, None, :]
+        p = gl.exp2(s - m_use[:, None, :])
+        l_t = l_t * al + p
+        z_t = z_t * al + p * vz.to(gl.float32)[:, :, None]
+        pv = gl.convert_layout((p * vs.to(gl.float32)[:, :, None]).to(gl.float16), DB)
 
-        # ---- acc_j += P V_j  [W, 16 rows, 16 words]
-        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(vw)
-        a0 = mma_v2(pv, gl.convert_layout(v0, DB, assert_trivial=True), a0 * al)
-        a1 = mma_v2(pv, gl.convert_layout(v1, DB, assert_trivial=True), a1 * al)
-        a2 = mma_v2(pv, gl.convert_layout(v2, DB, assert_trivial=True), a2 * al)
-        a3 = mma_v2(pv, gl.convert_layout(v3, DB, assert_trivial=True), a3 * al)
-        a4 = mma_v2(pv, gl.convert_layout(v4, DB, assert_trivial=True), a4 * al)
-        a5 = mma_v2(pv, gl.convert_layout(v5, DB, assert_trivial=True), a5 * al)
-        a6 = mma_v2(pv, gl.convert_layout(v6, DB, assert_trivial=True), a6 * al)
-        a7 = mma_v2(pv, gl.convert_layout(v7, DB, assert_trivial=True), a7 * al)
+        # ---- acc_j^T += V_j^T P^T  [W, 16 words, NH heads]
+        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(_v_operand(vw, LV))
+        a0 = mma_v2(gl.convert_layout(v0, DA, assert_trivial=True), pv, a0 * al)
+        a1 = mma_v2(gl.convert_layout(v1, DA, assert_trivial=True), pv, a1 * al)
+        a2 = mma_v2(gl.convert_layout(v2, DA, assert_trivial=True), pv, a2 * al)
+        a3 = mma_v2(gl.convert_layout(v3, DA, assert_trivial=True), pv, a3 * al)
+        a4 = mma_v2(gl.convert_layout(v4, DA, assert_trivial=True), pv, a4 * al)
+        a5 = mma_v2(gl.convert_layout(v5, DA, assert_trivial=True), pv, a5 * al)
+        a6 = mma_v2(gl.convert_layout(v6, DA, assert_trivial=True), pv, a6 * al)
+        a7 = mma_v2(gl.convert_layout(v7, DA, assert_trivial=True), pv, a7 * al)
 
     # ---- merge the warps (once per program) and store the split's partial state
-    m_all = gl.max(m_i, 0)  # [16]
+    l_i = gl.sum(l_t, 1)  # [W, NH]
+    z_i = gl.sum(z_t, 1)
+    m_all = gl.max(m_i, 0)  # [NH]
     m_use = gl.where(m_all == float("-inf"), 0.0, m_all)
-    wgt = gl.exp2(m_i - m_use[None, :])  # [W, 16]: 0 for a warp that saw no token
+    wgt = gl.exp2(m_i - m_use[None, :])  # [W, NH]: 0 for a warp that saw no token
     l_all = gl.sum(l_i * wgt, 0)
-    rows = gl.arange(0, 16, layout=gl.SliceLayout(0, ROWS))
-    heads = kvh * GROUP + rows
+    cols = gl.arange(0, NH, layout=gl.SliceLayout(0, HEADS_L))
+    heads = kvh * GROUP + cols
     part = (b.to(gl.int64) * num_q_heads + heads) * num_splits + split
-    row_ok = rows < GROUP
-    gl.store(ML + 2 * part, m_all, mask=row_ok)
-    gl.store(ML + 2 * part + 1, l_all, mask=row_ok)
+    col_ok = cols < GROUP
+    gl.store(ML + 2 * part, m_all, mask=col_ok)
+    gl.store(ML + 2 * part + 1, l_all, mask=col_ok)
 
-    wz = (z_i * wgt)[:, :, None]  # V's zero-point term, added to every channel
-    w3 = wgt[:, :, None]
-    g_o = _dim1(16, MMA)
-    n_o = _dim2(16, MMA)
+    wz = (z_i * wgt)[:, None, :]  # V's zero-point term, added to every channel
+    w3 = wgt[:, None, :]
+    m_o = _dim1(16, MMA)
+    g_o = _dim2(NH, MMA)
     o_ptr = ACC + ((b.to(gl.int64) * num_q_heads + kvh * GROUP + g_o) * num_splits + split) * 128
     w_o = _dim0(W, MMA)
-    o_ptr = o_ptr + 8 * _sigma(n_o) + 0 * w_o  # [W, 16, 16]: only warp 0 stores
-    o_ok = (g_o < GROUP) & (n_o < 16) & (w_o == 0)
+    o_ptr = o_ptr + 8 * _sigma(m_o) + 0 * w_o  # [W, 16, NH]: only warp 0 stores
+    o_ok = (g_o < GROUP) & (m_o < 16) & (w_o == 0)
     # Even slots' codes came as code * 2**-24, odd ones as code * 2**-20.
     _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
     _store_slot(o_ptr + 1, a1 * (w3 * 1048576.0) + wz, o_ok)
@@ -447,10 +477,13 @@ def _load_tile(
     pg_k = gl.load(bt_row + t_k // PAGE, mask=t_k < hi, other=0)
     pg_v = gl.load(bt_row + t_v // PAGE, mask=t_v < hi, other=0)
     pg_s = gl.load(bt_row + t_s // PAGE, mask=t_s < hi, other=0)
+    # Codes unmasked: a warp's tokens at or past hi read page 0's (in bounds; the softmax
+    # masks their scores, and their p is 0 against finite codes). The scales stay masked: a
+    # NaN bit pattern there would survive p = 0.
     base_k = pg_k.to(gl.int64) * stride_kcp + kc_head + (t_k % PAGE) * stride_kct
-    kw = gl.load(kc32 + base_k + ck, mask=((t_k + n_k) < hi) & (word_k < 16), other=0)
+    kw = gl.load(kc32 + base_k + ck)
     base_v = pg_v.to(gl.int64) * stride_vcp + vc_head + (t_v % PAGE) * stride_vct
-    vw = gl.load(vc32 + base_v + cv, mask=((t_v + n_v) < hi) & (word_v < 16), other=0)
+    vw = gl.load(vc32 + base_v + cv)
     ok_s = (t_s + n_s) < hi
     pg_s = pg_s.to(gl.int64)
     in_page = t_s % PAGE
@@ -493,13 +526,14 @@ def launch_mma_split(
     num_q_heads,
     tokens_per_warp=16,
     maxnreg=None,
-    depth=2,
+    depth=1,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
     for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
     ``page_size`` must be a multiple of ``tokens_per_warp``."""
     if page_size % tokens_per_warp:
         raise ValueError(f"page_size {page_size} is not a multiple of {tokens_per_warp}")
+    nh = mma_columns(group)  # GQA 9-16 (16 columns, 219 registers) is never capped
     # fmt: off
     _mma_split_kernel[(q.shape[0], heads.heads.numel(), splits)](
         q, kpool.codes, kpool.scale, kpool.zero, vpool.codes, vpool.scale, vpool.zero,
@@ -511,10 +545,10 @@ def launch_mma_split(
         *(st // 4 for st in kpool.codes.stride()[:3]), *kpool.scale.stride()[:3],
         *(st // 4 for st in vpool.codes.stride()[:3]), *vpool.scale.stride()[:3],
         block_table.stride(0),
-        GROUP=group, PAGE=page_size, NT=tokens_per_warp,
+        GROUP=group, NH=nh, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
-        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        **({} if maxnreg is None or nh == 16 else {"maxnreg": maxnreg}),
     )
     # fmt: on

@@ -110,14 +110,19 @@ class DecodeTuning:
     # INT4 / INT4 head groups with per-token scales run the tensor-core kernel (decode_mma.py)
     # where the plan says it can; False: the Triton kernel everywhere (benchmarks' A/B).
     mma: bool = True
-    mma_tokens_per_warp: int = 16  # 32: 255 registers (ptxas, triton 3.6, sm_90a)
-    mma_maxnreg: int | None = None
-    # Tiles of codes in flight per warp (1 or 2): 2 was 2-4 % faster than 1 at 32x16k, 64x8k
-    # and 8x32k on the H200 (216 registers instead of 186: 2 programs per SM either way).
-    mma_depth: int = 2
-    # Below this many context tokens per program the Triton kernel is faster (the tensor-core
-    # kernel's per-program q rotation: H200, 1x4k at 16 splits: 20.6 vs 15.7 us).
-    mma_min_tokens: int = 512
+    mma_tokens_per_warp: int = 16
+    # Register cap for GQA <= 8 groups (8 query columns): 128 lets 4 programs share an SM
+    # instead of 3 (ptxas, triton 3.6, sm_90a: 150 registers uncapped, 16 B of prologue spills at
+    # 128). H200, 64x8k: 202.5 us capped against 269.2 uncapped (RESULTS.md). GQA 9-16 groups
+    # (16 columns, 219 registers) are never capped. None: no cap.
+    mma_maxnreg: int | None = 128
+    # Tiles of codes in flight per warp (1 or 2): 1 was 2-4 % faster than 2 on the H200 at every
+    # shape (150 registers against 168, 3 programs per SM either way).
+    mma_depth: int = 1
+    # Context tokens a tensor-core program reads at least (its q rotation and merge share are
+    # a fixed cost: H200, 8x4k, 1024 tokens per program 29.6 us, 512 38.2). 0: the benchmarks'
+    # forced mode, with no dispatch rule and splits of 256 tokens or more.
+    mma_min_tokens: int = 1024
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -144,6 +149,25 @@ def _pow2_splits(want: int, max_context: int) -> int:
     """The largest power of two <= want, 128 and one split per 256 context tokens."""
     cap = max(1, max_context // 256)
     return 1 << (min(want, cap, 128).bit_length() - 1)
+
+
+# ptxas registers of the tensor-core kernel by (query columns, tiles in flight), uncapped
+# (triton 3.6, sm_90a); they set how many programs an SM holds, hence the split count.
+MMA_REGISTERS = {(8, 1): 150, (8, 2): 168, (16, 1): 219, (16, 2): 218}
+
+
+def mma_columns(group: int) -> int:
+    """Query columns of the tensor-core kernel's MMAs for a GQA group (8 or 16)."""
+    return 8 if group <= 8 else 16
+
+
+def mma_programs_per_sm(group: int, tuning: DecodeTuning) -> int:
+    """Programs of the tensor-core kernel one SM holds (64k registers, 128 threads each)."""
+    cols = mma_columns(group)
+    regs = MMA_REGISTERS[(cols, tuning.mma_depth)]
+    if cols == 8 and tuning.mma_maxnreg is not None:
+        regs = min(regs, tuning.mma_maxnreg)
+    return max(1, 65536 // (-(-regs // 8) * 8 * 128))
 
 
 @dataclass(frozen=True)
@@ -206,11 +230,19 @@ class DecodePlan:
         want = max(1, (4 * self.num_sms) // max(batch * num_kv_heads, 1))
         return _pow2_splits(want, max_context)
 
-    def mma_splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
-        """Splits for the tensor-core kernel: one wave of 2 programs per SM (its registers
-        allow 2), no split shorter than 256 tokens. The H200 sweep (RESULTS.md) had its best at
-        32x16k -> 1, 64x8k -> 1, 8x32k -> 4, 8x16k -> 4, 8x4k -> 4, 1x4k -> 16."""
-        return _pow2_splits(max(1, (2 * self.num_sms) // max(batch * num_kv_heads, 1)), max_context)
+    def mma_splits(
+        self, batch: int, num_kv_heads: int, max_context: int, programs_per_sm: int,
+        min_tokens: int,
+    ) -> int:  # fmt: skip
+        """Splits for the tensor-core kernel: as many programs as the SMs hold at once (one
+        wave: the kernel is bound by instruction issue, so an SM wants all the programs it can
+        hold, and a second wave costs a whole one), none shorter than ``min_tokens`` (256 when
+        0). At 4 programs per SM on the H200 (132 SMs, 1024 tokens): 32x16k -> 2, 64x8k -> 1,
+        8x32k -> 8, 8x4k -> 4; each the sweep's best or within 2 % of it (RESULTS.md)."""
+        pairs = max(batch * num_kv_heads, 1)
+        slots = max(self.num_sms, 1) * programs_per_sm
+        cap = max(1, min(128, max_context // max(min_tokens, 256)))
+        return max(1, min(slots // pairs, cap))
 
 
 @dataclass(frozen=True)

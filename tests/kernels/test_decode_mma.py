@@ -176,6 +176,23 @@ def test_kernel_index_maps_match_the_host():
     assert torch.equal(cols[:, 16 * 3 + 5], m[:, 8 * plans.mma_word_of_k(5) + 3])
 
 
+def test_operand_relabels_realise_the_word_orders():
+    """The kernel loads words in memory order and relabels them as operand indices with one
+    reshape + permute each (decode_mma.K_OPERAND_DIMS / V_OPERAND_DIMS): the result must be
+    K's [token, k] = word tau(k) and V's [m, token] = word sigma(m), the maps the host and
+    the emulation use."""
+    nt = 16
+    token = torch.arange(nt)[:, None]
+    words = 100 * token + torch.arange(16)[None, :]  # [NT, word]: token and word of each
+    x = words.reshape(1, nt, 2, 2, 2, 2)
+    k_op = x.permute(*decode_mma.K_OPERAND_DIMS.value).reshape(1, nt, 16)[0]
+    v_op = x.permute(*decode_mma.V_OPERAND_DIMS.value).reshape(1, 16, nt)[0]
+    tau = torch.tensor([plans.mma_word_of_k(k) for k in range(16)])
+    sigma = torch.tensor([plans.mma_word_of_col(m) for m in range(16)])
+    assert torch.equal(k_op, 100 * token + tau[None, :])
+    assert torch.equal(v_op, 100 * token.T + sigma[:, None])
+
+
 def test_cpu_plans_use_the_triton_kernel():
     """No tensor cores on CPU: the plan says so and every launch is the Triton kernel's."""
     k_store, v_store, table = build_cache(
@@ -209,7 +226,7 @@ def test_dispatch_rules(monkeypatch):
         )
         before = dict(decode.LAUNCHES)
         paged_decode_attention(
-            torch.randn(1, h_q, 128, dtype=torch.bfloat16), k_store, v_store, table,
+            torch.randn(len(lens), h_q, 128, dtype=torch.bfloat16), k_store, v_store, table,
             torch.tensor(list(lens), dtype=torch.int32), softmax_scale=0.1,
             num_splits=splits, plan=_emulating_plan(k_store, v_store), tuning=tuning,
         )  # fmt: skip
@@ -222,5 +239,25 @@ def test_dispatch_rules(monkeypatch):
     assert launches(page_size=8) == {"triton": 1}  # a warp's 16 tokens span two pages
     assert launches(DecodeTuning(mma=False)) == {"triton": 1}
     assert launches(DecodeTuning()) == {"triton": 1}  # 40 tokens < mma_min_tokens
-    assert launches(DecodeTuning(), lens=(600,), splits=1) == {"mma": 1}
-    assert launches(DecodeTuning(), lens=(600,), splits=2) == {"triton": 1}  # 300 per split
+    long = (1100, 1100)
+    assert launches(DecodeTuning(), lens=long, splits=1) == {"mma": 1}
+    assert launches(DecodeTuning(), lens=long, splits=2) == {"triton": 1}  # 550 per split
+    # 1 program for the CPU plan's 4 "SMs": fewer than half of them, a latency-bound launch
+    assert launches(DecodeTuning(), lens=(1100,), splits=1) == {"triton": 1}
+    assert launches(DecodeTuning(), lens=(4100, 4100)) == {"mma": 1}  # 4 splits of 1028
+
+
+def test_mma_splits_fill_one_wave():
+    """Splits fill the SMs' resident program slots once, with programs of >= min_tokens; the
+    register estimate gives 4 programs per SM for GQA <= 8 at the default cap, 2 for 9-16."""
+    assert plans.mma_programs_per_sm(4, DecodeTuning()) == 4
+    assert plans.mma_programs_per_sm(8, DecodeTuning(mma_maxnreg=None)) == 3
+    assert plans.mma_programs_per_sm(16, DecodeTuning()) == 2
+    plan = dataclasses.replace(_emulating_plan(*build_cache(lens=[16], num_kv_heads=1,
+                               head_dim=128, page_size=16, block=1)[:2]), num_sms=132)  # fmt: skip
+    got = {(b, n): plan.mma_splits(b, 8, n, 4, 1024)
+           for b, n in ((32, 16384), (64, 8192), (8, 32768), (8, 4096), (1, 4096))}  # fmt: skip
+    assert got == {(32, 16384): 2, (64, 8192): 1, (8, 32768): 8, (8, 4096): 4, (1, 4096): 4}
+    assert plan.mma_splits(256, 8, 8192, 4, 1024) == 1  # more pairs than slots: no split
+    assert plan.mma_splits(1, 1, 1 << 20, 4, 1024) == 128  # the merge's cap
+    assert plan.mma_splits(1, 8, 4096, 4, 0) == 16  # forced: 256-token splits
