@@ -42,6 +42,8 @@ MMA = replace(DEFAULT_DECODE_TUNING, mma_min_tokens=0)  # forced: the dispatch r
 MMA_VARIANTS = {
     "depth1_uncapped": replace(MMA, mma_maxnreg=None),
     "depth2_uncapped": replace(MMA, mma_depth=2, mma_maxnreg=None),
+    "chains2": replace(MMA, mma_s_chains=2),
+    "chains2_uncapped": replace(MMA, mma_s_chains=2, mma_maxnreg=None),
 }
 
 CASES = [
@@ -114,10 +116,18 @@ def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
     row = {"kind": "time", "batch": batch, "context": ctx, "bytes": nbytes}
     row["triton_us"] = _bench(fn(TRITON), True)
     row["default_us"] = _bench(fn(DEFAULT_DECODE_TUNING), True)  # what the launcher picks
+    before = dict(decode.LAUNCHES)
+    fn(DEFAULT_DECODE_TUNING)()
+    row["default_launches"] = {
+        k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items() if v != before.get(k)
+    }
     row["mma_us"] = _bench(fn(MMA), True)
     row["mma_eager_us"] = _bench(fn(MMA), False)
     row["triton_eager_us"] = _bench(fn(TRITON), False)
-    row["auto_splits"] = plan.mma_splits(batch, 8, ctx, mma_programs_per_sm(4, MMA))
+    tune = DEFAULT_DECODE_TUNING
+    row["auto_splits"] = plan.mma_splits(
+        batch, 8, ctx, mma_programs_per_sm(4, tune), tune.mma_min_tokens
+    )
     if sweep:
         row["mma_splits"] = {
             s: _bench(fn(MMA, num_splits=s), True) for s in (1, 2, 3, 4, 6, 8, 12, 16, 32)
@@ -137,7 +147,8 @@ def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
     row["int4_at_read_us"] = nbytes / read_bw / 1e3
     row["mma_pct_read"] = 100 * row["int4_at_read_us"] / row["mma_us"]
     print(
-        f"B{batch}x{ctx}: triton {row['triton_us']:.1f} mma {row['mma_us']:.1f} "
+        f"B{batch}x{ctx}: default {row['default_us']:.1f} {row['default_launches']} "
+        f"triton {row['triton_us']:.1f} mma {row['mma_us']:.1f} "
         f"(eager {row['mma_eager_us']:.1f}) sdpa {row['sdpa_us']:.1f} "
         f"int4@read {row['int4_at_read_us']:.1f} ({row['mma_pct_read']:.0f}%) "
         f"splits {row.get('mma_splits')} variants "
@@ -159,7 +170,8 @@ def main() -> None:
     bw, read_bw = copy_bandwidth(dev), read_bandwidth(dev)
     rows.append({"kind": "bandwidth", "copy_GBps": bw, "read_GBps": read_bw})
     print(f"copy {bw:.0f} GB/s read {read_bw:.0f} GB/s", flush=True)
-    for b, n in ((1, 4096), (8, 4096), (32, 16384), (8, 32768), (64, 8192), (8, 16384)):
+    for b, n in ((1, 4096), (4, 4096), (1, 16384), (8, 4096), (32, 16384), (8, 32768),
+                 (64, 8192), (8, 16384)):  # fmt: skip
         try:
             rows.append(time_shape(dev, b, n, read_bw, sweep=not args.quick))
         except Exception as err:  # keep timing the other shapes

@@ -9,17 +9,26 @@ fragments need and unpacks them in registers: no shared memory in the loop at al
 How the fragments line up with memory (m16n8k16, fp16 operands, two values per register):
 - A dot product does not care about the order of its reduction axis, nor a store about the
   order of its columns. So each of the 8 nibble slots j of a 32-bit word (channel 8w + j) is
-  its own MMA over the 16 words of a row (head_dim 128): ``s = sum_j q_j K_j^T`` and
-  ``acc_j += P V_j``. q_j (q's channels 8w + j, in a word order chosen to match) is computed
-  once per program; acc_j lands in channels 8w + j of the output.
-- K_j is the B operand [16 words, tokens]: a thread holds 4 words of a token; the word order
-  tau puts them side by side in memory. V_j is the B operand [tokens, 16 words]: a thread
-  holds 2 words of 4 tokens (order sigma). A register pairs two words of one token (K) or one
-  word of two tokens (V); ``prmt`` + ``and`` build each pair as fp16 subnormals
-  (code * 2**-24, code * 2**-20 for high nibbles), whose factors go into q and the output.
+  its own MMA over the 16 words of a row (head_dim 128).
+- The MMAs are transposed, ``s^T = sum_j K_j q_j^T`` and ``acc_j^T += V_j^T P^T``. The tokens
+  (16 per warp) and the 16 words take the 16-row M side, and the GQA group's query heads take
+  the 8-wide N side (16 for groups of 9 to 16). A group of 4 thus costs half the MMAs and half
+  the accumulator registers of the untransposed form, whose M side held the heads.
+- q_j^T (q's channels 8 tau(k) + j) is computed once per program. acc_j lands in channels
+  8 sigma(m) + j of the output.
+- The words load in memory order, K as 16-byte and V as 8-byte vectors, in the operands' own
+  thread mapping. A reshape + permute (K_OPERAND_DIMS, V_OPERAND_DIMS) relabels them as
+  operand indices, which costs no instruction.
+- A register pairs two words of one token (K, order tau) or one word of two tokens (V, order
+  sigma). ``prmt`` + ``and`` build each pair as fp16 subnormals (code * 2**-24, or code * 2**-20
+  for high nibbles), whose factors go into q and the output.
 - Each of the program's warps walks its own tokens with its own online softmax (a batch
-  dimension of the MMA layout), so the loop never synchronises warps; they merge at the end.
-- The score accumulator is also the A operand of P V (same registers, no conversion).
+  dimension of the MMA layout), so the loop never synchronises warps. The sums of p stay per
+  thread until the end, where the warps merge.
+- P^T, the B operand of the value MMA, comes from the score accumulator by a register
+  transpose within each warp (two shuffles), never through shared memory.
+- Registers (ptxas, triton 3.6, sm_90a): 150 for GQA <= 8, capped at 128 (4 programs per SM;
+  ``DecodeTuning.mma_maxnreg``); 219 for GQA 9-16.
 
 Scope: both sides INT4 with per-token scales, head_dim 128, GQA groups of up to 16 query
 heads, NVIDIA GPUs (sm_80+; mma.sync). Everything else runs the Triton kernel. The twin is
@@ -31,8 +40,6 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-
-from sawquant.kernels.plans import mma_columns
 
 __all__ = ["launch_mma_split"]
 
@@ -192,6 +199,7 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, NH: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
+    S_CHAINS: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
@@ -359,15 +367,25 @@ def _mma_split_kernel(
 
         # ---- scores s^T = sum_j K_j q_j^T  [W, NT tokens, NH heads]
         k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(_k_operand(kw, LK))
+        # Two accumulator chains when S_CHAINS == 2: each mma waits on the one before it
+        # that shares its accumulator, so one chain of 8 is 8 MMA latencies long.
         s = gl.zeros([W, NT, NH], gl.float32, MMA)
+        s2 = s
         s = mma_v2(gl.convert_layout(k0, DA, assert_trivial=True), q0, s)
         s = mma_v2(gl.convert_layout(k1, DA, assert_trivial=True), q1, s)
         s = mma_v2(gl.convert_layout(k2, DA, assert_trivial=True), q2, s)
         s = mma_v2(gl.convert_layout(k3, DA, assert_trivial=True), q3, s)
-        s = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s)
-        s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
-        s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
-        s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
+        if S_CHAINS == 2:
+            s2 = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s2)
+            s2 = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s2)
+            s2 = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s2)
+            s2 = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s2)
+            s = s + s2
+        else:
+            s = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s)
+            s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
+            s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
+            s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
         ks32 = ks.to(gl.float32) * 16777216.0  # the subnormals' 2**-24
         s = s * ks32[:, :, None] + kz.to(gl.float32)[:, :, None] * q_sum[:, None, :]
 
@@ -527,13 +545,16 @@ def launch_mma_split(
     tokens_per_warp=16,
     maxnreg=None,
     depth=1,
+    s_chains=1,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
     for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
     ``page_size`` must be a multiple of ``tokens_per_warp``."""
     if page_size % tokens_per_warp:
         raise ValueError(f"page_size {page_size} is not a multiple of {tokens_per_warp}")
-    nh = mma_columns(group)  # GQA 9-16 (16 columns, 219 registers) is never capped
+    # Query columns (plans.mma_columns; this module imports nothing of ours): GQA 9-16 takes 16
+    # columns and 219 registers, and is never capped.
+    nh = 8 if group <= 8 else 16
     # fmt: off
     _mma_split_kernel[(q.shape[0], heads.heads.numel(), splits)](
         q, kpool.codes, kpool.scale, kpool.zero, vpool.codes, vpool.scale, vpool.zero,
@@ -548,7 +569,8 @@ def launch_mma_split(
         GROUP=group, NH=nh, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
+        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, S_CHAINS=s_chains,
+        num_warps=NUM_WARPS,
         **({} if maxnreg is None or nh == 16 else {"maxnreg": maxnreg}),
     )
     # fmt: on
