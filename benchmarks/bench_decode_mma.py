@@ -6,7 +6,7 @@ odd lengths, pages of 16 and 64, a fallback head in the same layer), with the la
 that show which kernel ran; then CUDA-graph device times of a Qwen3-8B layer at the issue's
 shapes for both kernels, a split sweep and launch variants of the new one, torch SDPA bf16,
 and the measured read and copy rates. Usage: ``python benchmarks/bench_decode_mma.py
-[--json PATH] [--quick]``.
+[--json PATH] [--quick] [--shapes 32x16384,...] [--no-sweep]``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check(device) -> list[dict]:
     return rows
 
 
-def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
+def time_shape(device, batch, ctx, read_bw, sweep=True, variants=True) -> dict:
     ks, vs, table = _random_stores(batch, ctx, QWEN3_8B, 16, device)
     plan = DecodePlan.build(ks, vs, device)
     q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
@@ -132,6 +132,7 @@ def time_shape(device, batch, ctx, read_bw, sweep=True) -> dict:
         row["mma_splits"] = {
             s: _bench(fn(MMA, num_splits=s), True) for s in (1, 2, 3, 4, 6, 8, 12, 16, 32)
         }
+    if variants:
         for name, tune in MMA_VARIANTS.items():
             try:
                 row[f"{name}_us"] = _bench(fn(tune), True)
@@ -162,6 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true", help="no split sweep or variants")
+    parser.add_argument("--shapes", help="BxN,... to time instead of the default shapes")
+    parser.add_argument("--no-sweep", action="store_true", help="variants, but no split sweep")
     args = parser.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
@@ -170,10 +173,16 @@ def main() -> None:
     bw, read_bw = copy_bandwidth(dev), read_bandwidth(dev)
     rows.append({"kind": "bandwidth", "copy_GBps": bw, "read_GBps": read_bw})
     print(f"copy {bw:.0f} GB/s read {read_bw:.0f} GB/s", flush=True)
-    for b, n in ((1, 4096), (4, 4096), (1, 16384), (8, 4096), (32, 16384), (8, 32768),
-                 (64, 8192), (8, 16384)):  # fmt: skip
+    shapes = ((1, 4096), (4, 4096), (1, 16384), (8, 4096), (32, 16384), (8, 32768),
+              (64, 8192), (8, 16384))  # fmt: skip
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    for b, n in shapes:
         try:
-            rows.append(time_shape(dev, b, n, read_bw, sweep=not args.quick))
+            rows.append(
+                time_shape(dev, b, n, read_bw, variants=not args.quick,
+                           sweep=not (args.quick or args.no_sweep))
+            )  # fmt: skip
         except Exception as err:  # keep timing the other shapes
             rows.append({"kind": "error", "shape": [b, n], "error": repr(err)[:500]})
             print("error", b, n, repr(err)[:500], flush=True)
