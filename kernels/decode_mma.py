@@ -322,13 +322,13 @@ def _mma_split_kernel(
     # (n: the next tile, m: the one after).
     nkw, nvw, nks, nkz, nvs, nvz = _load_tile(
             lo, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
-            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
     if DEPTH == 2:
         mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
             lo + BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
-            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
 
@@ -359,7 +359,7 @@ def _mma_split_kernel(
         n_next = n0 + DEPTH * BLOCK_N
         mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
             n_next, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
-            n_k, n_v, n_s, word_k, word_v, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
+            n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst)
         if DEPTH == 1:
@@ -463,11 +463,7 @@ def _load_tile(
     tw_k,
     tw_v,
     tw_s,
-    n_k,
-    n_v,
     n_s,
-    word_k,
-    word_v,
     ck,
     cv,
     cks,
@@ -487,8 +483,8 @@ def _load_tile(
     stride_vst,
 ):
     """Raw K and V words (each thread its own fragment's) and the four per-token parameter
-    vectors of the tile starting at token n; tokens at or past hi read as 0. A warp's part of
-    the tile lies in one page: one page id per thread and operand (the same for a warp)."""
+    vectors of the tile starting at token n; past hi the scales read 0, the codes page 0's.
+    A warp's part of the tile lies in one page: one page id per thread and operand."""
     t_k = n + tw_k
     t_v = n + tw_v
     t_s = n + tw_s
