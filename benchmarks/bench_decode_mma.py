@@ -42,8 +42,6 @@ MMA = replace(DEFAULT_DECODE_TUNING, mma_min_tokens=0)  # forced: the dispatch r
 MMA_VARIANTS = {
     "depth1_uncapped": replace(MMA, mma_maxnreg=None),
     "depth2_uncapped": replace(MMA, mma_depth=2, mma_maxnreg=None),
-    "chains2": replace(MMA, mma_s_chains=2),
-    "chains2_uncapped": replace(MMA, mma_s_chains=2, mma_maxnreg=None),
 }
 
 CASES = [

@@ -661,7 +661,6 @@ def paged_decode_attention(
                 softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
                 max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
                 maxnreg=tuning.mma_maxnreg, depth=tuning.mma_depth,
-                s_chains=tuning.mma_s_chains,
             )  # fmt: skip
             continue
         LAUNCHES["triton"] += 1

@@ -199,7 +199,6 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, NH: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
-    S_CHAINS: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
@@ -367,25 +366,15 @@ def _mma_split_kernel(
 
         # ---- scores s^T = sum_j K_j q_j^T  [W, NT tokens, NH heads]
         k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(_k_operand(kw, LK))
-        # Two accumulator chains when S_CHAINS == 2: each mma waits on the one before it
-        # that shares its accumulator, so one chain of 8 is 8 MMA latencies long.
         s = gl.zeros([W, NT, NH], gl.float32, MMA)
-        s2 = s
         s = mma_v2(gl.convert_layout(k0, DA, assert_trivial=True), q0, s)
         s = mma_v2(gl.convert_layout(k1, DA, assert_trivial=True), q1, s)
         s = mma_v2(gl.convert_layout(k2, DA, assert_trivial=True), q2, s)
         s = mma_v2(gl.convert_layout(k3, DA, assert_trivial=True), q3, s)
-        if S_CHAINS == 2:
-            s2 = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s2)
-            s2 = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s2)
-            s2 = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s2)
-            s2 = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s2)
-            s = s + s2
-        else:
-            s = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s)
-            s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
-            s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
-            s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
+        s = mma_v2(gl.convert_layout(k4, DA, assert_trivial=True), q4, s)
+        s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
+        s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
+        s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
         ks32 = ks.to(gl.float32) * 16777216.0  # the subnormals' 2**-24
         s = s * ks32[:, :, None] + kz.to(gl.float32)[:, :, None] * q_sum[:, None, :]
 
@@ -541,7 +530,6 @@ def launch_mma_split(
     tokens_per_warp=16,
     maxnreg=None,
     depth=1,
-    s_chains=1,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
     for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
@@ -565,8 +553,7 @@ def launch_mma_split(
         GROUP=group, NH=nh, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, S_CHAINS=s_chains,
-        num_warps=NUM_WARPS,
+        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
         **({} if maxnreg is None or nh == 16 else {"maxnreg": maxnreg}),
     )
     # fmt: on

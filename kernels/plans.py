@@ -119,9 +119,6 @@ class DecodeTuning:
     # Tiles of codes in flight per warp (1 or 2): 1 was 2-4 % faster than 2 on the H200 at every
     # shape (150 registers against 168, 3 programs per SM either way).
     mma_depth: int = 1
-    # Accumulator chains of the score MMAs (1 or 2: two chains of 4 halve the dependent MMA
-    # latency, for 4 adds; at the 128 cap ptxas spills 32 B for it, 8 reloads in the loop).
-    mma_s_chains: int = 1
     # Context tokens a tensor-core program reads at least (its q rotation and merge share are
     # a fixed cost: H200, 8x4k, 1024 tokens per program 29.6 us, 512 38.2). 0: the benchmarks'
     # forced mode, with no dispatch rule and splits of 256 tokens or more.
