@@ -122,9 +122,9 @@ def time_shape(device, batch, ctx, read_bw, sweep=True, variants=True) -> dict:
     row["mma_us"] = _bench(fn(MMA), True)
     row["mma_eager_us"] = _bench(fn(MMA), False)
     row["triton_eager_us"] = _bench(fn(TRITON), False)
-    tune = DEFAULT_DECODE_TUNING
+    default = DEFAULT_DECODE_TUNING  # Qwen3-8B: GQA 4
     row["auto_splits"] = plan.mma_splits(
-        batch, 8, ctx, mma_programs_per_sm(4, tune), tune.mma_min_tokens
+        batch, 8, ctx, mma_programs_per_sm(4, default), default.mma_min_tokens
     )
     if sweep:
         row["mma_splits"] = {

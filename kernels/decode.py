@@ -44,7 +44,9 @@ from sawquant.kernels.plans import (
     DEFAULT_DECODE_TUNING,
     DecodePlan,
     DecodeTuning,
+    mma_columns,
     mma_programs_per_sm,
+    mma_register_cap,
     next_pow2,
 )
 from sawquant.quant.decode import check_decode_inputs
@@ -660,7 +662,8 @@ def paged_decode_attention(
                 k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
                 softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
                 max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
-                maxnreg=tuning.mma_maxnreg, depth=tuning.mma_depth,
+                columns=mma_columns(group), maxnreg=mma_register_cap(group, tuning),
+                depth=tuning.mma_depth,
             )  # fmt: skip
             continue
         LAUNCHES["triton"] += 1

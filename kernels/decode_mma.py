@@ -527,18 +527,18 @@ def launch_mma_split(
     softcap,
     max_len,
     num_q_heads,
+    columns,
     tokens_per_warp=16,
     maxnreg=None,
     depth=1,
 ) -> None:
     """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
     for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
-    ``page_size`` must be a multiple of ``tokens_per_warp``."""
+    ``columns``: the MMAs' query columns (``plans.mma_columns``: 8, or 16 for GQA 9-16);
+    ``maxnreg``: the register cap (``plans.mma_register_cap``). ``page_size`` must be a
+    multiple of ``tokens_per_warp``."""
     if page_size % tokens_per_warp:
         raise ValueError(f"page_size {page_size} is not a multiple of {tokens_per_warp}")
-    # Query columns (plans.mma_columns; this module imports nothing of ours): GQA 9-16 takes 16
-    # columns and 219 registers, and is never capped.
-    nh = 8 if group <= 8 else 16
     # fmt: off
     _mma_split_kernel[(q.shape[0], heads.heads.numel(), splits)](
         q, kpool.codes, kpool.scale, kpool.zero, vpool.codes, vpool.scale, vpool.zero,
@@ -550,10 +550,10 @@ def launch_mma_split(
         *(st // 4 for st in kpool.codes.stride()[:3]), *kpool.scale.stride()[:3],
         *(st // 4 for st in vpool.codes.stride()[:3]), *vpool.scale.stride()[:3],
         block_table.stride(0),
-        GROUP=group, NH=nh, PAGE=page_size, NT=tokens_per_warp,
+        GROUP=group, NH=columns, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
-        **({} if maxnreg is None or nh == 16 else {"maxnreg": maxnreg}),
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on

@@ -161,12 +161,18 @@ def mma_columns(group: int) -> int:
     return 8 if group <= 8 else 16
 
 
+def mma_register_cap(group: int, tuning: DecodeTuning) -> int | None:
+    """The register cap the tensor-core kernel is built with: the tuning's for 8-column
+    builds; 16-column builds (GQA 9-16, 219 registers) are never capped."""
+    return tuning.mma_maxnreg if mma_columns(group) == 8 else None
+
+
 def mma_programs_per_sm(group: int, tuning: DecodeTuning) -> int:
     """Programs of the tensor-core kernel one SM holds (64k registers, 128 threads each)."""
-    cols = mma_columns(group)
-    regs = MMA_REGISTERS[(cols, tuning.mma_depth)]
-    if cols == 8 and tuning.mma_maxnreg is not None:
-        regs = min(regs, tuning.mma_maxnreg)
+    regs = MMA_REGISTERS[(mma_columns(group), tuning.mma_depth)]
+    cap = mma_register_cap(group, tuning)
+    if cap is not None:
+        regs = min(regs, cap)
     return max(1, 65536 // (-(-regs // 8) * 8 * 128))
 
 
