@@ -44,6 +44,7 @@ from sawquant.kernels.plans import (
     DEFAULT_DECODE_TUNING,
     DecodePlan,
     DecodeTuning,
+    merge_heads,
     mma_columns,
     mma_programs_per_sm,
     mma_register_cap,
@@ -57,7 +58,7 @@ except ImportError as _err:  # pragma: no cover - the supported tritons all have
     launch_mma_split = None
     _MMA_MISSING = f"{type(_err).__name__}: {_err}"
 
-__all__ = ["LAUNCHES", "DecodePlan", "DecodeTuning", "paged_decode_attention"]
+__all__ = ["LAUNCHES", "DecodePlan", "DecodeTuning", "merge_splits", "paged_decode_attention"]
 
 # Split-kernel launches by kernel ("mma": the tensor-core kernel, "triton": the Triton one), so
 # benchmarks and GPU checks can show which path really ran.
@@ -490,10 +491,17 @@ def _decode_combine_kernel(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, V_ROT: tl.constexpr,
     GROUP: tl.constexpr, V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr, S_BLOCK: tl.constexpr,
+    ROT_CHUNK: tl.constexpr,
 ):
     """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, undo the V
     transforms (``* smooth + center`` of each head's KV head: exact, the weights sum to 1),
-    write q.dtype."""
+    write q.dtype.
+
+    BLOCK_H is 16 where the batch gives enough programs (the un-rotation is then a tensor-core
+    dot), else as few as 1 head per program (the un-rotation is then a broadcast product,
+    ROT_CHUNK output columns at a time): at batch 1 the merge's latency, not its work, is the
+    cost, and 32 programs of one head finish sooner than 2 of 16.
+    """
     b = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_q_heads
@@ -501,16 +509,11 @@ def _decode_combine_kernel(
     d_ok = d < HEAD_DIM
     base = (b.to(tl.int64) * num_q_heads + heads) * num_splits  # [BLOCK_H]
 
-    # The splits are read S_BLOCK at a time: each pass is a few wide loads instead of one
-    # dependent round trip per split (at batch 1, 16 splits and 2 programs, the merge was
-    # latency-bound: 10 us a layer on the H200, as long as the split kernel itself).
+    # One pass, S_BLOCK splits at a time, the running maximum rescaled as in the online
+    # softmax: the m, l and acc loads of a pass do not wait on each other (a first pass for the
+    # maximum would be a second dependent round trip, which at batch 1 is most of the cost).
     s_idx = tl.arange(0, S_BLOCK)
     m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, S_BLOCK):
-        sj = s0 + s_idx
-        ok = h_ok[:, None] & (sj < num_splits)[None, :]
-        m = tl.load(ML + 2 * (base[:, None] + sj[None, :]), mask=ok, other=float("-inf"))
-        m_max = tl.maximum(m_max, tl.max(tl.where(h_ok[:, None], m, 0.0), 1))
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for s0 in range(0, num_splits, S_BLOCK):
@@ -518,29 +521,58 @@ def _decode_combine_kernel(
         part = base[:, None] + sj[None, :]  # [BLOCK_H, S_BLOCK]
         ok = h_ok[:, None] & (sj < num_splits)[None, :]
         m = tl.load(ML + 2 * part, mask=ok, other=float("-inf"))
-        # m = -inf: an empty split, or a slot no program wrote (a head group with fewer
-        # splits; the launcher set its m to -inf): weight 0, its l and acc are not read.
-        live = ok & (m > float("-inf"))
-        w = tl.where(live, tl.exp2(m - m_max[:, None]), 0.0)
-        l_sum += tl.sum(w * tl.load(ML + 2 * part + 1, mask=live, other=0.0), 1)
+        lv = tl.load(ML + 2 * part + 1, mask=ok, other=0.0)
         a = tl.load(
             ACC + part[:, :, None] * HEAD_DIM + d[None, None, :],
-            mask=live[:, :, None] & d_ok[None, None, :],
+            mask=ok[:, :, None] & d_ok[None, None, :],
             other=0.0,
         )  # [BLOCK_H, S_BLOCK, BLOCK_D]
-        acc += tl.sum(w[:, :, None] * a, 1)
-    o = acc / tl.where(h_ok, l_sum, 1.0)[:, None]
-    mask = h_ok[:, None] & d_ok[None, :]
-    # Un-rotate: o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs).
-    if V_ROT:
-        o = rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
-    kv_row = (heads // GROUP).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]  # [BLOCK_H, BLOCK_D]
+        # m = -inf: an empty split, or a slot no program wrote (a head group with fewer
+        # splits; the launcher set its m to -inf): weight 0, and its l and acc (never written,
+        # possibly NaN) are zeroed rather than multiplied.
+        live = m > float("-inf")
+        m_new = tl.maximum(m_max, tl.max(m, 1))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no live split yet: any finite
+        alpha = tl.exp2(m_max - m_ref)  # 0 while m_max is -inf
+        w = tl.where(live, tl.exp2(m - m_ref[:, None]), 0.0)
+        l_sum = l_sum * alpha + tl.sum(w * tl.where(live, lv, 0.0), 1)
+        a = tl.where(live[:, :, None], a, 0.0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a, 1)
+        m_max = m_new
+    o = acc / tl.where(h_ok & (l_sum > 0), l_sum, 1.0)[:, None]
+    kv = (heads // GROUP).to(tl.int64)  # [BLOCK_H]
+    out_row = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh  # [BLOCK_H]
+    if V_ROT and BLOCK_H < 16:
+        # Un-rotate o @ R.T = o @ (H diag(signs)) (HV), ROT_CHUNK output columns at a time in
+        # float32 FMAs, each chunk stored as it is done.
+        for c0 in tl.static_range(0, BLOCK_D, ROT_CHUNK):
+            cols = c0 + tl.arange(0, ROT_CHUNK)
+            c_ok = cols < HEAD_DIM
+            hv = tl.load(
+                HV + d[:, None] * HEAD_DIM + cols[None, :],
+                mask=d_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BLOCK_D, ROT_CHUNK]
+            oc = tl.sum(o[:, :, None] * hv[None, :, :], 1) * v_rot_scale  # [BLOCK_H, ROT_CHUNK]
+            _store_output(oc, out_row, kv, cols, h_ok[:, None] & c_ok[None, :], VSM, VCE,
+                          HEAD_DIM, V_SMOOTH, V_CENTER)
+    else:
+        if V_ROT:  # o @ R.T = (o @ (H diag(signs))) with H symmetric; HV holds H diag(signs)
+            o = rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
+        _store_output(o, out_row, kv, d, h_ok[:, None] & d_ok[None, :], VSM, VCE,
+                      HEAD_DIM, V_SMOOTH, V_CENTER)
+
+
+@triton.jit
+def _store_output(o, out_row, kv, cols, mask, VSM, VCE, HEAD_DIM: tl.constexpr,
+                  V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr):
+    """o [BLOCK_H, C] (columns ``cols`` of the output rows) ``* smooth + center``, stored."""
+    kv_off = kv[:, None] * HEAD_DIM + cols[None, :]
     if V_SMOOTH:
-        o = o * tl.load(VSM + kv_row, mask=mask, other=0.0)
+        o = o * tl.load(VSM + kv_off, mask=mask, other=0.0)
     if V_CENTER:
-        o = o + tl.load(VCE + kv_row, mask=mask, other=0.0)
-    out = OUT + b.to(tl.int64) * stride_ob + heads.to(tl.int64)[:, None] * stride_oh + d[None, :]
-    tl.store(out, o.to(OUT.dtype.element_ty), mask=mask)
+        o = o + tl.load(VCE + kv_off, mask=mask, other=0.0)
+    tl.store(out_row[:, None] + cols[None, :], o.to(out_row.dtype.element_ty), mask=mask)
 # fmt: on
 
 
@@ -703,7 +735,25 @@ def paged_decode_attention(
             num_stages=tuning.num_stages,
         )
         # fmt: on
-    block_h = 16
+    return merge_splits(ml, acc, out, plan, v_store, group, tuning)
+
+
+def merge_splits(
+    ml: torch.Tensor,
+    acc: torch.Tensor,
+    out: torch.Tensor,
+    plan: DecodePlan,
+    v_store: SideStore,
+    group: int,
+    tuning: DecodeTuning = DEFAULT_DECODE_TUNING,
+) -> torch.Tensor:
+    """The second kernel of a decode: merge the split kernels' partial states ``ml``
+    [B, H_q, S, 2] and ``acc`` [B, H_q, S, D] into ``out`` [B, H_q, D] (un-rotated, V
+    transforms undone). Separate so that benchmarks can time it alone."""
+    b, h_q, total_splits, d = acc.shape
+    block_h = merge_heads(b, h_q, plan.num_sms, tuning)
+    block_d = next_pow2(max(d, 32))
+    tile = max(1, 8192 // (block_h * block_d))  # elements of a merge tile: 64 per thread
     # fmt: off
     _decode_combine_kernel[(b, -(-h_q // block_h))](
         ml, acc, out if plan.v_unrot is None else plan.v_unrot,
@@ -711,9 +761,9 @@ def paged_decode_attention(
         out if v_store.center is None else v_store.center, out, plan.v_rot_scale,
         total_splits, h_q,
         out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=next_pow2(max(d, 32)), BLOCK_H=block_h, V_ROT=plan.v_unrot is not None,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, V_ROT=plan.v_unrot is not None,
         GROUP=group, V_SMOOTH=v_store.smooth is not None, V_CENTER=v_store.center is not None,
-        S_BLOCK=min(4, next_pow2(total_splits)), num_warps=4,
+        S_BLOCK=min(tile, next_pow2(total_splits)), ROT_CHUNK=min(tile, block_d), num_warps=4,
     )
     # fmt: on
     return out

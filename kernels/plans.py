@@ -23,6 +23,7 @@ __all__ = [
     "HeadGroup",
     "PrefillPlan",
     "channel_order",
+    "merge_heads",
     "mma_rotation_columns",
     "mma_word_of_col",
     "mma_word_of_k",
@@ -123,6 +124,9 @@ class DecodeTuning:
     # a fixed cost: H200, 8x4k, 1024 tokens per program 29.6 us, 512 38.2). 0: the benchmarks'
     # forced mode, with no dispatch rule and splits of 256 tokens or more.
     mma_min_tokens: int = 1024
+    # Query heads per program of the split merge (16, 8, 4, 2 or 1); None: ``merge_heads``'s
+    # rule. Benchmarks' A/B only.
+    merge_heads: int | None = None
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -145,9 +149,22 @@ class HeadGroup:
         return tuning.wide_block_n // 2 if wide else tuning.block_n // 2
 
 
+def merge_heads(batch: int, num_q_heads: int, num_sms: int, tuning: DecodeTuning) -> int:
+    """Query heads per program of the split merge: 16 (the V un-rotation is a tensor-core dot),
+    or 1 when programs of 16 would be fewer than an eighth of the SMs. Such a merge is bound
+    by one program's latency, which grows with the heads and splits it reads: H200, batch 1,
+    16 splits, 2 programs of 16 heads 4.8 us, 32 of one 3.0; at batch 8 (4 splits, 16
+    programs) 16 heads 3.0 against 3.8 (RESULTS.md). 2-8 heads per program (tuning only) were
+    slower than both."""
+    if tuning.merge_heads:
+        return tuning.merge_heads
+    return 16 if batch * -(-num_q_heads // 16) >= max(1, num_sms // 8) else 1
+
+
 def _pow2_splits(want: int, max_context: int) -> int:
-    """The largest power of two <= want, 128 and one split per 256 context tokens."""
-    cap = max(1, max_context // 256)
+    """The largest power of two <= want, 128 and one split per 128 context tokens (H200, 1x4k:
+    32 splits of 128 tokens 11.9 us, 16 of 256 12.7; RESULTS.md)."""
+    cap = max(1, max_context // 128)
     return 1 << (min(want, cap, 128).bit_length() - 1)
 
 
@@ -230,9 +247,9 @@ class DecodePlan:
     def splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
         """Context splits per (sequence, KV head) of one launch: about 4 programs per SM (2 are
         resident at a time: the kernel's registers allow 2 per SM), a power of two, and no split
-        shorter than 256 tokens. From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2,
-        8x32k -> 8, 1x4k -> 16. ``num_kv_heads`` are the heads of ONE launch, so a lone
-        fallback head at batch 64 gets 8 splits where the INT4 group gets 1."""
+        shorter than 128 tokens. From the H100 sweeps in benchmarks/RESULTS.md: 32x16k -> 2,
+        8x32k -> 8; from the H200's, 1x4k -> 32. ``num_kv_heads`` are the heads of ONE launch,
+        so a lone fallback head at batch 64 gets 8 splits where the INT4 group gets 1."""
         want = max(1, (4 * self.num_sms) // max(batch * num_kv_heads, 1))
         return _pow2_splits(want, max_context)
 

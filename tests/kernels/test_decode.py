@@ -208,7 +208,7 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
         lens=lens, num_kv_heads=4, head_dim=64, page_size=16, block=32,
         k_bits=(4, 8, 4, 16), v_bits=(4, 4, 4, 16), dtype=torch.float16,
     )  # fmt: skip
-    # A wide block table (4096 positions) lets the split rule go past the 256-token floor.
+    # A wide block table (4096 positions) lets the split rule go past the 128-token floor.
     table = torch.cat([table, table[:, :1].expand(-1, 256 - table.shape[1])], 1).contiguous()
     plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
     plan = dataclasses.replace(plan, num_sms=6)  # 4 programs per "SM": 24 per launch
@@ -227,3 +227,35 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     poison_float_allocations(monkeypatch)
     out = paged_decode_attention(q, k_store, v_store, table, seq_lens, plan=plan, **kw)
     check_close(out, ref.float(), lowp)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 16])
+def test_merge_head_blocks_agree(heads, monkeypatch):
+    """The split merge with 1-16 query heads per program (below 16 the V un-rotation is a
+    broadcast product in column chunks, at 16 a tensor-core dot) gives the twin's output,
+    with V smoothing and centering, 7 splits (a partial last pass) and a fallback head."""
+    torch.manual_seed(0)
+    lens = [300, 41]
+    k_store, v_store, table = build_cache(
+        lens=lens, num_kv_heads=2, head_dim=64, page_size=16, block=32,
+        k_bits=(4, 8), transforms=True,
+    )  # fmt: skip
+    q = (torch.randn(2, 6, 64) * 2).to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(softmax_scale=0.125)
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
+    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=0.125)
+    poison_float_allocations(monkeypatch)
+    tuning = DecodeTuning(merge_heads=heads)
+    out = paged_decode_attention(
+        q, k_store, v_store, table, seq_lens, num_splits=7, tuning=tuning, **kw
+    )
+    check_close(out, ref.float(), lowp)
+
+
+def test_merge_heads_rule():
+    """Heads per merge program on a 132-SM GPU with 32 query heads: one per program up to
+    batch 4, 16 (the dot) from batch 8, where 16 programs of 16 heads run."""
+    rule = lambda b: plans.merge_heads(b, 32, 132, DecodeTuning())  # noqa: E731
+    assert [rule(b) for b in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 16, 16, 16]
+    assert plans.merge_heads(1, 32, 132, DecodeTuning(merge_heads=4)) == 4
