@@ -5,8 +5,8 @@ against the fp32 twin, the default call's CUDA-graph and eager times and which k
 split merge timed alone for each merge layout (query heads per program), the Triton split kernel
 over split counts and tile sizes, the tensor-core kernel over split counts, torch SDPA bf16 on a
 contiguous cache, and the eager wall time per call of 200 back-to-back calls (host-bound when
-it exceeds the graph time). ``--before FILE`` also times an older ``kernels/decode.py`` (e.g.
-``git show REV:kernels/decode.py > FILE``) in the same run. Usage: ``python
+it exceeds the graph time). ``--before FILE`` (repeatable) also times an older
+``kernels/decode.py`` (``git show REV:kernels/decode.py > FILE``) in the same run. Usage: ``python
 benchmarks/bench_decode_latency.py [--json PATH] [--before FILE] [--shapes 1x4096,...]
 [--quick]``.
 """
@@ -44,7 +44,7 @@ def _eager_per_call(fn, calls: int = 200) -> float:
 
 
 def _load_module(path: str):
-    spec = importlib.util.spec_from_file_location("decode_before", path)
+    spec = importlib.util.spec_from_file_location(f"decode_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -92,9 +92,8 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
         err = ((fn(tune)().float() - ref).norm() / ref.norm()).item()
         row[f"merge{heads}_us"] = _bench(fn(tune), True)
         row[f"merge{heads}_rel_err"] = err
-    if before is not None:
-        row["before_us"] = _bench(fn(mod=before), True)
-        row["before_eager_per_call_us"] = _eager_per_call(fn(mod=before))
+    for name, mod in (before or {}).items():
+        row[f"before_{name}_us"] = _bench(fn(mod=mod), True)
 
     if quick:
         return _sdpa(row, q, batch, ctx)
@@ -129,13 +128,17 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
     best = min(triton_rows.items(), key=lambda kv: kv[1]) if triton_rows else None
     print(
         f"B{batch}x{ctx}: default {row['default_us']:.1f} us {row['default_launches']} "
-        f"(eager/call {row['default_eager_per_call_us']:.1f}) before {row.get('before_us')} "
+        f"(eager/call {row['default_eager_per_call_us']:.1f}) before {_befores(row)} "
         f"merge-alone {[round(row[f'merge_alone_h{h}_us'], 1) for h in (16, 8, 4, 2, 1)]} "
         f"triton best {best} mma {row['mma_sweep_us']} sdpa {row['sdpa_us']:.1f} "
         f"err {row['rel_err']:.1e}",
         flush=True,
     )
     return row
+
+
+def _befores(row: dict) -> list[float]:
+    return [round(v, 1) for k, v in row.items() if k.startswith("before_")]
 
 
 def _sdpa(row: dict, q, batch: int, ctx: int) -> dict:
@@ -149,7 +152,7 @@ def _sdpa(row: dict, q, batch: int, ctx: int) -> dict:
     row["sdpa_eager_per_call_us"] = _eager_per_call(sdpa)
     if "triton_sweep_us" not in row:
         print(f"B{batch}x{ctx}: default {row['default_us']:.1f} us {row['default_launches']} "
-              f"before {row.get('before_us')} sdpa {row['sdpa_us']:.1f} "
+              f"before {_befores(row)} sdpa {row['sdpa_us']:.1f} "
               f"err {row['rel_err']:.1e}", flush=True)  # fmt: skip
     return row
 
@@ -157,12 +160,14 @@ def _sdpa(row: dict, q, batch: int, ctx: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
-    parser.add_argument("--before", help="an older kernels/decode.py to time in the same run")
+    parser.add_argument(
+        "--before", action="append", help="an older kernels/decode.py to time (repeatable)"
+    )
     parser.add_argument("--shapes", default="1x4096,1x16384,8x4096,32x16384,64x8192")
     parser.add_argument("--quick", action="store_true", help="defaults and SDPA only")
     args = parser.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
-    before = _load_module(args.before) if args.before else None
+    before = {path: _load_module(path) for path in args.before or ()}
     rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
              "triton": triton.__version__, "before": args.before}]  # fmt: skip
     rows.append({"kind": "bandwidth", "read_GBps": read_bandwidth(dev)})
