@@ -355,25 +355,6 @@ def _decode_split_kernel(
     words = tl.arange(0, BLOCK_W)
     q_row = Q + b.to(tl.int64) * stride_qb + heads.to(tl.int64)[:, None] * stride_qh
 
-    bt_row = BT + b.to(tl.int64) * stride_btb
-    # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
-    # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
-    # two memory latencies per tile; on the H100, leaving it to Triton's pipeliner was 3-18 %
-    # slower, RESULTS.md). The first tile is issued before the q rotation, so that where a
-    # program reads one or two tiles (batch 1) its round trips overlap the rotation's.
-    pos = lo + tl.arange(0, BLOCK_N)
-    tok_ok = pos < hi
-    page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
-    k_tok = page * stride_kcp + kp * stride_kch + (pos % PAGE) * stride_kct
-    v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
-    ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
-    vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
-    nk = _load_tile_raw(KC, k_tok, k_chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
-    nv = _load_tile_raw(VC, v_tok, v_chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
-    nk_s, nk_z = _load_params(KS, KZ, ks_tok, k_chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
-    nv_s, nv_z = _load_params(VS, VZ, vs_tok, v_chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
-    pos2 = pos + BLOCK_N
-    page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
     # Rotated q in the permuted order: q' = q @ (diag(signs) H)[:, chan]  [BLOCK_G, BLOCK_D];
     # HK holds that matrix with its columns already permuted by the launcher ([D, BLOCK_D]).
     if K_ROT:
@@ -412,6 +393,25 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     z_i = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n * zero_n: V's zero-point term, per row
     acc = tl.zeros([8 * BLOCK_W, BLOCK_G], tl.float32)  # transposed output: [BLOCK_D, BLOCK_G]
+    bt_row = BT + b.to(tl.int64) * stride_btb
+
+    # Software prefetch, by hand: the codes of tile n+1 and the page ids of tile n+2 are in
+    # flight while tile n is computed (the page-id -> codes dependency would otherwise expose
+    # two memory latencies per tile; on the H100, leaving it to Triton's pipeliner was 3-18 %
+    # slower, RESULTS.md).
+    pos = lo + tl.arange(0, BLOCK_N)
+    tok_ok = pos < hi
+    page = tl.load(bt_row + pos // PAGE, mask=tok_ok, other=0).to(tl.int64)
+    k_tok = page * stride_kcp + kp * stride_kch + (pos % PAGE) * stride_kct
+    v_tok = page * stride_vcp + vp * stride_vch + (pos % PAGE) * stride_vct
+    ks_tok = page * stride_ksp + kp * stride_ksh + (pos % PAGE) * stride_kst
+    vs_tok = page * stride_vsp + vp * stride_vsh + (pos % PAGE) * stride_vst
+    nk = _load_tile_raw(KC, k_tok, k_chan, words, tok_ok, HEAD_DIM, K_BITS, K_WORDS)
+    nv = _load_tile_raw(VC, v_tok, v_chan, words, tok_ok, HEAD_DIM, V_BITS, V_WORDS)
+    nk_s, nk_z = _load_params(KS, KZ, ks_tok, k_chan, tok_ok, K_BITS, K_GS, HEAD_DIM, BLOCK_N)
+    nv_s, nv_z = _load_params(VS, VZ, vs_tok, v_chan, tok_ok, V_BITS, V_GS, HEAD_DIM, BLOCK_N)
+    pos2 = pos + BLOCK_N
+    page2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 < hi, other=0).to(tl.int64)
 
     for n0 in range(lo, hi, BLOCK_N):
         k_raw, k_s, k_z = nk, nk_s, nk_z
