@@ -67,6 +67,28 @@ def read_bandwidth(device: torch.device) -> float:
     return best
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """ "BxN,BxN" -> [(batch, context), ...]."""
+    return [tuple(int(x) for x in s.split("x")) for s in text.split(",")]
+
+
+def time_shapes(rows: list, shapes, time_one, json_path: str | None) -> list:
+    """Append ``time_one(batch, context)`` for each shape to ``rows``; a shape that fails is
+    recorded as an error row and the others still run; ``rows`` is rewritten to ``json_path``
+    after each shape, so a run cut short keeps what it measured."""
+    for b, n in shapes:
+        try:
+            rows.append(time_one(b, n))
+        except Exception as err:  # keep timing the other shapes
+            rows.append({"kind": "error", "shape": [b, n], "error": repr(err)[:500]})
+            print("error", b, n, repr(err)[:500], flush=True)
+        torch.cuda.empty_cache()
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rows, f, indent=1)
+    return rows
+
+
 def _random_stores(
     batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0, rotations=None
 ):

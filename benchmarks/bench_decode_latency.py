@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from dataclasses import replace
 
 import torch
 import triton
-from bench_decode import QWEN3_8B, _bench, _decode_bytes, _random_stores, read_bandwidth
+from bench_decode import (
+    QWEN3_8B,
+    _bench,
+    _decode_bytes,
+    _random_stores,
+    parse_shapes,
+    read_bandwidth,
+    time_shapes,
+)
 from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.kernels import decode
@@ -67,17 +74,7 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
     out = fn()().float()
     row["rel_err"] = ((out - ref).norm() / ref.norm()).item()
     before_launches = dict(decode.LAUNCHES)
-    seen, real = [], decode.merge_splits
-
-    def spy(ml, acc, *a, **k):  # the split count the default launch used
-        seen.append(acc.shape[2])
-        return real(ml, acc, *a, **k)
-
-    decode.merge_splits = spy
-    try:
-        fn()()
-    finally:
-        decode.merge_splits = real
+    fn()()
     row["default_launches"] = {
         k: v - before_launches.get(k, 0)
         for k, v in decode.LAUNCHES.items()
@@ -98,7 +95,7 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
     if quick:
         return _sdpa(row, q, batch, ctx)
     # The merge alone, on partial states of the default's split count.
-    splits = seen[0]
+    splits = max(decode.split_choices(plan, ks, vs, batch, 4, table.shape[1] * 16)[1])
     ml = torch.randn(batch, 32, splits, 2, device=device).abs_()
     acc = torch.randn(batch, 32, splits, 128, device=device)
     dst = torch.empty_like(q)
@@ -171,17 +168,10 @@ def main() -> None:
     rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
              "triton": triton.__version__, "before": args.before}]  # fmt: skip
     rows.append({"kind": "bandwidth", "read_GBps": read_bandwidth(dev)})
-    for s in args.shapes.split(","):
-        b, n = (int(x) for x in s.split("x"))
-        try:
-            rows.append(time_shape(dev, b, n, before, args.quick))
-        except Exception as err:  # keep timing the other shapes
-            rows.append({"kind": "error", "shape": [b, n], "error": repr(err)[:500]})
-            print("error", b, n, repr(err)[:500], flush=True)
-        torch.cuda.empty_cache()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+    time_shapes(
+        rows, parse_shapes(args.shapes), lambda b, n: time_shape(dev, b, n, before, args.quick),
+        args.json,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

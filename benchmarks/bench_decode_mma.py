@@ -12,7 +12,6 @@ and the measured read and copy rates. Usage: ``python benchmarks/bench_decode_mm
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, replace
 
 import torch
@@ -24,7 +23,9 @@ from bench_decode import (
     _quantized_case,
     _random_stores,
     copy_bandwidth,
+    parse_shapes,
     read_bandwidth,
+    time_shapes,
 )
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -174,20 +175,13 @@ def main() -> None:
     shapes = ((1, 4096), (4, 4096), (1, 16384), (8, 4096), (32, 16384), (8, 32768),
               (64, 8192), (8, 16384))  # fmt: skip
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    for b, n in shapes:
-        try:
-            rows.append(
-                time_shape(dev, b, n, read_bw, variants=not args.quick,
-                           sweep=not (args.quick or args.no_sweep))
-            )  # fmt: skip
-        except Exception as err:  # keep timing the other shapes
-            rows.append({"kind": "error", "shape": [b, n], "error": repr(err)[:500]})
-            print("error", b, n, repr(err)[:500], flush=True)
-        torch.cuda.empty_cache()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        shapes = parse_shapes(args.shapes)
+    time_shapes(
+        rows, shapes,
+        lambda b, n: time_shape(dev, b, n, read_bw, variants=not args.quick,
+                                sweep=not (args.quick or args.no_sweep)),
+        args.json,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

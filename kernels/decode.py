@@ -58,7 +58,14 @@ except ImportError as _err:  # pragma: no cover - the supported tritons all have
     launch_mma_split = None
     _MMA_MISSING = f"{type(_err).__name__}: {_err}"
 
-__all__ = ["LAUNCHES", "DecodePlan", "DecodeTuning", "merge_splits", "paged_decode_attention"]
+__all__ = [
+    "LAUNCHES",
+    "DecodePlan",
+    "DecodeTuning",
+    "merge_splits",
+    "paged_decode_attention",
+    "split_choices",
+]
 
 # Split-kernel launches by kernel ("mma": the tensor-core kernel, "triton": the Triton one), so
 # benchmarks and GPU checks can show which path really ran.
@@ -616,6 +623,46 @@ def _mma_applies(plan: DecodePlan, tuning, g, k_store, v_store, group: int, d: i
     return True
 
 
+def split_choices(
+    plan: DecodePlan,
+    k_store: SideStore,
+    v_store: SideStore,
+    batch: int,
+    group: int,
+    max_len: int,
+    *,
+    num_splits: int | None = None,
+    tuning: DecodeTuning = DEFAULT_DECODE_TUNING,
+) -> tuple[list[bool], list[int]]:
+    """Per head group of ``plan``: whether it runs the tensor-core kernel, and its context
+    splits (``max_len``: the block table's positions). What the launcher does, for benchmarks
+    and tests to read without launching."""
+    d = k_store.head_dim
+    mma, splits = [], []
+    for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
+        n = g.heads.numel()
+        m = tuning.mma and _mma_applies(plan, tuning, g, k_store, v_store, group, d)
+        if num_splits:
+            s = num_splits
+        elif m:
+            per_sm = mma_programs_per_sm(group, tuning)
+            s = plan.mma_splits(batch, n, max_len, per_sm, tuning.mma_min_tokens)
+        else:
+            s = plan.splits(batch, n, max_len)
+        # Short programs, or fewer programs than half the SMs (a latency-bound launch, such as
+        # 1x4k): the Triton kernel wins (H200: 15.9 against 17.9 us at 1x4k, RESULTS.md).
+        if (
+            m
+            and tuning.mma_min_tokens
+            and (max_len < tuning.mma_min_tokens * s or 2 * batch * n * s < plan.num_sms)
+        ):
+            m = False
+            s = num_splits or plan.splits(batch, n, max_len)
+        mma.append(m)
+        splits.append(int(max(1, s)))
+    return mma, splits
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_store: SideStore,
@@ -653,28 +700,9 @@ def paged_decode_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_table = block_table.contiguous()
     max_len = block_table.shape[1] * k_store.page_size
-    mma, splits = [], []
-    for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
-        n = g.heads.numel()
-        m = tuning.mma and _mma_applies(plan, tuning, g, k_store, v_store, group, d)
-        if num_splits:
-            s = num_splits
-        elif m:
-            per_sm = mma_programs_per_sm(group, tuning)
-            s = plan.mma_splits(b, n, max_len, per_sm, tuning.mma_min_tokens)
-        else:
-            s = plan.splits(b, n, max_len)
-        # Short programs, or fewer programs than half the SMs (a latency-bound launch, such as
-        # 1x4k): the Triton kernel wins (H200: 15.9 against 17.9 us at 1x4k, RESULTS.md).
-        if (
-            m
-            and tuning.mma_min_tokens
-            and (max_len < tuning.mma_min_tokens * s or 2 * b * n * s < plan.num_sms)
-        ):
-            m = False
-            s = num_splits or plan.splits(b, n, max_len)
-        mma.append(m)
-        splits.append(int(max(1, s)))
+    mma, splits = split_choices(
+        plan, k_store, v_store, b, group, max_len, num_splits=num_splits, tuning=tuning
+    )
     total_splits = max(splits)
 
     ml = torch.empty(b, h_q, total_splits, 2, dtype=torch.float32, device=device)

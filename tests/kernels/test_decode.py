@@ -195,6 +195,18 @@ def test_int4_unpack_variants_match(subnormal):
     assert rel < 2e-3
 
 
+def _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, **launch):
+    """The kernel (scale 0.125, NaN-poisoned workspace, ``launch`` passed on) meets the
+    tolerance rule against the twin."""
+    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, softmax_scale=0.125)
+    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=0.125)
+    poison_float_allocations(monkeypatch)
+    out = paged_decode_attention(
+        q, k_store, v_store, table, seq_lens, softmax_scale=0.125, **launch
+    )
+    check_close(out, ref.float(), lowp)
+
+
 def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     """INT8 / 16-bit head groups (natural channel order, BLOCK_N 64) next to an INT4 group:
     with automatic splits a lone fallback head gets more splits than the INT4 group, and the
@@ -221,12 +233,7 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     assert len(set(splits)) > 1  # the test covers unequal split counts
     q = (torch.randn(2, 8, 64) * 2).to(torch.float16)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    kw = dict(softmax_scale=0.125)
-    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
-    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=0.125)
-    poison_float_allocations(monkeypatch)
-    out = paged_decode_attention(q, k_store, v_store, table, seq_lens, plan=plan, **kw)
-    check_close(out, ref.float(), lowp)
+    _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, plan=plan)
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 16])
@@ -242,15 +249,10 @@ def test_merge_head_blocks_agree(heads, monkeypatch):
     )  # fmt: skip
     q = (torch.randn(2, 6, 64) * 2).to(torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    kw = dict(softmax_scale=0.125)
-    ref = paged_decode_attention_ref(q, k_store, v_store, table, seq_lens, **kw)
-    lowp = torch_lowp_attention(q, k_store, v_store, table, seq_lens, scale=0.125)
-    poison_float_allocations(monkeypatch)
-    tuning = DecodeTuning(merge_heads=heads)
-    out = paged_decode_attention(
-        q, k_store, v_store, table, seq_lens, num_splits=7, tuning=tuning, **kw
-    )
-    check_close(out, ref.float(), lowp)
+    _check_against_twin(
+        monkeypatch, q, k_store, v_store, table, seq_lens, num_splits=7,
+        tuning=DecodeTuning(merge_heads=heads),
+    )  # fmt: skip
 
 
 def test_merge_heads_rule():
