@@ -2,12 +2,11 @@
 
 For each shape (a Qwen3-8B layer, block-128 rotation with signs, page 16, random codes): a check
 against the fp32 twin, the default call's CUDA-graph and eager times and which kernels ran, the
-Triton split kernel with its fused merge against it with the merge kernel, the merge kernel
-alone for each merge layout (query heads per program), the Triton split kernel over split
-counts and tile sizes, the tensor-core kernel over split counts, torch SDPA bf16 on a contiguous
-cache, and the eager wall time per call of 200 back-to-back calls (host-bound when it exceeds
-the graph time). ``--before FILE`` (repeatable) also times an older ``kernels/decode.py``
-(``git show REV:kernels/decode.py > FILE``) in the same run. Usage: ``python
+split merge timed alone for each merge layout (query heads per program), the Triton split kernel
+over split counts and tile sizes, the tensor-core kernel over split counts, torch SDPA bf16 on a
+contiguous cache, and the eager wall time per call of 200 back-to-back calls (host-bound when
+it exceeds the graph time). ``--before FILE`` (repeatable) also times an older
+``kernels/decode.py`` (``git show REV:kernels/decode.py > FILE``) in the same run. Usage: ``python
 benchmarks/bench_decode_latency.py [--json PATH] [--before FILE] [--shapes 1x4096,...]
 [--quick]``.
 """
@@ -85,15 +84,11 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
     row["default_eager_us"] = _bench(fn(), False)
     row["default_eager_per_call_us"] = _eager_per_call(fn())
     row["merge_heads_auto"] = merge_heads(batch, 32, plan.num_sms, DEFAULT_DECODE_TUNING)
-    # The Triton split kernel with its fused merge, and with the merge kernel of each layout.
-    triton_only = replace(DEFAULT_DECODE_TUNING, mma=False)
-    row["triton_fused_us"] = _bench(fn(triton_only), True)
-    row["triton_fused_rel_err"] = ((fn(triton_only)().float() - ref).norm() / ref.norm()).item()
     for heads in sorted({16, row["merge_heads_auto"]}):
-        tune = replace(triton_only, merge_heads=heads, fused_merge=False)
+        tune = replace(DEFAULT_DECODE_TUNING, merge_heads=heads)
         err = ((fn(tune)().float() - ref).norm() / ref.norm()).item()
-        row[f"triton_merge{heads}_us"] = _bench(fn(tune), True)
-        row[f"triton_merge{heads}_rel_err"] = err
+        row[f"merge{heads}_us"] = _bench(fn(tune), True)
+        row[f"merge{heads}_rel_err"] = err
     for name, mod in (before or {}).items():
         row[f"before_{name}_us"] = _bench(fn(mod=mod), True)
 
@@ -131,7 +126,6 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
     print(
         f"B{batch}x{ctx}: default {row['default_us']:.1f} us {row['default_launches']} "
         f"(eager/call {row['default_eager_per_call_us']:.1f}) before {_befores(row)} "
-        f"{_merges(row)} "
         f"merge-alone {[round(row[f'merge_alone_h{h}_us'], 1) for h in (16, 8, 4, 2, 1)]} "
         f"triton best {best} mma {row['mma_sweep_us']} sdpa {row['sdpa_us']:.1f} "
         f"err {row['rel_err']:.1e}",
@@ -142,12 +136,6 @@ def time_shape(device, batch, ctx, before=None, quick=False) -> dict:
 
 def _befores(row: dict) -> list[float]:
     return [round(v, 1) for k, v in row.items() if k.startswith("before_")]
-
-
-def _merges(row: dict) -> str:
-    kernel = {k[len("triton_merge") : -3]: round(v, 1) for k, v in row.items()
-              if k.startswith("triton_merge") and k.endswith("_us")}  # fmt: skip
-    return f"triton fused {row['triton_fused_us']:.1f} / merge kernel by heads {kernel}"
 
 
 def _sdpa(row: dict, q, batch: int, ctx: int) -> dict:
@@ -161,7 +149,7 @@ def _sdpa(row: dict, q, batch: int, ctx: int) -> dict:
     row["sdpa_eager_per_call_us"] = _eager_per_call(sdpa)
     if "triton_sweep_us" not in row:
         print(f"B{batch}x{ctx}: default {row['default_us']:.1f} us {row['default_launches']} "
-              f"before {_befores(row)} {_merges(row)} sdpa {row['sdpa_us']:.1f} "
+              f"before {_befores(row)} sdpa {row['sdpa_us']:.1f} "
               f"err {row['rel_err']:.1e}", flush=True)  # fmt: skip
     return row
 

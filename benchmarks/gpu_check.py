@@ -8,12 +8,7 @@
    smoothing), prefill + decode steps + a chunk, float32; logits against the same model on the
    CPU with the twins, and the kernel path counted (every write and attention must have run on
    the GPU: ``cache.calls``). Decode steps replay CUDA graphs there (the default on CUDA).
-3. **The fused split merge** (the last program of each sequence and KV head merges inside the
-   Triton kernel, found by an atomic arrival counter): on real concurrent programs, shapes from
-   1x4k (32 splits) to 48x1k, with and without fallback heads: 50 back-to-back calls give the
-   first call's output bit for bit (the merge's order is fixed, whichever program is last), it
-   matches the merge kernel's and the twin's, and every counter is zero afterwards.
-4. **CUDA-graph decode in generate**: the same model in bfloat16, ``generate`` with graphs
+3. **CUDA-graph decode in generate**: the same model in bfloat16, ``generate`` with graphs
    against ``cuda_graphs=False`` (greedy with left padding, seeded sampling, beam search, and a
    pool that grows mid-generation): identical tokens, every decode step a graph replay.
 
@@ -83,61 +78,6 @@ def check_blocks(dev: torch.device) -> list[dict]:
         ok = differing == 0 and rel < 1e-2  # bf16 q and output: the STYLE.md bf16 band
         rows.append({"check": f"blocks: {name}", "differing_bytes": differing,
                      "decode_rel_err": rel, "ok": ok})  # fmt: skip
-    return rows
-
-
-def check_fused_merge(dev: torch.device) -> list[dict]:
-    from dataclasses import replace
-
-    from sawquant.kernels.plans import DEFAULT_DECODE_TUNING
-    from sawquant.testing import poisoned_side
-
-    rows = []
-    triton_only = replace(DEFAULT_DECODE_TUNING, mma=False)
-    separate = replace(triton_only, fused_merge=False)
-    cases = [(1, 4096, None), (4, 2048, None), (48, 1024, None), (2, 3000, {0: 8, 5: 16})]
-    for batch, ctx, fallback in cases:
-        g = torch.Generator(device=dev).manual_seed(batch)
-        page = 16
-        pages = -(-ctx // page)
-        bits = None if fallback is None else tuple(fallback.get(h, 4) for h in range(8))
-        stores = []
-        for seed in (1, 2):
-            st = poisoned_side(num_kv_heads=8, head_dim=128, block=128, num_pages=batch * pages,
-                               page_size=page, seed=seed, head_bits=bits, device=dev)  # fmt: skip
-            for pool in st.pools.values():
-                if pool.scale is None:
-                    pool.codes.normal_(generator=g)
-                else:
-                    pool.scale.uniform_(0.05, 0.2, generator=g)
-                    pool.zero.uniform_(-1.5, -0.5, generator=g)
-            stores.append(st)
-        ks, vs = stores
-        table = torch.randperm(batch * pages, device=dev, generator=g).view(batch, pages)
-        table = table.to(torch.int32)
-        lens = torch.randint(ctx // 2, ctx + 1, (batch,), device=dev, generator=g)
-        lens = lens.to(torch.int32)
-        q = torch.randn(batch, 32, 128, device=dev, generator=g).to(torch.bfloat16)
-        plan = DecodePlan.build(ks, vs, dev)
-        kw = dict(softmax_scale=128**-0.5, plan=plan)
-        before = dict(decode.LAUNCHES)
-        first = paged_decode_attention(q, ks, vs, table, lens, tuning=triton_only, **kw)
-        fused = decode.LAUNCHES["fused_merge"] - before.get("fused_merge", 0)
-        same = all(
-            torch.equal(paged_decode_attention(q, ks, vs, table, lens, tuning=triton_only, **kw),
-                        first)
-            for _ in range(50 if dev.type == "cuda" else 1)  # the interpreter is slow
-        )  # fmt: skip
-        other = paged_decode_attention(q, ks, vs, table, lens, tuning=separate, **kw)
-        ref = paged_decode_attention_ref(q, ks, vs, table, lens, softmax_scale=128**-0.5)
-        rel = float((first.float() - ref).norm() / ref.norm())
-        vs_merge = float((first.float() - other.float()).norm() / other.float().norm())
-        zero = not any(c.any() for c in plan.counter_buffers)
-        rows.append({"check": f"fused merge: {batch}x{ctx} fallback {fallback}",
-                     "fused_launches": fused, "same_50_calls": same, "rel_err": rel,
-                     "rel_vs_merge_kernel": vs_merge, "counters_zero": zero,
-                     "ok": fused == 1 and same and zero and rel < 1e-2
-                     and vs_merge < 1e-2})  # fmt: skip
     return rows
 
 
@@ -283,8 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (TRITON_INTERPRET=1)")
-    checks = {"blocks": check_blocks, "fused_merge": check_fused_merge,
-              "runtime": check_runtime, "graphs": check_graphs}  # fmt: skip
+    checks = {"blocks": check_blocks, "runtime": check_runtime, "graphs": check_graphs}
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(checks)}")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(checks)

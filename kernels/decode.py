@@ -67,8 +67,7 @@ __all__ = [
     "split_choices",
 ]
 
-# Launches by kernel ("mma": the tensor-core split kernel, "triton": the Triton one; "merge": the
-# merge kernel, "fused_merge": a decode whose splits merged inside the Triton kernel), so
+# Split-kernel launches by kernel ("mma": the tensor-core kernel, "triton": the Triton one), so
 # benchmarks and GPU checks can show which path really ran.
 LAUNCHES: Counter = Counter()
 _warned_mma = False
@@ -302,11 +301,10 @@ def _load_params(
 def _decode_split_kernel(
     # pointers
     Q, KC, KS, KZ, VC, VS, VZ, BT, LENS, HEADS, KIDX, VIDX, HK, KSM, ML, ACC,
-    HV, VSM, VCE, OUT, CNT,  # the fused merge's (unused without FUSED)
     # sizes
-    qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len, v_rot_scale,
+    qk_scale, k_rot_scale, softcap, window, num_splits, num_q_heads, max_len,
     # strides (elements; the last dim of every tensor is contiguous)
-    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_qb, stride_qh,
     stride_kcp, stride_kch, stride_kct,
     stride_ksp, stride_ksh, stride_kst,
     stride_vcp, stride_vch, stride_vct,
@@ -321,10 +319,6 @@ def _decode_split_kernel(
     K_SUBN: tl.constexpr, V_SUBN: tl.constexpr,
     K_NAT: tl.constexpr, V_NAT: tl.constexpr, K_DOT16: tl.constexpr, V_DOT16: tl.constexpr,
     K_SMOOTH: tl.constexpr,
-    # the fused merge
-    FUSED: tl.constexpr, M_HEADS: tl.constexpr, M_BLOCK_D: tl.constexpr, V_ROT: tl.constexpr,
-    V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr, M_SPLITS: tl.constexpr,
-    M_ROT_CHUNK: tl.constexpr,
 ):
     """One (sequence, KV head, context split): partial softmax state of the GQA group's heads.
 
@@ -335,9 +329,6 @@ def _decode_split_kernel(
     K_NAT / V_NAT: that side's tiles are in natural channel order (INT8 and 16-bit pools: each
     thread reads contiguous 16-byte runs of a row) instead of the INT4 unpack order; K_DOT16 /
     V_DOT16: a 16-bit side's dots run in its storage dtype (fp16/bf16) instead of float32.
-    FUSED: the last program of each (sequence, KV head) to finish merges that head's splits
-    into OUT (``_merge_rows``, M_HEADS query rows), so no merge kernel is launched; CNT holds
-    one arrival counter per (sequence, KV head), zero before the launch and after it.
     """
     tl.static_assert(BLOCK_G >= 16)
     tl.static_assert(8 * BLOCK_W >= HEAD_DIM)
@@ -496,48 +487,34 @@ def _decode_split_kernel(
     acc = acc + z_i[None, :]
     a_ptr = ACC + part[None, :] * HEAD_DIM + v_chan[:, None]
     tl.store(a_ptr, acc, mask=row_ok[None, :] & (v_chan < HEAD_DIM)[:, None])
-
-    if FUSED:
-        # Count this program in; the last of the head's splits to arrive merges them all (at
-        # batch 1 a second kernel's launch and round trips cost more than the merge's work).
-        # The barrier puts every thread's stores before the counter's release; acquire on the
-        # way back, and L1-bypassing loads in the merge, let the last program see them all.
-        tl.debug_barrier()
-        cnt = CNT + b * (num_q_heads // GROUP) + kvh
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(2) - 1:
-            tl.store(cnt, 0)  # every program has counted: zero again for the next launch
-            m_rows = tl.arange(0, M_HEADS)
-            _merge_rows(
-                ML, ACC, HV, VSM, VCE, OUT, b, kvh * GROUP + m_rows, m_rows < GROUP,
-                tl.num_programs(2), num_splits, v_rot_scale, num_q_heads, stride_ob, stride_oh,
-                HEAD_DIM, M_BLOCK_D, M_HEADS, V_ROT, GROUP, V_SMOOTH, V_CENTER, M_SPLITS,
-                M_ROT_CHUNK,
-            )
 # fmt: on
 
 
 # fmt: off
 @triton.jit
-def _merge_rows(
-    ML, ACC, HV, VSM, VCE, OUT, b, heads, h_ok, n_splits, stride_split, v_rot_scale,
-    num_q_heads, stride_ob, stride_oh,
+def _decode_combine_kernel(
+    ML, ACC, HV, VSM, VCE, OUT,
+    v_rot_scale, num_splits, num_q_heads,
+    stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, V_ROT: tl.constexpr,
     GROUP: tl.constexpr, V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr, S_BLOCK: tl.constexpr,
     ROT_CHUNK: tl.constexpr,
 ):
-    """Merge the first ``n_splits`` split slots of query heads ``heads`` [BLOCK_H] of sequence
-    b by log-sum-exp, un-rotate, undo the V transforms (``* smooth + center`` of each head's KV
-    head: exact, the weights sum to 1), write OUT's dtype. ``stride_split``: slots per head in
-    ML / ACC. Workspace loads bypass L1 (``.cg``): in the fused merge other SMs wrote them.
+    """Merge the splits of BLOCK_H query heads by log-sum-exp, un-rotate, undo the V
+    transforms (``* smooth + center`` of each head's KV head: exact, the weights sum to 1),
+    write q.dtype.
 
-    With BLOCK_H >= 16 the un-rotation is a tensor-core dot; below, a broadcast product,
-    ROT_CHUNK output columns at a time: at batch 1 the merge's latency, not its work, is the
+    BLOCK_H is 16 where the batch gives enough programs (the un-rotation is then a tensor-core
+    dot), else as few as 1 head per program (the un-rotation is then a broadcast product,
+    ROT_CHUNK output columns at a time): at batch 1 the merge's latency, not its work, is the
     cost, and 32 programs of one head finish sooner than 2 of 16.
     """
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_q_heads
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    base = (b.to(tl.int64) * num_q_heads + heads) * stride_split  # [BLOCK_H]
+    base = (b.to(tl.int64) * num_q_heads + heads) * num_splits  # [BLOCK_H]
 
     # One pass, S_BLOCK splits at a time, the running maximum rescaled as in the online
     # softmax: the m, l and acc loads of a pass do not wait on each other (a first pass for the
@@ -546,17 +523,16 @@ def _merge_rows(
     m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s0 in range(0, n_splits, S_BLOCK):
+    for s0 in range(0, num_splits, S_BLOCK):
         sj = s0 + s_idx
         part = base[:, None] + sj[None, :]  # [BLOCK_H, S_BLOCK]
-        ok = h_ok[:, None] & (sj < n_splits)[None, :]
-        m = tl.load(ML + 2 * part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        lv = tl.load(ML + 2 * part + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        ok = h_ok[:, None] & (sj < num_splits)[None, :]
+        m = tl.load(ML + 2 * part, mask=ok, other=float("-inf"))
+        lv = tl.load(ML + 2 * part + 1, mask=ok, other=0.0)
         a = tl.load(
             ACC + part[:, :, None] * HEAD_DIM + d[None, None, :],
             mask=ok[:, :, None] & d_ok[None, None, :],
             other=0.0,
-            cache_modifier=".cg",
         )  # [BLOCK_H, S_BLOCK, BLOCK_D]
         # m = -inf: an empty split, or a slot no program wrote (a head group with fewer
         # splits; the launcher set its m to -inf): weight 0, and its l and acc (never written,
@@ -592,26 +568,6 @@ def _merge_rows(
             o = rotate_rows(o, HV, v_rot_scale, d * HEAD_DIM, d, d_ok[:, None] & d_ok[None, :])
         _store_output(o, out_row, kv, d, h_ok[:, None] & d_ok[None, :], VSM, VCE,
                       HEAD_DIM, V_SMOOTH, V_CENTER)
-
-
-@triton.jit
-def _decode_combine_kernel(
-    ML, ACC, HV, VSM, VCE, OUT,
-    v_rot_scale, num_splits, num_q_heads,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, V_ROT: tl.constexpr,
-    GROUP: tl.constexpr, V_SMOOTH: tl.constexpr, V_CENTER: tl.constexpr, S_BLOCK: tl.constexpr,
-    ROT_CHUNK: tl.constexpr,
-):
-    """The separate merge: BLOCK_H query heads per program, every split slot (16 heads where
-    the batch gives enough programs, else as few as 1: ``plans.merge_heads``)."""
-    b = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    _merge_rows(
-        ML, ACC, HV, VSM, VCE, OUT, b, heads, heads < num_q_heads, num_splits, num_splits,
-        v_rot_scale, num_q_heads, stride_ob, stride_oh,
-        HEAD_DIM, BLOCK_D, BLOCK_H, V_ROT, GROUP, V_SMOOTH, V_CENTER, S_BLOCK, ROT_CHUNK,
-    )
 
 
 @triton.jit
@@ -748,21 +704,13 @@ def paged_decode_attention(
         plan, k_store, v_store, b, group, max_len, num_splits=num_splits, tuning=tuning
     )
     total_splits = max(splits)
-    # The tensor-core kernel has no merge of its own: with it in the layer, a merge kernel runs.
-    fused = tuning.fused_merge and not any(mma)
 
     ml = torch.empty(b, h_q, total_splits, 2, dtype=torch.float32, device=device)
-    if not fused and min(splits) < total_splits:
-        ml.fill_(float("-inf"))  # slots some group leaves unwritten: m = -inf, weight 0
+    if min(splits) < total_splits:  # slots some group leaves unwritten: m = -inf, weight 0
+        ml.fill_(float("-inf"))
     acc = torch.empty(b, h_q, total_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
     block_g = max(16, next_pow2(group))
-    m_heads = next_pow2(group)
-    m_block_d, m_splits, m_rot_chunk = _merge_tiles(m_heads, d, 1 << 30)
-    counters = plan.split_counters(b * k_store.num_kv_heads) if fused else q
-    v_unrot = q if plan.v_unrot is None else plan.v_unrot
-    v_smooth = q if v_store.smooth is None else v_store.smooth
-    v_center = q if v_store.center is None else v_store.center
     for g, g_splits, g_mma in zip(plan.groups, splits, mma):
         k_nat, v_nat = g.k_bits != 4, g.v_bits != 4
         kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
@@ -792,10 +740,9 @@ def paged_decode_attention(
             q, kpool.codes, ks, kz, vpool.codes, vs, vz,
             block_table, seq_lens, g.heads, g.k_index, g.v_index, q if rot is None else rot,
             q if k_store.smooth is None else k_store.smooth, ml, acc,
-            v_unrot, v_smooth, v_center, out, counters,
             softmax_scale, plan.k_rot_scale, softcap or 1.0, sliding_window or 0, total_splits,
-            h_q, max_len, plan.v_rot_scale,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            h_q, max_len,
+            q.stride(0), q.stride(1),
             *kpool.codes.stride()[:3], *ks.stride()[:3],
             *vpool.codes.stride()[:3], *vs.stride()[:3],
             block_table.stride(0),
@@ -814,23 +761,9 @@ def paged_decode_attention(
             K_SMOOTH=k_store.smooth is not None,
             BLOCK_N=g.block_n(d, tuning), num_warps=tuning.num_warps,
             num_stages=tuning.num_stages,
-            FUSED=fused, M_HEADS=m_heads, M_BLOCK_D=m_block_d, V_ROT=plan.v_unrot is not None,
-            V_SMOOTH=v_store.smooth is not None, V_CENTER=v_store.center is not None,
-            M_SPLITS=m_splits, M_ROT_CHUNK=m_rot_chunk,
         )
         # fmt: on
-    if fused:
-        LAUNCHES["fused_merge"] += 1
-        return out
     return merge_splits(ml, acc, out, plan, v_store, group, tuning)
-
-
-def _merge_tiles(heads: int, d: int, splits: int) -> tuple[int, int, int]:
-    """(BLOCK_D, S_BLOCK, ROT_CHUNK) of a merge of ``heads`` query heads per program: tiles
-    of 8192 elements (64 registers a thread at 4 warps), at most ``splits`` splits a pass."""
-    block_d = next_pow2(max(d, 32))
-    tile = max(1, 8192 // (heads * block_d))
-    return block_d, min(tile, next_pow2(splits)), min(tile, block_d)
 
 
 def merge_splits(
@@ -847,8 +780,8 @@ def merge_splits(
     transforms undone). Separate so that benchmarks can time it alone."""
     b, h_q, total_splits, d = acc.shape
     block_h = merge_heads(b, h_q, plan.num_sms, tuning)
-    block_d, s_block, rot_chunk = _merge_tiles(block_h, d, total_splits)
-    LAUNCHES["merge"] += 1
+    block_d = next_pow2(max(d, 32))
+    tile = max(1, 8192 // (block_h * block_d))  # elements of a merge tile: 64 per thread
     # fmt: off
     _decode_combine_kernel[(b, -(-h_q // block_h))](
         ml, acc, out if plan.v_unrot is None else plan.v_unrot,
@@ -858,7 +791,7 @@ def merge_splits(
         out.stride(0), out.stride(1),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, V_ROT=plan.v_unrot is not None,
         GROUP=group, V_SMOOTH=v_store.smooth is not None, V_CENTER=v_store.center is not None,
-        S_BLOCK=s_block, ROT_CHUNK=rot_chunk, num_warps=4,
+        S_BLOCK=min(tile, next_pow2(total_splits)), ROT_CHUNK=min(tile, block_d), num_warps=4,
     )
     # fmt: on
     return out

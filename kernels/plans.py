@@ -10,7 +10,7 @@ per layer (``sawquant.runtime.LayerKV``) and pass it to every launch: nothing is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -127,10 +127,6 @@ class DecodeTuning:
     # Query heads per program of the split merge (16, 8, 4, 2 or 1); None: ``merge_heads``'s
     # rule. Benchmarks' A/B only.
     merge_heads: int | None = None
-    # Layers whose head groups all run the Triton kernel merge their splits inside it (the last
-    # program of each sequence and KV head merges); False: a separate merge kernel always
-    # (benchmarks' A/B). Layers with a tensor-core group always launch the merge kernel.
-    fused_merge: bool = True
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -215,9 +211,6 @@ class DecodePlan:
     # NVIDIA GPU with mma.sync (sm_80+) and head_dim 128. Its q rotation, columns permuted.
     mma_capable: bool = False
     mma_rot: torch.Tensor | None = None
-    # The fused merge's arrival counters (``split_counters``): every buffer ever handed out is
-    # kept, since a captured CUDA graph still points at the one it saw.
-    counter_buffers: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
@@ -250,18 +243,6 @@ class DecodePlan:
             mma_capable=mma,
             mma_rot=mma_rotation_columns(hk) if mma and hk is not None else None,
         )
-
-    def split_counters(self, n: int) -> torch.Tensor:
-        """An int32 buffer of at least ``n`` arrival counters for the fused merge, zero between
-        launches (the kernel's last program of each head resets its counter). Allocated once and
-        grown by doubling, so launches (and the graphs capturing them) allocate nothing."""
-        held = self.counter_buffers[-1] if self.counter_buffers else None
-        if held is None or held.numel() < n:
-            size = max(n, 64, 2 * held.numel() if held is not None else 0)
-            device = self.groups[0].heads.device
-            held = torch.zeros(size, dtype=torch.int32, device=device)
-            self.counter_buffers.append(held)
-        return held
 
     def splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:
         """Context splits per (sequence, KV head) of one launch: about 4 programs per SM (2 are

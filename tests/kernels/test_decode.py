@@ -207,12 +207,10 @@ def _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, **lau
     check_close(out, ref.float(), lowp)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-merge", "merge-kernel"])
-def test_fallback_groups_with_their_own_split_counts(fused, monkeypatch):
+def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     """INT8 / 16-bit head groups (natural channel order, BLOCK_N 64) next to an INT4 group:
-    with automatic splits a lone fallback head gets more splits than the INT4 group; each
-    group's fused merge reads only its own splits, and in the merge kernel the split slots a
-    group leaves unwritten weigh nothing (NaN-poisoned workspace).
+    with automatic splits a lone fallback head gets more splits than the INT4 group, and the
+    split slots it leaves unwritten must weigh nothing in the merge (NaN-poisoned workspace).
     """
     import dataclasses
 
@@ -235,15 +233,12 @@ def test_fallback_groups_with_their_own_split_counts(fused, monkeypatch):
     assert len(set(splits)) > 1  # the test covers unequal split counts
     q = (torch.randn(2, 8, 64) * 2).to(torch.float16)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    _check_against_twin(
-        monkeypatch, q, k_store, v_store, table, seq_lens, plan=plan,
-        tuning=DecodeTuning(fused_merge=fused),
-    )  # fmt: skip
+    _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, plan=plan)
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 16])
 def test_merge_head_blocks_agree(heads, monkeypatch):
-    """The merge kernel with 1-16 query heads per program (below 16 the V un-rotation is a
+    """The split merge with 1-16 query heads per program (below 16 the V un-rotation is a
     broadcast product in column chunks, at 16 a tensor-core dot) gives the twin's output,
     with V smoothing and centering, 7 splits (a partial last pass) and a fallback head."""
     torch.manual_seed(0)
@@ -256,38 +251,8 @@ def test_merge_head_blocks_agree(heads, monkeypatch):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     _check_against_twin(
         monkeypatch, q, k_store, v_store, table, seq_lens, num_splits=7,
-        tuning=DecodeTuning(merge_heads=heads, fused_merge=False),
+        tuning=DecodeTuning(merge_heads=heads),
     )  # fmt: skip
-
-
-@pytest.mark.parametrize("group", [3, 16])
-def test_fused_merge_runs_and_resets_its_counters(group, monkeypatch):
-    """Without a tensor-core group the splits merge inside the Triton kernel: no merge kernel
-    launches, the output meets the tolerance rule (V transforms, a fallback group, 5 splits;
-    GQA 3 merges 4 rows with the broadcast un-rotation, GQA 16 with the dot), every arrival
-    counter is zero again afterwards, and a second call on the same plan gives the same
-    output (a counter left behind would make some other program merge, too early)."""
-    torch.manual_seed(0)
-    lens = [300, 41, 1]
-    k_store, v_store, table = build_cache(
-        lens=lens, num_kv_heads=2, head_dim=64, page_size=16, block=32,
-        k_bits=(4, 8), transforms=True,
-    )  # fmt: skip
-    q = (torch.randn(3, 2 * group, 64) * 2).to(torch.bfloat16)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
-    before = dict(decode.LAUNCHES)
-    _check_against_twin(
-        monkeypatch, q, k_store, v_store, table, seq_lens, num_splits=5, plan=plan
-    )  # fmt: skip
-    ran = {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items()}
-    assert ran.get("fused_merge") == 1 and ran.get("merge", 0) == 0 and ran["triton"] == 2
-    (counters,) = plan.counter_buffers
-    assert counters.numel() >= 3 * 2 and not counters.any()
-    kw = dict(softmax_scale=0.125, num_splits=5, plan=plan)
-    first = paged_decode_attention(q, k_store, v_store, table, seq_lens, **kw)
-    assert torch.equal(paged_decode_attention(q, k_store, v_store, table, seq_lens, **kw), first)
-    assert not counters.any()
 
 
 def test_merge_heads_rule():
