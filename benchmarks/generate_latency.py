@@ -15,7 +15,9 @@ every step, the kernels. Caches:
   machinery as the INT4 caches, so it isolates what the INT4 format costs or saves);
 * ``int4``: plain INT4 (block 1) through sawquant's runtime, CUDA-graph decode;
 * ``sawquant``: the representative calibrated config of ``serve.py``, CUDA-graph decode;
-* ``sawquant-eager``: the same with ``cuda_graphs=False``.
+* ``sawquant-eager``: the same with ``cuda_graphs=False``;
+* ``sawquant-vfold`` (not in the default list): that config as ``export --fold-values`` writes
+  it, V's rotation in the weights.
 
 For the INT4 caches the greedy tokens with and without graphs are compared (they run the same
 kernels, so they must match).

@@ -15,8 +15,9 @@ engine).
 A benchmark harness, not a serving engine. Caches (``--caches``): ``bf16-sdpa`` (contiguous
 BF16 buffers read by torch SDPA with native GQA: the usual BF16 path), ``bf16`` (the sawquant
 paged runtime with 16-bit pools), ``int4`` (plain INT4, block 1), ``sawquant`` (a representative
-calibrated config, see ``cache_configs``) and ``sawquant-rot`` (its rotations without fallback
-heads). What it measures on the device, per cache:
+calibrated config, see ``cache_configs``), ``sawquant-rot`` (its rotations without fallback
+heads) and ``sawquant-vfold`` (the config as ``sawquant export --fold-values`` writes it: V's
+rotation in the weights, none at run time). What it measures on the device, per cache:
 
 1. ``prefill_s``: one real prefill of a ``--prompt``-token request through the patched model
    (``model(ids, use_cache=True)``: full-precision SDPA on the chunk + the fused paged write),
@@ -89,7 +90,10 @@ def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
     """The three caches. sawquant: a representative calibrated config (random weights cannot be
     calibrated): K rotation blocks 32/64/128 cycling over layers with signs, V block 32 rotated
     at run time (not folded: the decode kernel un-rotates), and two fallback K heads (an INT8
-    head in layer 0, a BF16 head in layer 1), so every code path of the kernels is timed."""
+    head in layer 0, a BF16 head in layer 1), so every code path of the kernels is timed.
+    sawquant-vfold: the same after ``export --fold-values`` (V's rotation folded into v_proj /
+    o_proj, so identity V rotations and ``values_folded``; with random weights the folded model
+    is as random as the original, and the cache work is the folded export's)."""
     h = facts.num_kv_heads
     layers = []
     blocks = [b for b in (32, 64, 128) if facts.head_dim % b == 0] or [1]
@@ -99,12 +103,14 @@ def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
         v = SideConfig(rotation_block=min(32, facts.head_dim))
         layers.append(LayerConfig(k=k, v=v))
     rot = [LayerConfig(k=replace(x.k, fallback_heads={}), v=x.v) for x in layers]
+    folded = [LayerConfig(k=x.k, v=SideConfig()) for x in layers]
     return {
         "bf16": KVConfig.uniform(facts, k=SideConfig(bits=16), v=SideConfig(bits=16)),
         "int4": KVConfig.uniform(facts),
         "sawquant": KVConfig(model=facts, layers=tuple(layers)),
         # The same rotations without the two fallback heads: rotation cost alone.
         "sawquant-rot": KVConfig(model=facts, layers=tuple(rot)),
+        "sawquant-vfold": KVConfig(model=facts, layers=tuple(folded), values_folded=True),
     }
 
 
