@@ -27,8 +27,12 @@ How the fragments line up with memory (m16n8k16, fp16 operands, two values per r
   thread until the end, where the warps merge.
 - P^T, the B operand of the value MMA, comes from the score accumulator by a register
   transpose within each warp (two shuffles), never through shared memory.
-- Registers (ptxas, triton 3.6, sm_90a): 150 for GQA <= 8, capped at 128 (4 programs per SM;
-  ``DecodeTuning.mma_maxnreg``); 219 for GQA 9-16.
+- q is rotated once per program and shared: each warp rotates two of the 8 slots and hands
+  them to the others through shared memory (before, every warp rotated all 8 for itself: at
+  8 x 4k that made the block-128 K rotation cost 1.28x the unrotated kernel, now 1.07x).
+- Registers (ptxas, triton 3.6, sm_90a, K rotated): 128 for GQA <= 8 with no spills (150
+  before the shared q rotation), built with a cap of 128 (4 programs per SM;
+  ``DecodeTuning.mma_maxnreg``); 211 for GQA 9-16 (219 before).
 
 Scope: both sides INT4 with per-token scales, head_dim 128, GQA groups of up to 16 query
 heads, NVIDIA GPUs (sm_80+; mma.sync). Everything else runs the Triton kernel. The twin is
@@ -162,9 +166,8 @@ def _q_slot(
     """q_j^T [W, 16, NH] (C layout, fp16): q's channels 8 tau(k) + j down the rows, rotated
     (and smoothed) q in fp32 then fp16, odd slots / 16 (their codes come 16x larger). Also its
     column sums in code units (for the K zero-point term)."""
-    chan_c = 8 * _tau(k_c) + j  # [1, 16, 1] channel of each row (C layout)
     zero = gl.zeros([qhi.shape[0], 16, qhi.shape[2]], gl.float32, MMA)
-    if K_ROT:
+    if K_ROT:  # j: a slot, or [W, 1, 1] (layout of k_idx_r) a slot per warp
         # ROT's columns 16 j .. 16 j + 15 are the rotation's columns 8 tau(k) + j (permuted by
         # the launcher), read with 16-byte loads and moved into the operand layout through
         # shared memory: once per program, not in the loop.
@@ -175,6 +178,7 @@ def _q_slot(
             qj = qj + mma_v2(r, qlo, zero)
         qj = qj * rot_scale
     else:
+        chan_c = 8 * _tau(k_c) + j  # [1, 16, 1] channel of each row (C layout)
         qj = gl.load(Q_ROW + chan_c, mask=q_ok_c, other=0.0).to(gl.float32) + zero
         if K_SMOOTH:
             qj = qj * gl.load(SMOOTH + KVH_OFF + chan_c)
@@ -183,6 +187,15 @@ def _q_slot(
     qh = qj.to(gl.float16)
     qsum = gl.sum(qh.to(gl.float32) * (16.0 if ODD else 1.0), 1)  # [W, NH]
     return qh, qsum
+
+
+@gluon.jit
+def _q_broadcast(q_rot, row, W: gl.constexpr, NH: gl.constexpr, DB: gl.constexpr):
+    """Slot ``row`` of q_rot ([16, NH]) as the B operand [W, 16, NH], every warp a copy."""
+    BL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 4, 8], [W, 1, 1], [2, 1, 0])
+    x = q_rot.index(row).load(gl.SliceLayout(0, BL))
+    x = gl.expand_dims(x, 0) + gl.zeros([W, 16, NH], gl.float16, BL)
+    return gl.convert_layout(x, DB)
 
 
 # fmt: off
@@ -266,29 +279,61 @@ def _mma_split_kernel(
         if Q_SPLIT:  # q = hi + lo in fp16 (smoothed or fp32 q): the rotation keeps ~fp32
             qlo = gl.convert_layout((qf - qh16.to(gl.float32)).to(gl.float16), DB,
                                     assert_trivial=True)
-    # A runtime loop over pairs of slots through shared memory: fully unrolled, the compiler
-    # hoisted all 8 slots' rotation loads and the prologue took every register.
-    QL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
-                                               order=[2, 1, 0])
-    q_smem = gl.allocate_shared_memory(gl.float16, [8, W, 16, NH], QL)
-    q_sum = gl.zeros([W, NH], gl.float32, gl.SliceLayout(1, MMA))  # sum(q) in code units
-    for jj in range(4):
+    SL: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NH]
+    if K_ROT:
+        # Each warp rotates two of the 8 slots (2 w and 2 w + 1) instead of all 8 for its own
+        # copy, through shared memory (row t W + w: slot 2 w + t) to every warp, which reads
+        # each slot whole and broadcasts it over the warp axis of the operand; the column sums
+        # of q are summed across the warps.
+        QS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                   order=[2, 1, 0])
+        QR: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                   order=[1, 0])
+        q_by_t = gl.allocate_shared_memory(gl.float16, [2, W, 16, NH], QS)  # stored per t
+        q_rot = q_by_t._reinterpret(gl.float16, [2 * W, 16, NH], QR)  # read per slot
+        slot_r = 2 * _dim0(W, LR)  # [W, 1, 1]: the even slot each warp rotates
         qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
-                         SMOOTH, 2 * jj, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False)
+                         SMOOTH, slot_r, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False)
         qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
-                         SMOOTH, 2 * jj + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, True)
-        q_smem.index(2 * jj).store(qa)
-        q_smem.index(2 * jj + 1).store(qb)
-        q_sum += sa + sb
-    gl.thread_barrier()
-    q0 = q_smem.index(0).load(DB)
-    q1 = q_smem.index(1).load(DB)
-    q2 = q_smem.index(2).load(DB)
-    q3 = q_smem.index(3).load(DB)
-    q4 = q_smem.index(4).load(DB)
-    q5 = q_smem.index(5).load(DB)
-    q6 = q_smem.index(6).load(DB)
-    q7 = q_smem.index(7).load(DB)
+                         SMOOTH, slot_r + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, True)
+        q_by_t.index(0).store(qa)
+        q_by_t.index(1).store(qb)
+        q_sum = gl.expand_dims(gl.sum(sa + sb, 0), 0) + gl.zeros([W, NH], gl.float32, SL)
+        gl.thread_barrier()
+        q0 = _q_broadcast(q_rot, 0, W, NH, DB)  # slot 0: t 0, warp 0
+        q1 = _q_broadcast(q_rot, W, W, NH, DB)  # slot 1: t 1, warp 0
+        q2 = _q_broadcast(q_rot, 1, W, NH, DB)
+        q3 = _q_broadcast(q_rot, W + 1, W, NH, DB)
+        q4 = _q_broadcast(q_rot, 2, W, NH, DB)
+        q5 = _q_broadcast(q_rot, W + 2, W, NH, DB)
+        q6 = _q_broadcast(q_rot, 3, W, NH, DB)
+        q7 = _q_broadcast(q_rot, W + 3, W, NH, DB)
+    else:
+        # A runtime loop over pairs of slots through shared memory (fully unrolled, the
+        # compiler hoisted all 8 slots' loads and the prologue took every register).
+        QL: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                   order=[2, 1, 0])
+        q_smem = gl.allocate_shared_memory(gl.float16, [8, W, 16, NH], QL)
+        q_sum = gl.zeros([W, NH], gl.float32, SL)  # sum(q) in code units
+        for jj in range(4):
+            qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c,
+                             q_ok_c, SMOOTH, 2 * jj, K_ROT, K_SMOOTH, kvh_off, MMA, DA,
+                             Q_SPLIT, False)
+            qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c,
+                             q_ok_c, SMOOTH, 2 * jj + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA,
+                             Q_SPLIT, True)
+            q_smem.index(2 * jj).store(qa)
+            q_smem.index(2 * jj + 1).store(qb)
+            q_sum += sa + sb
+        gl.thread_barrier()
+        q0 = q_smem.index(0).load(DB)
+        q1 = q_smem.index(1).load(DB)
+        q2 = q_smem.index(2).load(DB)
+        q3 = q_smem.index(3).load(DB)
+        q4 = q_smem.index(4).load(DB)
+        q5 = q_smem.index(5).load(DB)
+        q6 = q_smem.index(6).load(DB)
+        q7 = q_smem.index(7).load(DB)
 
     # ---- token and word indices of each operand's layout (warp w walks tokens w*NT ..)
     w_k = _dim0(W, LKL)

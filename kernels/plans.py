@@ -113,9 +113,10 @@ class DecodeTuning:
     mma: bool = True
     mma_tokens_per_warp: int = 16
     # Register cap for GQA <= 8 groups (8 query columns): 128 lets 4 programs share an SM
-    # instead of 3 (ptxas, triton 3.6, sm_90a: 150 registers uncapped, 16 B of prologue spills at
-    # 128). H200, 64x8k: 202.5 us capped against 269.2 uncapped (RESULTS.md). GQA 9-16 groups
-    # (16 columns, 219 registers) are never capped. None: no cap.
+    # instead of 3 (ptxas, triton 3.6, sm_90a: 150 registers uncapped and 16 B of prologue
+    # spills at 128 before the q rotation was shared across warps; 128 and none since). H200,
+    # 64x8k: 202.5 us capped against 269.2 uncapped (RESULTS.md). GQA 9-16 groups (16 columns,
+    # 211-219 registers) are never capped. None: no cap.
     mma_maxnreg: int | None = 128
     # Tiles of codes in flight per warp (1 or 2): 1 was 2-4 % faster than 2 on the H200 at every
     # shape (150 registers against 168, 3 programs per SM either way).
@@ -169,7 +170,9 @@ def _pow2_splits(want: int, max_context: int) -> int:
 
 
 # ptxas registers of the tensor-core kernel by (query columns, tiles in flight), uncapped
-# (triton 3.6, sm_90a); they set how many programs an SM holds, hence the split count.
+# (triton 3.6, sm_90a), measured before q's rotation was shared across warps (it brought
+# (8, 1) to 128 and (16, 1) to 211: the programs per SM, which these set and which set the
+# split count, are the same either way, at the default cap of 128).
 MMA_REGISTERS = {(8, 1): 150, (8, 2): 168, (16, 1): 219, (16, 2): 218}
 
 

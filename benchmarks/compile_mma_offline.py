@@ -1,8 +1,10 @@
 """Compile the tensor-core decode kernel for sm_90a without a GPU; print ptxas's registers and
-spills. Needs triton 3.6 (the GPU image's) in the running interpreter.
+spills. Needs triton 3.6 (the GPU image's) in the running interpreter: a register or spill
+count of a kernel change can be checked here before any device time is spent.
 
-    DECODE_MMA=kernels/decode_mma.py python compile_offline.py [K_ROT 0|1]
-    EXTRA="{'NH': 16, 'GROUP': 16}" OPTS="{'maxnreg': 128}" python compile_offline.py 1
+    DECODE_MMA=kernels/decode_mma.py python benchmarks/compile_mma_offline.py [K_ROT 0|1]
+    EXTRA="{'NH': 16, 'GROUP': 16}" OPTS="{'maxnreg': 128}" \
+        python benchmarks/compile_mma_offline.py 1
 """
 
 from __future__ import annotations
