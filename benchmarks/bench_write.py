@@ -236,6 +236,37 @@ def sweep(device: torch.device | str, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def layouts(device: torch.device | str, copy_gbs: float) -> list[dict]:
+    """65,536-token writes of a Qwen3-8B layer (block 1, block 128 + signs): the row-per-thread
+    layout (the default above 2048 rows) against the spread one at several rows per program
+    and warps. Which layout wins at bandwidth sizes had not been measured."""
+    device = torch.device(device)
+    rows = []
+    saved = write._NUM_WARPS, write._SPREAD_ROWS_PER_PROGRAM, write._SPREAD_NUM_WARPS
+    variants = [(False, 0, w) for w in (1, 2, 4)]
+    variants += [(True, r, w) for r, w in ((4, 2), (8, 2), (8, 4), (16, 4), (32, 4), (32, 8))]
+    try:
+        for spread, per_program, warps in variants:
+            if spread:
+                write._SPREAD_ROWS_PER_PROGRAM, write._SPREAD_NUM_WARPS = per_program, warps
+            else:
+                write._NUM_WARPS = warps
+            base = None
+            for block, signs in ((1, False), (128, True)):
+                row = time_write(QWEN3_8B, 65536, block, device, copy_gbs, signs=signs,
+                                 spread=spread)  # fmt: skip
+                row.update(warps=warps, rows_per_program=per_program or 32 * warps)
+                base = base or row["us"]
+                row["vs_block1"] = round(row["us"] / base, 3)
+                print(f"spread {spread!s:5} rows {row['rows_per_program']:3d} warps {warps} "
+                      f"block {block:3d}: {row['us']:7.2f} us {row['pct_copy']:5.1f}% of copy "
+                      f"({row['vs_block1']:.3f}x block 1)", flush=True)  # fmt: skip
+                rows.append(row)
+    finally:
+        write._NUM_WARPS, write._SPREAD_ROWS_PER_PROGRAM, write._SPREAD_NUM_WARPS = saved
+    return rows
+
+
 def compiled_stats() -> list[dict]:
     """Registers and spills of every compiled variant (Triton 3.x kernel cache; best effort)."""
     rows = []
@@ -287,8 +318,21 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="only the decode-step writes, both row layouts"
     )
+    parser.add_argument(
+        "--layouts", action="store_true",
+        help="only 65,536-token writes: row per thread against spread rows, several sizes",
+    )  # fmt: skip
     args = parser.parse_args()
     device = triton.runtime.driver.active.get_active_torch_device()
+    if args.layouts:
+        rows = check(device)
+        copy_gbs = copy_bandwidth(device)
+        rows += [{"copy_GB/s": round(copy_gbs, 1)}] + layouts(device, copy_gbs)
+        rows += compiled_stats()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.small:
         rows = check(device)
         rows += small_steps(device, copy_bandwidth(device))
