@@ -90,11 +90,12 @@ def time_shapes(rows: list, shapes, time_one, json_path: str | None) -> list:
 
 
 def _random_stores(
-    batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0, rotations=None
-):
+    batch, ctx, spec, page, device, k_bits=None, v_bits=None, seed=0, rotations=None,
+    groups=(None, None),
+):  # fmt: skip
     """Stores filled with random codes/scales (valid data for timing), permuted block table.
     ``rotations``: ((block, sign seed or None) of K, the same of V); default: the spec's block,
-    signs from seed 1 on both sides."""
+    signs from seed 1 on both sides. ``groups``: the group size of K and of V."""
     h_kv, d = spec["h_kv"], spec["d"]
     g = torch.Generator(device=device).manual_seed(seed)
     pages_per_seq = math.ceil(ctx / page)
@@ -103,10 +104,10 @@ def _random_stores(
     table = table.view(batch, pages_per_seq).to(torch.int32)
     stores = []
     rotations = rotations or ((spec["block"], 1), (spec["block"], 1))
-    for bits, (block, sign_seed) in zip((k_bits, v_bits), rotations):
+    for bits, (block, sign_seed), group in zip((k_bits, v_bits), rotations, groups):
         st = poisoned_side(
             num_kv_heads=h_kv, head_dim=d, block=block, num_pages=num_pages,
-            page_size=page, seed=sign_seed, head_bits=bits, device=device,
+            page_size=page, seed=sign_seed, head_bits=bits, device=device, group=group,
         )  # fmt: skip
         for pool in st.pools.values():  # valid values (random bytes may be NaN/Inf patterns)
             if pool.scale is None:
@@ -135,7 +136,8 @@ VARIANTS = [
 
 
 def _quantized_case(device, h_q, h_kv, d, block, page, lens, dtype, seed=0, bits=None, gs=None):
-    """q and K/V stores holding real quantized data (paged_write_ref), random block table."""
+    """q and K/V stores holding real quantized data (paged_write_ref), random block table.
+    ``gs``: both sides' group size, or a (K, V) pair."""
     g = torch.Generator(device=device).manual_seed(seed)
     maxp = math.ceil(max(lens) / page)
     table = torch.randperm(len(lens) * maxp + 2, device=device, generator=g)
@@ -150,7 +152,7 @@ def _quantized_case(device, h_q, h_kv, d, block, page, lens, dtype, seed=0, bits
             num_pages=table.numel() + 2,
             page_size=page,
             block=block,
-            group_size=gs,
+            group_size=gs[side] if isinstance(gs, tuple) else gs,
             signs=random_signs(d, side) if side == 0 else None,
             device=device,
             dtype=dtype,

@@ -12,6 +12,7 @@ and the measured read and copy rates. Usage: ``python benchmarks/bench_decode_mm
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, replace
 
 import torch
@@ -59,7 +60,25 @@ CASES = [
     dict(h_q=12, h_kv=2, block=128, lens=[513, 4100], page=64),
     dict(h_q=32, h_kv=8, block=128, lens=[999, 2500], bits=((8,) + (4,) * 7, (4,) * 8)),
     dict(h_q=32, h_kv=8, block=128, lens=[4096] * 2, kw=dict(num_splits=1)),
+    # Per-group scales (the grouped build): both sides, one side, with softcap / window /
+    # smoothing / GQA 16 / pages of 64 / a fallback head beside.
+    dict(h_q=32, h_kv=8, block=128, lens=[1, 999, 4096], gs=32),
+    dict(h_q=32, h_kv=8, block=128, lens=[37, 130, 2000], dtype=torch.float16, gs=16,
+         kw=dict(softcap=30.0)),
+    dict(h_q=32, h_kv=8, block=64, lens=[300, 5000], gs=(64, None),
+         kw=dict(sliding_window=300, num_splits=3)),
+    dict(h_q=32, h_kv=8, block=1, signs=False, lens=[999, 17], gs=(None, 32)),
+    dict(h_q=32, h_kv=8, block=128, lens=[1500, 3], smooth=True, gs=32),
+    dict(h_q=16, h_kv=1, block=128, lens=[777], gs=(32, 64)),
+    dict(h_q=12, h_kv=2, block=128, lens=[513, 4100], page=64, gs=16),
+    dict(h_q=32, h_kv=8, block=128, lens=[999, 2500], bits=((8,) + (4,) * 7, (4,) * 8), gs=32),
 ]  # fmt: skip
+# Timed per-group configs (K group, V group) of --groups.
+GROUP_CONFIGS = {
+    "per-token": (None, None), "g64": (64, 64), "g32": (32, 32), "g16": (16, 16),
+    "k-g32": (32, None), "v-g32": (None, 32),
+}  # fmt: skip
+TRITON_GROUPS = replace(DEFAULT_DECODE_TUNING, mma_groups=False)
 
 
 def check(device) -> list[dict]:
@@ -68,7 +87,7 @@ def check(device) -> list[dict]:
         dtype = c.get("dtype", torch.bfloat16)
         args = _quantized_case(
             device, c["h_q"], c["h_kv"], 128, c["block"], c.get("page", 16), c["lens"], dtype,
-            seed=i, bits=c.get("bits"),
+            seed=i, bits=c.get("bits"), gs=c.get("gs"),
         )  # fmt: skip
         q, ks, vs, table, lens = args
         if not c.get("signs", True):
@@ -158,12 +177,61 @@ def time_shape(device, batch, ctx, read_bw, sweep=True, variants=True) -> dict:
     return row
 
 
+def time_groups(device, batch, ctx) -> list[dict]:
+    """CUDA-graph time of a Qwen3-8B layer (K block 128 with signs, V block 128) per group
+    configuration: as dispatched (the tensor-core kernel's grouped build) and with groups sent
+    to the Triton kernel (what every release before this one did), against per-token scales."""
+    q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    rows, base = [], None
+    for name, groups in GROUP_CONFIGS.items():
+        ks, vs, table = _random_stores(batch, ctx, QWEN3_8B, 16, device, groups=groups)
+        plan = DecodePlan.build(ks, vs, device)
+        row = {"kind": "groups", "batch": batch, "context": ctx, "config": name,
+               "bytes": _decode_bytes(ks, vs, batch, ctx, q.numel() * 2)}  # fmt: skip
+        kernels = (("default", DEFAULT_DECODE_TUNING), ("triton", TRITON_GROUPS),
+                   ("mma_forced", MMA))  # fmt: skip
+        for kname, tune in kernels:
+            if kname == "triton" and groups == (None, None):
+                continue
+
+            def fn(tune=tune, ks=ks, vs=vs, table=table, plan=plan):
+                return decode.paged_decode_attention(
+                    q, ks, vs, table, lens, softmax_scale=0.088, plan=plan, tuning=tune
+                )
+
+            before = dict(decode.LAUNCHES)
+            fn()
+            row[f"{kname}_launches"] = {
+                k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items() if v != before.get(k)
+            }
+            row[f"{kname}_us"] = _bench(fn, True)
+        base = base or row["default_us"]
+        row["vs_per_token"] = row["default_us"] / base
+        print(
+            f"groups B{batch}x{ctx} {name:9s} default {row['default_us']:7.1f} us "
+            f"({row['vs_per_token']:.3f}x per-token) {row['default_launches']} "
+            f"triton {row.get('triton_us', float('nan')):7.1f} "
+            f"mma forced {row['mma_forced_us']:7.1f} {row['mma_forced_launches']}",
+            flush=True,
+        )
+        rows.append(row)
+        del ks, vs, table
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true", help="no split sweep or variants")
     parser.add_argument("--shapes", help="BxN,... to time instead of the default shapes")
     parser.add_argument("--no-sweep", action="store_true", help="variants, but no split sweep")
+    parser.add_argument(
+        "--groups", action="store_true",
+        help="after the checks: only per-group scale timings (the shapes, or 8x4096,32x16384,"
+        "64x8192,8x32768)",
+    )  # fmt: skip
     args = parser.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
@@ -176,6 +244,14 @@ def main() -> None:
               (64, 8192), (8, 16384))  # fmt: skip
     if args.shapes:
         shapes = parse_shapes(args.shapes)
+    if args.groups:
+        shapes = parse_shapes(args.shapes or "8x4096,32x16384,64x8192,8x32768")
+        for b, n in shapes:
+            rows += time_groups(dev, b, n)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+        return
     time_shapes(
         rows, shapes,
         lambda b, n: time_shape(dev, b, n, read_bw, variants=not args.quick,

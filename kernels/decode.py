@@ -42,6 +42,7 @@ from sawquant.format import SideStore
 from sawquant.kernels.common import rotate_rows
 from sawquant.kernels.plans import (
     DEFAULT_DECODE_TUNING,
+    MMA_GROUP_SIZES,
     DecodePlan,
     DecodeTuning,
     merge_heads,
@@ -265,8 +266,20 @@ def _v_tile(
     into P by the caller instead)."""
     vt = _tile_values(raw, BITS, USE_ASM, SUBN, DOT16)
     if BITS != 16 and GS != HEAD_DIM:
-        vt = (vt.to(tl.float32) * sc.to(tl.float32) + zr.to(tl.float32)).to(tl.float16)
+        vt = _group_dequant(vt, sc, zr, GS)
     return vt
+
+
+@triton.jit
+def _group_dequant(vals, sc, zr, GS: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] code values and [BLOCK_N, BLOCK_D // GS] scales / zeros -> fp16
+    values. A tile column's group is its column // GS: the tile order permutes channels only
+    within a word of 8, and groups are whole words."""
+    n: tl.constexpr = vals.shape[0]
+    d: tl.constexpr = vals.shape[1]
+    v3 = tl.reshape(vals.to(tl.float32), [n, d // GS, GS])
+    v3 = v3 * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
+    return tl.reshape(v3, [n, d]).to(tl.float16)
 
 
 @triton.jit
@@ -281,7 +294,10 @@ def _load_params(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Scale and zero of a tile: [BLOCK_N] per token, [BLOCK_N, BLOCK_D] per group (fp16)."""
+    """Scale and zero of a tile: [BLOCK_N] per token, [BLOCK_N, BLOCK_D // GS] per group
+    (fp16). Per group they were loaded broadcast over the tile's [BLOCK_N, BLOCK_D] once:
+    with the prefetched tile's, 4 such tensors in registers spilled (H200, Qwen3-8B layer,
+    groups of 32: 23.8 ms at 32 x 16k, 120x per-token scales; RESULTS.md)."""
     if BITS == 16:
         sc = tl.zeros([BLOCK_N], tl.float16)
         zr = sc
@@ -289,8 +305,10 @@ def _load_params(
         sc = tl.load(S + tok, mask=tok_ok, other=0.0)
         zr = tl.load(Z + tok, mask=tok_ok, other=0.0)
     else:
-        g_off = tok[:, None] + (chan // GS)[None, :]
-        g_ok = tok_ok[:, None] & (chan < HEAD_DIM)[None, :]
+        ng: tl.constexpr = chan.shape[0] // GS
+        grp = tl.arange(0, ng)
+        g_off = tok[:, None] + grp[None, :]
+        g_ok = tok_ok[:, None] & (grp < HEAD_DIM // GS)[None, :]
         sc = tl.load(S + g_off, mask=g_ok, other=0.0)
         zr = tl.load(Z + g_off, mask=g_ok, other=0.0)
     return sc, zr
@@ -446,7 +464,7 @@ def _decode_split_kernel(
         # padded to 16) is the narrow N side.
         kt = _tile_values(k_raw, K_BITS, USE_ASM, K_SUBN, K_DOT16)  # [BLOCK_N, BLOCK_D]
         if K_BITS != 16 and K_GS != HEAD_DIM:  # per-group scales: dequantize in registers
-            kt = (kt.to(tl.float32) * k_s.to(tl.float32) + k_z.to(tl.float32)).to(tl.float16)
+            kt = _group_dequant(kt, k_s, k_z, K_GS)
         s = tl.dot(kt, q_t)
         if K_BITS != 16 and K_GS == HEAD_DIM:
             ks32 = k_s.to(tl.float32) * (16777216.0 if K_SUBN else 1.0)  # 2**24
@@ -599,6 +617,15 @@ def _word_aligned(codes: torch.Tensor) -> bool:
     return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
 
 
+def _grouped(k_store: SideStore, v_store: SideStore) -> bool:
+    """An INT4 side of this layer has per-group scales (the tensor-core kernel's grouped
+    build: more registers, fewer programs per SM)."""
+    return any(
+        4 in st.pools and st.pools[4].spec.groups_divisor != st.head_dim
+        for st in (k_store, v_store)
+    )
+
+
 def _mma_applies(plan: DecodePlan, tuning, g, k_store, v_store, group: int, d: int) -> bool:
     """This INT4 / INT4 head group runs the tensor-core kernel (decode_mma.py)."""
     global _warned_mma
@@ -607,8 +634,14 @@ def _mma_applies(plan: DecodePlan, tuning, g, k_store, v_store, group: int, d: i
     if k_store.page_size % tuning.mma_tokens_per_warp:
         return False  # a warp's tokens must share a page
     kpool, vpool = k_store.pools[4], v_store.pools[4]
-    if kpool.spec.groups_divisor != d or vpool.spec.groups_divisor != d:
-        return False  # per-group scales: the Triton kernel dequantizes those in registers
+    # Per-group scales: the kernel dequantizes such a side's codes in registers (groups of
+    # 2-8 words); other sizes, or scales not contiguous by group, go to the Triton kernel.
+    for pool in (kpool, vpool):
+        if pool.spec.groups_divisor != d and not (
+            tuning.mma_groups and pool.spec.groups_divisor in MMA_GROUP_SIZES
+            and pool.scale.stride(-1) == 1
+        ):  # fmt: skip
+            return False
     if not (_word_aligned(kpool.codes) and _word_aligned(vpool.codes)):
         return False
     if launch_mma_split is None:
@@ -645,7 +678,7 @@ def split_choices(
         if num_splits:
             s = num_splits
         elif m:
-            per_sm = mma_programs_per_sm(group, tuning)
+            per_sm = mma_programs_per_sm(group, tuning, _grouped(k_store, v_store))
             s = plan.mma_splits(batch, n, max_len, per_sm, tuning.mma_min_tokens)
         else:
             s = plan.splits(batch, n, max_len)
@@ -722,7 +755,8 @@ def paged_decode_attention(
                 k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
                 softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
                 max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
-                columns=mma_columns(group), maxnreg=mma_register_cap(group, tuning),
+                columns=mma_columns(group),
+                maxnreg=mma_register_cap(group, tuning, _grouped(k_store, v_store)),
                 depth=tuning.mma_depth,
             )  # fmt: skip
             continue

@@ -34,8 +34,14 @@ How the fragments line up with memory (m16n8k16, fp16 operands, two values per r
   before the shared q rotation), built with a cap of 128 (4 programs per SM;
   ``DecodeTuning.mma_maxnreg``); 211 for GQA 9-16 (219 before).
 
-Scope: both sides INT4 with per-token scales, head_dim 128, GQA groups of up to 16 query
-heads, NVIDIA GPUs (sm_80+; mma.sync). Everything else runs the Triton kernel. The twin is
+Per-group scales (groups of 16, 32 or 64 channels: 2, 4 or 8 whole words of a row, so the 8
+slots of a word share one) differ within the MMA's reduction, so such a side's codes are
+dequantized in registers instead (``_dequant``: 3 instructions per register pair, not 1) and its
+scales are loaded per word beside the codes; 162 registers at a cap of 168, 3 programs per SM.
+
+Scope: both sides INT4 (one scale per token, or per group of 16-64), head_dim 128, GQA groups
+of up to 16 query heads, NVIDIA GPUs (sm_80+; mma.sync). Everything else runs the Triton
+kernel. The twin is
 ``sawquant.quant.decode.paged_decode_attention_ref``; ``decode.py`` dispatches and merges.
 """
 
@@ -88,6 +94,64 @@ def _unpack(w):
         _PAIR_UNPACK_ASM,
         "=r,=r,=r,=r,=r,=r,=r,=r,r,r",
         [w],
+        dtype=(gl.float16,) * 8,
+        is_pure=True,
+        pack=2,
+    )
+
+
+# Per-group scales (group sizes 16-64): the codes cannot stay subnormals (their scale differs
+# within the MMA's reduction, and code * 2**-24 * scale underflows), so each pair is
+# dequantized to fp16 in registers: lop3 puts a nibble under an fp16 exponent whose mantissa
+# unit is 1 (low nibble: 1024 + code) or 1/16 (high nibble, bits 4-7: 64 + code), the sub
+# leaves the code exactly, and one fma gives code * scale + zero rounded once (an fma with
+# -1024 * scale folded into the zero would round that bias: half a quantization step).
+# $8, $9: the two words; $10, $11: (scale, zero) of the pair's two elements as fp16x2.
+_PAIR_DEQUANT_ASM = gl.constexpr(
+    """{
+.reg .b32 x0, x1, x2, x3, t, mlo, mhi;
+mov.b32 mlo, 0x64006400;
+mov.b32 mhi, 0x54005400;
+prmt.b32 x0, $8, $9, 0x4400;
+prmt.b32 x1, $8, $9, 0x5511;
+prmt.b32 x2, $8, $9, 0x6622;
+prmt.b32 x3, $8, $9, 0x7733;
+lop3.b32 t, x0, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, mlo;
+fma.rn.f16x2 $0, t, $10, $11;
+lop3.b32 t, x0, 0x00f000f0, 0x54005400, 0xea;
+sub.f16x2 t, t, mhi;
+fma.rn.f16x2 $1, t, $10, $11;
+lop3.b32 t, x1, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, mlo;
+fma.rn.f16x2 $2, t, $10, $11;
+lop3.b32 t, x1, 0x00f000f0, 0x54005400, 0xea;
+sub.f16x2 t, t, mhi;
+fma.rn.f16x2 $3, t, $10, $11;
+lop3.b32 t, x2, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, mlo;
+fma.rn.f16x2 $4, t, $10, $11;
+lop3.b32 t, x2, 0x00f000f0, 0x54005400, 0xea;
+sub.f16x2 t, t, mhi;
+fma.rn.f16x2 $5, t, $10, $11;
+lop3.b32 t, x3, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t, t, mlo;
+fma.rn.f16x2 $6, t, $10, $11;
+lop3.b32 t, x3, 0x00f000f0, 0x54005400, 0xea;
+sub.f16x2 t, t, mhi;
+fma.rn.f16x2 $7, t, $10, $11;
+}"""
+)
+
+
+@gluon.jit
+def _dequant(w, scale, zero):
+    """int32 words and fp16 (scale, zero) of each word's group, all in one fragment layout ->
+    the 8 slot tensors dequantized to fp16 (code * scale + zero), same layout."""
+    return gl.inline_asm_elementwise(
+        _PAIR_DEQUANT_ASM,
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+        [w, scale, zero],
         dtype=(gl.float16,) * 8,
         is_pure=True,
         pack=2,
@@ -164,8 +228,9 @@ def _q_slot(
     ODD: gl.constexpr,
 ):
     """q_j^T [W, 16, NH] (C layout, fp16): q's channels 8 tau(k) + j down the rows, rotated
-    (and smoothed) q in fp32 then fp16, odd slots / 16 (their codes come 16x larger). Also its
-    column sums in code units (for the K zero-point term)."""
+    (and smoothed) q in fp32 then fp16; ODD: / 16 (an odd slot's subnormal codes come 16x
+    larger; not for per-group K, dequantized in full). Also its column sums in code units
+    (for the per-token K zero-point term)."""
     zero = gl.zeros([qhi.shape[0], 16, qhi.shape[2]], gl.float32, MMA)
     if K_ROT:  # j: a slot, or [W, 1, 1] (layout of k_idx_r) a slot per warp
         # ROT's columns 16 j .. 16 j + 15 are the rotation's columns 8 tau(k) + j (permuted by
@@ -212,11 +277,16 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, NH: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
+    K_WPG: gl.constexpr, V_WPG: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
-    natural channel order), so the same merge follows."""
+    natural channel order), so the same merge follows. K_WPG / V_WPG: words (8 channels each)
+    per scale group, 16 for one scale per token (codes stay subnormals, scales applied to the
+    MMA results), 2-8 for groups of 16-64 (codes dequantized in registers, _dequant)."""
     W: gl.constexpr = gl.num_warps()
+    K_GROUPED: gl.constexpr = K_WPG < 16
+    V_GROUPED: gl.constexpr = V_WPG < 16
     MMA: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     DA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -295,7 +365,8 @@ def _mma_split_kernel(
         qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
                          SMOOTH, slot_r, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False)
         qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
-                         SMOOTH, slot_r + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, True)
+                         SMOOTH, slot_r + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT,
+                         not K_GROUPED)
         q_by_t.index(0).store(qa)
         q_by_t.index(1).store(qb)
         q_sum = gl.expand_dims(gl.sum(sa + sb, 0), 0) + gl.zeros([W, NH], gl.float32, SL)
@@ -321,7 +392,7 @@ def _mma_split_kernel(
                              Q_SPLIT, False)
             qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c,
                              q_ok_c, SMOOTH, 2 * jj + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA,
-                             Q_SPLIT, True)
+                             Q_SPLIT, not K_GROUPED)
             q_smem.index(2 * jj).store(qa)
             q_smem.index(2 * jj + 1).store(qb)
             q_sum += sa + sb
@@ -368,13 +439,13 @@ def _mma_split_kernel(
             lo, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
-            stride_vsp, stride_vst)
+            stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
     if DEPTH == 2:
         mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
             lo + BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
-            stride_vsp, stride_vst)
+            stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
 
     HEADS_L: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NH] per-head softmax state
     m_i = gl.full([W, NH], float("-inf"), gl.float32, HEADS_L)
@@ -405,12 +476,16 @@ def _mma_split_kernel(
             n_next, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
-            stride_vsp, stride_vst)
+            stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
         if DEPTH == 1:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
 
         # ---- scores s^T = sum_j K_j q_j^T  [W, NT tokens, NH heads]
-        k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(_k_operand(kw, LK))
+        if K_GROUPED:
+            k0, k1, k2, k3, k4, k5, k6, k7 = _dequant(
+                _k_operand(kw, LK), _k_operand(ks, LK), _k_operand(kz, LK))
+        else:
+            k0, k1, k2, k3, k4, k5, k6, k7 = _unpack(_k_operand(kw, LK))
         s = gl.zeros([W, NT, NH], gl.float32, MMA)
         s = mma_v2(gl.convert_layout(k0, DA, assert_trivial=True), q0, s)
         s = mma_v2(gl.convert_layout(k1, DA, assert_trivial=True), q1, s)
@@ -420,8 +495,9 @@ def _mma_split_kernel(
         s = mma_v2(gl.convert_layout(k5, DA, assert_trivial=True), q5, s)
         s = mma_v2(gl.convert_layout(k6, DA, assert_trivial=True), q6, s)
         s = mma_v2(gl.convert_layout(k7, DA, assert_trivial=True), q7, s)
-        ks32 = ks.to(gl.float32) * 16777216.0  # the subnormals' 2**-24
-        s = s * ks32[:, :, None] + kz.to(gl.float32)[:, :, None] * q_sum[:, None, :]
+        if not K_GROUPED:
+            ks32 = ks.to(gl.float32) * 16777216.0  # the subnormals' 2**-24
+            s = s * ks32[:, :, None] + kz.to(gl.float32)[:, :, None] * q_sum[:, None, :]
 
         # ---- online softmax per warp, log2 units, along the tokens (axis 1)
         s = s * qk_scale
@@ -435,11 +511,16 @@ def _mma_split_kernel(
         al = alpha[:, None, :]
         p = gl.exp2(s - m_use[:, None, :])
         l_t = l_t * al + p
-        z_t = z_t * al + p * vz.to(gl.float32)[:, :, None]
-        pv = gl.convert_layout((p * vs.to(gl.float32)[:, :, None]).to(gl.float16), DB)
 
         # ---- acc_j^T += V_j^T P^T  [W, 16 words, NH heads]
-        v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(_v_operand(vw, LV))
+        if V_GROUPED:
+            pv = gl.convert_layout(p.to(gl.float16), DB)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _dequant(
+                _v_operand(vw, LV), _v_operand(vs, LV), _v_operand(vz, LV))
+        else:
+            z_t = z_t * al + p * vz.to(gl.float32)[:, :, None]
+            pv = gl.convert_layout((p * vs.to(gl.float32)[:, :, None]).to(gl.float16), DB)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(_v_operand(vw, LV))
         a0 = mma_v2(gl.convert_layout(v0, DA, assert_trivial=True), pv, a0 * al)
         a1 = mma_v2(gl.convert_layout(v1, DA, assert_trivial=True), pv, a1 * al)
         a2 = mma_v2(gl.convert_layout(v2, DA, assert_trivial=True), pv, a2 * al)
@@ -471,15 +552,24 @@ def _mma_split_kernel(
     w_o = _dim0(W, MMA)
     o_ptr = o_ptr + 8 * _sigma(m_o) + 0 * w_o  # [W, 16, NH]: only warp 0 stores
     o_ok = (g_o < GROUP) & (m_o < 16) & (w_o == 0)
-    # Even slots' codes came as code * 2**-24, odd ones as code * 2**-20.
-    _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
-    _store_slot(o_ptr + 1, a1 * (w3 * 1048576.0) + wz, o_ok)
-    _store_slot(o_ptr + 2, a2 * (w3 * 16777216.0) + wz, o_ok)
-    _store_slot(o_ptr + 3, a3 * (w3 * 1048576.0) + wz, o_ok)
-    _store_slot(o_ptr + 4, a4 * (w3 * 16777216.0) + wz, o_ok)
-    _store_slot(o_ptr + 5, a5 * (w3 * 1048576.0) + wz, o_ok)
-    _store_slot(o_ptr + 6, a6 * (w3 * 16777216.0) + wz, o_ok)
-    _store_slot(o_ptr + 7, a7 * (w3 * 1048576.0) + wz, o_ok)
+    if V_GROUPED:  # dequantized values: no factors, the zero points are in them
+        _store_slot(o_ptr + 0, a0 * w3, o_ok)
+        _store_slot(o_ptr + 1, a1 * w3, o_ok)
+        _store_slot(o_ptr + 2, a2 * w3, o_ok)
+        _store_slot(o_ptr + 3, a3 * w3, o_ok)
+        _store_slot(o_ptr + 4, a4 * w3, o_ok)
+        _store_slot(o_ptr + 5, a5 * w3, o_ok)
+        _store_slot(o_ptr + 6, a6 * w3, o_ok)
+        _store_slot(o_ptr + 7, a7 * w3, o_ok)
+    else:  # even slots' codes came as code * 2**-24, odd ones as code * 2**-20
+        _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 1, a1 * (w3 * 1048576.0) + wz, o_ok)
+        _store_slot(o_ptr + 2, a2 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 3, a3 * (w3 * 1048576.0) + wz, o_ok)
+        _store_slot(o_ptr + 4, a4 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 5, a5 * (w3 * 1048576.0) + wz, o_ok)
+        _store_slot(o_ptr + 6, a6 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 7, a7 * (w3 * 1048576.0) + wz, o_ok)
 # fmt: on
 
 
@@ -515,10 +605,18 @@ def _load_tile(
     stride_kst,
     stride_vsp,
     stride_vst,
+    n_k,
+    word_k,
+    n_v,
+    word_v,
+    K_WPG: gl.constexpr,
+    V_WPG: gl.constexpr,
 ):
     """Raw K and V words (each thread its own fragment's) and the four per-token parameter
     vectors of the tile starting at token n; past hi the scales read 0, the codes page 0's.
-    A warp's part of the tile lies in one page: one page id per thread and operand."""
+    A warp's part of the tile lies in one page: one page id per thread and operand. A side
+    with per-group scales (WPG < 16) gets them per word instead, in its words' layout: the
+    scale and zero of each word's group ([W, NT, 16], relabelled with the words)."""
     t_k = n + tw_k
     t_v = n + tw_v
     t_s = n + tw_s
@@ -535,12 +633,26 @@ def _load_tile(
     ok_s = (t_s + n_s) < hi
     pg_s = pg_s.to(gl.int64)
     in_page = t_s % PAGE
-    k_s = pg_s * stride_ksp + ks_head + in_page * stride_kst + cks
-    v_s = pg_s * stride_vsp + vs_head + in_page * stride_vst + cvs
-    ks = gl.load(KS + k_s, mask=ok_s, other=0.0)
-    kz = gl.load(KZ + k_s, mask=ok_s, other=0.0)
-    vs = gl.load(VS + v_s, mask=ok_s, other=0.0)
-    vz = gl.load(VZ + v_s, mask=ok_s, other=0.0)
+    if K_WPG < 16:  # the last dim of a group pool's scales is its groups (stride 1)
+        k_g = (pg_k.to(gl.int64) * stride_ksp + ks_head + (t_k % PAGE + n_k) * stride_kst
+               + word_k // K_WPG)  # fmt: skip
+        ok_k = (t_k + n_k) < hi
+        ks = gl.load(KS + k_g, mask=ok_k, other=0.0)
+        kz = gl.load(KZ + k_g, mask=ok_k, other=0.0)
+    else:
+        k_s = pg_s * stride_ksp + ks_head + in_page * stride_kst + cks
+        ks = gl.load(KS + k_s, mask=ok_s, other=0.0)
+        kz = gl.load(KZ + k_s, mask=ok_s, other=0.0)
+    if V_WPG < 16:
+        v_g = (pg_v.to(gl.int64) * stride_vsp + vs_head + (t_v % PAGE + n_v) * stride_vst
+               + word_v // V_WPG)  # fmt: skip
+        ok_v = (t_v + n_v) < hi
+        vs = gl.load(VS + v_g, mask=ok_v, other=0.0)
+        vz = gl.load(VZ + v_g, mask=ok_v, other=0.0)
+    else:
+        v_s = pg_s * stride_vsp + vs_head + in_page * stride_vst + cvs
+        vs = gl.load(VS + v_s, mask=ok_s, other=0.0)
+        vz = gl.load(VZ + v_s, mask=ok_s, other=0.0)
     return kw, vw, ks, kz, vs, vz
 
 
@@ -598,7 +710,9 @@ def launch_mma_split(
         GROUP=group, NH=columns, PAGE=page_size, NT=tokens_per_warp,
         K_ROT=k_rot is not None, K_SMOOTH=k_smooth is not None,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth, num_warps=NUM_WARPS,
+        Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth,
+        K_WPG=kpool.spec.groups_divisor // 8, V_WPG=vpool.spec.groups_divisor // 8,
+        num_warps=NUM_WARPS,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on

@@ -21,6 +21,7 @@ __all__ = [
     "DecodePlan",
     "DecodeTuning",
     "HeadGroup",
+    "MMA_GROUP_SIZES",
     "PrefillPlan",
     "channel_order",
     "merge_heads",
@@ -111,6 +112,9 @@ class DecodeTuning:
     # INT4 / INT4 head groups with per-token scales run the tensor-core kernel (decode_mma.py)
     # where the plan says it can; False: the Triton kernel everywhere (benchmarks' A/B).
     mma: bool = True
+    # Sides with per-group scales (groups of 16-64) run it too, dequantizing their codes in
+    # registers; False: such groups run the Triton kernel (benchmarks' A/B).
+    mma_groups: bool = True
     mma_tokens_per_warp: int = 16
     # Register cap for GQA <= 8 groups (8 query columns): 128 lets 4 programs share an SM
     # instead of 3 (ptxas, triton 3.6, sm_90a: 150 registers uncapped and 16 B of prologue
@@ -174,6 +178,17 @@ def _pow2_splits(want: int, max_context: int) -> int:
 # (8, 1) to 128 and (16, 1) to 211: the programs per SM, which these set and which set the
 # split count, are the same either way, at the default cap of 128).
 MMA_REGISTERS = {(8, 1): 150, (8, 2): 168, (16, 1): 219, (16, 2): 218}
+# The same for builds with a per-group side (their scales are held per word: benchmarks/
+# compile_mma_offline.py, K rotated, groups of 16-64 on both sides): 8 columns 162 at the
+# cap below and no spills (175 uncapped; at 152, 16-24 B of spills; at 128, 112 B), so 3
+# programs per SM; 16 columns 227, uncapped.
+MMA_GROUPED_REGISTERS = {8: 162, 16: 227}
+MMA_GROUPED_MAXNREG = 168
+
+
+# Group sizes the tensor-core kernel reads besides one scale per token (head_dim 128): a
+# group is 2, 4 or 8 of a row's 16 words, so all 8 nibble slots of a word share its scale.
+MMA_GROUP_SIZES = (16, 32, 64)
 
 
 def mma_columns(group: int) -> int:
@@ -181,18 +196,25 @@ def mma_columns(group: int) -> int:
     return 8 if group <= 8 else 16
 
 
-def mma_register_cap(group: int, tuning: DecodeTuning) -> int | None:
+def mma_register_cap(group: int, tuning: DecodeTuning, grouped: bool = False) -> int | None:
     """The register cap the tensor-core kernel is built with: the tuning's for 8-column
-    builds; 16-column builds (GQA 9-16, 219 registers) are never capped."""
-    return tuning.mma_maxnreg if mma_columns(group) == 8 else None
+    builds (``MMA_GROUPED_MAXNREG`` where a side has per-group scales); 16-column builds
+    (GQA 9-16, 211-227 registers) are never capped."""
+    if mma_columns(group) != 8 or tuning.mma_maxnreg is None:
+        return None
+    return MMA_GROUPED_MAXNREG if grouped else tuning.mma_maxnreg
 
 
-def mma_programs_per_sm(group: int, tuning: DecodeTuning) -> int:
+def mma_programs_per_sm(group: int, tuning: DecodeTuning, grouped: bool = False) -> int:
     """Programs of the tensor-core kernel one SM holds (64k registers, 128 threads each)."""
-    regs = MMA_REGISTERS[(mma_columns(group), tuning.mma_depth)]
-    cap = mma_register_cap(group, tuning)
-    if cap is not None:
-        regs = min(regs, cap)
+    columns = mma_columns(group)
+    if grouped:
+        regs = MMA_GROUPED_REGISTERS[columns]
+    else:
+        regs = MMA_REGISTERS[(columns, tuning.mma_depth)]
+        cap = mma_register_cap(group, tuning)
+        if cap is not None:
+            regs = min(regs, cap)
     return max(1, 65536 // (-(-regs // 8) * 8 * 128))
 
 

@@ -22,7 +22,7 @@ def build_cache(
     block: int,
     k_bits: tuple[int, ...] | None = None,
     v_bits: tuple[int, ...] | None = None,
-    group_size: int | None = None,
+    group_size: int | tuple[int | None, int | None] | None = None,
     transforms: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
@@ -32,15 +32,16 @@ def build_cache(
     K uses random signs on top of the block rotation, V the plain block rotation, so both
     rotation paths (and their inverses) are exercised; ``k_bits``/``v_bits`` give each KV
     head's precision (4 by default); ``transforms``: random centering and smoothing on both
-    sides (config version 2).
+    sides (config version 2); ``group_size``: both sides', or a (K, V) pair.
     """
+    groups = group_size if isinstance(group_size, tuple) else (group_size, group_size)
     gen = torch.Generator().manual_seed(seed + 99)
 
     def rows(low: float, high: float):
         t = torch.rand(num_kv_heads, head_dim, generator=gen) * (high - low) + low
         return t.tolist()
 
-    def side(bits, signs):
+    def side(bits, signs, group_size):
         fallback = {h: b for h, b in enumerate(bits or ()) if b != 4}
         extra = dict(center=rows(-2.0, 2.0), smooth=rows(0.5, 2.0)) if transforms else {}
         return SideConfig(
@@ -49,7 +50,7 @@ def build_cache(
         )  # fmt: skip
 
     return paged_cache(
-        lens=lens, k_side=side(k_bits, True), v_side=side(v_bits, False),
+        lens=lens, k_side=side(k_bits, True, groups[0]), v_side=side(v_bits, False, groups[1]),
         num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
         seed=seed,
     )  # fmt: skip

@@ -39,6 +39,16 @@ def _slot_values(words: torch.Tensor, j: int) -> torch.Tensor:
     return code.float() * (2.0**-24 if j % 2 == 0 else 2.0**-20)
 
 
+def _dequant_values(words, pool, pages, head, off, j) -> torch.Tensor:
+    """Nibble slot j of int32 words [T, 16] of a per-group pool as the kernel's lop3 / sub /
+    fma leaves it: code * scale + zero of each word's group, rounded once to fp16."""
+    code = ((words.long() & 0xFFFFFFFF) >> (4 * j)) & 15
+    group = torch.arange(16) // (pool.spec.groups_divisor // 8)  # the group of each word
+    scale = pool.scale[pages, head, off][:, group].double()
+    zero = pool.zero[pages, head, off][:, group].double()
+    return (code.double() * scale + zero).half().float()
+
+
 def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, acc, *,
                     splits, page_size, k_rot, k_rot_scale, k_smooth, softmax_scale,
                     sliding_window, softcap, max_len, num_q_heads, **_tuning):  # fmt: skip
@@ -46,6 +56,8 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
     tau = torch.tensor([plans.mma_word_of_k(k) for k in range(16)])
     sigma = torch.tensor([plans.mma_word_of_col(n) for n in range(16)])
     q_split = k_smooth is not None or q.dtype == torch.float32
+    k_grouped = kpool.spec.groups_divisor < 128
+    v_grouped = vpool.spec.groups_divisor < 128
     for b in range(q.shape[0]):
         length = min(int(seq_lens[b]), max_len)
         start = max(length - sliding_window, 0) if sliding_window else 0
@@ -66,7 +78,7 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                     qj = (q_hi @ r + q_lo @ r) * k_rot_scale
                 else:
                     qj = qf[:, 8 * tau + j]
-                qj = (qj / 16 if j % 2 else qj).half().float()
+                qj = (qj / 16 if j % 2 and not k_grouped else qj).half().float()
                 q_slots.append(qj)
                 q_sum += qj.sum(1) * (16 if j % 2 else 1)
             for split in range(splits):
@@ -83,21 +95,32 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                 off = pos % page_size
                 kw = kpool.codes[pages, kp, off].contiguous().view(torch.int32)  # [T, 16]
                 vw = vpool.codes[pages, vp, off].contiguous().view(torch.int32)
-                ks, kz = (t[pages, kp, off, 0].float() for t in (kpool.scale, kpool.zero))
-                vs, vz = (t[pages, vp, off, 0].float() for t in (vpool.scale, vpool.zero))
-                s = sum(q_slots[j] @ _slot_values(kw[:, tau], j).T for j in range(8))
-                s = (s * ks * 2.0**24 + kz * q_sum[:, None]) * softmax_scale
+                if k_grouped:
+                    s = sum(q_slots[j] @ _dequant_values(kw, kpool, pages, kp, off, j)[:, tau].T
+                            for j in range(8)) * softmax_scale  # fmt: skip
+                else:
+                    ks, kz = (t[pages, kp, off, 0].float() for t in (kpool.scale, kpool.zero))
+                    s = sum(q_slots[j] @ _slot_values(kw[:, tau], j).T for j in range(8))
+                    s = (s * ks * 2.0**24 + kz * q_sum[:, None]) * softmax_scale
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
                 s = s * LOG2E
                 m = s.max(1).values
                 p = torch.exp2(s - m[:, None])
-                pv = (p * vs).half().float()
                 out = torch.empty(group, 128)
+                ml[part] = torch.stack([m, p.sum(1)], 1)
+                if v_grouped:
+                    pv = p.half().float()
+                    for j in range(8):
+                        vj = _dequant_values(vw, vpool, pages, vp, off, j)[:, sigma]
+                        out[:, 8 * sigma + j] = pv @ vj
+                    acc[part] = out
+                    continue
+                vs, vz = (t[pages, vp, off, 0].float() for t in (vpool.scale, vpool.zero))
+                pv = (p * vs).half().float()
                 for j in range(8):
                     a = pv @ _slot_values(vw[:, sigma], j)  # [G, 16 columns]
                     out[:, 8 * sigma + j] = a * (2.0**24 if j % 2 == 0 else 2.0**20)
-                ml[part] = torch.stack([m, p.sum(1)], 1)
                 acc[part] = out + (p * vz).sum(1)[:, None]
 
 
@@ -115,6 +138,13 @@ CASES = {
     "float32-query-many-splits": (128, (4, 1), torch.float32, [150], 5, None, None, {}),
     # Centering / smoothing (smoothed q rides as fp16 hi + lo), and INT8 / BF16 heads that
     # stay with the Triton kernel in the same call.
+    # Per-group scales: both sides, or K only / V only (the other per token).
+    "groups32-rotated-gqa4": (128, (8, 2), torch.bfloat16, [130, 37], 2, None, None,
+                              {"group_size": 32}),
+    "groups16-k-softcap-fp16": (64, (4, 1), torch.float16, [150], 3, None, 20.0,
+                                {"group_size": (16, None)}),
+    "groups64-v-window": (1, (4, 2), torch.bfloat16, [90, 40], 1, 50, None,
+                          {"group_size": (None, 64)}),
     "transforms-with-fallbacks": (
         64, (6, 3), torch.bfloat16, [100, 20], 2, None, None,
         {"transforms": True, "k_bits": (4, 8, 4), "v_bits": (4, 4, 16)},
@@ -234,7 +264,10 @@ def test_dispatch_rules(monkeypatch):
 
     assert launches() == {"mma": 1}
     assert launches(h_q=32) == {"triton": 1}  # GQA 32: more query rows than the MMA tile
-    assert launches(group_size=32) == {"triton": 1}  # per-group scales
+    assert launches(group_size=32) == {"mma": 1}  # per-group scales, dequantized in registers
+    assert launches(DecodeTuning(mma_min_tokens=0, mma_groups=False), group_size=32) == {
+        "triton": 1
+    }
     assert launches(k_bits=(8,)) == {"triton": 1}
     assert launches(page_size=8) == {"triton": 1}  # a warp's 16 tokens span two pages
     assert launches(DecodeTuning(mma=False)) == {"triton": 1}
@@ -253,6 +286,9 @@ def test_mma_splits_fill_one_wave():
     assert plans.mma_programs_per_sm(4, DecodeTuning()) == 4
     assert plans.mma_programs_per_sm(8, DecodeTuning(mma_maxnreg=None)) == 3
     assert plans.mma_programs_per_sm(16, DecodeTuning()) == 2
+    assert plans.mma_programs_per_sm(4, DecodeTuning(), grouped=True) == 3  # 162 registers
+    assert plans.mma_register_cap(4, DecodeTuning(), grouped=True) == 168
+    assert plans.mma_register_cap(12, DecodeTuning(), grouped=True) is None
     plan = dataclasses.replace(_emulating_plan(*build_cache(lens=[16], num_kv_heads=1,
                                head_dim=128, page_size=16, block=1)[:2]), num_sms=132)  # fmt: skip
     got = {(b, n): plan.mma_splits(b, 8, n, 4, 1024)
