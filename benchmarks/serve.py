@@ -16,8 +16,9 @@ A benchmark harness, not a serving engine. Caches (``--caches``): ``bf16-sdpa`` 
 BF16 buffers read by torch SDPA with native GQA: the usual BF16 path), ``bf16`` (the sawquant
 paged runtime with 16-bit pools), ``int4`` (plain INT4, block 1), ``sawquant`` (a representative
 calibrated config, see ``cache_configs``), ``sawquant-rot`` (its rotations without fallback
-heads) and ``sawquant-vfold`` (the config as ``sawquant export --fold-values`` writes it: V's
-rotation in the weights, none at run time). What it measures on the device, per cache:
+heads), ``sawquant-vfold`` (the config as ``sawquant export --fold-values`` writes it: V's
+rotation in the weights, none at run time) and ``sawquant-g32`` (groups of 32 on every side).
+What it measures on the device, per cache:
 
 1. ``prefill_s``: one real prefill of a ``--prompt``-token request through the patched model
    (``model(ids, use_cache=True)``: full-precision SDPA on the chunk + the fused paged write),
@@ -103,6 +104,8 @@ def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
         v = SideConfig(rotation_block=min(32, facts.head_dim))
         layers.append(LayerConfig(k=k, v=v))
     rot = [LayerConfig(k=replace(x.k, fallback_heads={}), v=x.v) for x in layers]
+    grouped = [LayerConfig(k=replace(x.k, group_size=32), v=replace(x.v, group_size=32))
+               for x in layers]  # fmt: skip
     folded = [LayerConfig(k=x.k, v=SideConfig()) for x in layers]
     return {
         "bf16": KVConfig.uniform(facts, k=SideConfig(bits=16), v=SideConfig(bits=16)),
@@ -110,6 +113,9 @@ def cache_configs(facts: ModelFacts) -> dict[str, KVConfig]:
         "sawquant": KVConfig(model=facts, layers=tuple(layers)),
         # The same rotations without the two fallback heads: rotation cost alone.
         "sawquant-rot": KVConfig(model=facts, layers=tuple(rot)),
+        # The same with groups of 32 on every INT4 side (what a 5.0-bit budget buys at
+        # head_dim 128: 5.0 bits instead of 4.25).
+        "sawquant-g32": KVConfig(model=facts, layers=tuple(grouped)),
         "sawquant-vfold": KVConfig(model=facts, layers=tuple(folded), values_folded=True),
     }
 
