@@ -5,6 +5,8 @@ count of a kernel change can be checked here before any device time is spent.
     DECODE_MMA=kernels/decode_mma.py python benchmarks/compile_mma_offline.py [K_ROT 0|1]
     EXTRA="{'NH': 16, 'GROUP': 16}" OPTS="{'maxnreg': 128}" \
         python benchmarks/compile_mma_offline.py 1
+    EXTRA="{'K_WPG': 4, 'V_WPG': 4}" OPTS="{'maxnreg': 168}" \
+        python benchmarks/compile_mma_offline.py 1    # groups of 32 on both sides
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def main() -> None:
     kernel = module._mma_split_kernel
     k_rot = bool(int(sys.argv[1])) if len(sys.argv) > 1 else True
     constexprs = dict(GROUP=4, NH=8, PAGE=16, NT=16, K_ROT=k_rot, K_SMOOTH=False,
-                      HAS_WINDOW=False, HAS_SOFTCAP=False, Q_SPLIT=False, DEPTH=1)  # fmt: skip
+                      HAS_WINDOW=False, HAS_SOFTCAP=False, Q_SPLIT=False, DEPTH=1,
+                      K_WPG=16, V_WPG=16)  # fmt: skip
     constexprs.update(ast.literal_eval(os.environ.get("EXTRA", "{}")))
     signature, values, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -109,8 +109,8 @@ class DecodeTuning:
     num_stages: int = 2
     # INT4 unpack through fp16 subnormals (5 instructions a word instead of 11): 1-2 % faster.
     subnormal_unpack: bool = True
-    # INT4 / INT4 head groups with per-token scales run the tensor-core kernel (decode_mma.py)
-    # where the plan says it can; False: the Triton kernel everywhere (benchmarks' A/B).
+    # INT4 / INT4 head groups run the tensor-core kernel (decode_mma.py) where the plan says
+    # it can; False: the Triton kernel everywhere (benchmarks' A/B).
     mma: bool = True
     # Sides with per-group scales (groups of 16-64) run it too, dequantizing their codes in
     # registers; False: such groups run the Triton kernel (benchmarks' A/B).
