@@ -6,9 +6,9 @@ overhead included, and CUDA-graph replay = device time), the bytes the kernel mu
 measured device copy bandwidth, and torch ``scaled_dot_product_attention`` in bf16 on a
 contiguous cache with GQA, for the speedup. A correctness check against the pure-torch twin runs
 first. Usage: ``python benchmarks/bench_decode.py [--json PATH] [--sweep] [--variants]
-[--only-variants] [--fallback]`` (``--variants``: the kernel-variant sweep first, then
-everything with its fastest variant; ``--fallback``: only INT8 / 16-bit pool layers, before and
-after the natural-order fallback path, and SDPA bf16).
+[--only-variants] [--fallback [--shapes 64x16384,...]]`` (``--variants``: the kernel-variant
+sweep first, then everything with its fastest variant; ``--fallback``: only layers with INT8 /
+16-bit heads, INT8 groups in the tensor-core kernel against the Triton kernel, and SDPA bf16).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import triton
 from torch.nn.functional import scaled_dot_product_attention
 
 from sawquant.format import allocate_side
+from sawquant.kernels import decode
 from sawquant.kernels.decode import paged_decode_attention
 from sawquant.kernels.plans import DEFAULT_DECODE_TUNING, DecodePlan, DecodeTuning, PrefillPlan
 from sawquant.kernels.prefill import _dequant_into, paged_prefill_attention
@@ -361,12 +362,22 @@ def bench_decode_shape(
 FALLBACK_CONFIGS = {
     "int4": ((4,) * 8, (4,) * 8),
     "int8-k-head": ((8,) + (4,) * 7, (4,) * 8),
+    "int8-v-head": ((4,) * 8, (8,) + (4,) * 7),
+    "int8-kv-head": ((8,) + (4,) * 7, (8,) + (4,) * 7),
+    "int8-k-2heads": ((8, 8) + (4,) * 6, (4,) * 8),
     "bf16-k-head": ((16,) + (4,) * 7, (4,) * 8),
     "all-16bit": ((16,) * 8, (16,) * 8),
 }
-# The fallback groups' tile width: the default (64) and 128 as for INT4 groups. (The round-2
-# handling these were compared with is in bench_decode_fallback_h100_2026-11-22.json.)
-FALLBACK_MODES = {"now": DEFAULT_DECODE_TUNING, "now-bn128": DecodeTuning(wide_block_n=128)}
+# "now": INT8 groups in the tensor-core kernel's wide build (3 programs per SM); "int8-triton":
+# INT8 groups in the Triton kernel (every release before it); "wide-cap128": the wide build
+# capped at 128 registers (4 per SM; INT8 K alone compiles without spills there). The older
+# A/B of the fallback tile width is in bench_decode_fallback_h200_2026-12-03.json.
+FALLBACK_MODES = {
+    "now": DEFAULT_DECODE_TUNING,
+    "int8-triton": DecodeTuning(mma_int8=False),
+    "wide-cap128": DecodeTuning(mma_wide_maxnreg=128),
+}
+INT8_MODES = ("int8-triton", "wide-cap128")  # only for configs with an INT8 side
 
 
 def check_fallback_correctness(device: torch.device) -> list[dict]:
@@ -378,18 +389,23 @@ def check_fallback_correctness(device: torch.device) -> list[dict]:
         for dtype in (torch.bfloat16, torch.float16)[: 2 if name in ("mixed", "all-16bit") else 1]:
             args = _quantized_case(device, 32, 8, 128, 128, 16, [1, 999, 4096], dtype, bits=bits)
             ref = paged_decode_attention_ref(*args, softmax_scale=128**-0.5).float()
-            for mode, tuning in FALLBACK_MODES.items():
+            # forced: the tensor-core kernel for every group it can take, whatever the length
+            modes = {**FALLBACK_MODES, "forced": DecodeTuning(mma_min_tokens=0)}
+            for mode, tuning in modes.items():
                 for splits in (None, 3):
+                    before = dict(decode.LAUNCHES)
                     out = paged_decode_attention(
                         *args, softmax_scale=128**-0.5, num_splits=splits, tuning=tuning
                     )
                     rel = ((out.float() - ref).norm() / ref.norm()).item()
+                    launches = {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items()}
                     rows.append(
                         {
                             "kind": "fallback_check",
                             "case": f"{name} {str(dtype)[6:]} {mode} splits={splits}",
                             "rel_err": rel,
                             "finite": bool(torch.isfinite(out).all()),
+                            "launches": {k: v for k, v in launches.items() if v},
                         }
                     )
     return rows
@@ -408,9 +424,14 @@ def bench_fallback(
         k_store, v_store, table = _random_stores(batch, ctx, spec, page, device, kb, vb)
         nbytes = _decode_bytes(k_store, v_store, batch, ctx, q.numel() * 2)
         for mode, tuning in FALLBACK_MODES.items():
-            if mode == "now-bn128" and name == "int4":
+            if mode in INT8_MODES and not name.startswith("int8"):
                 continue
             plan = DecodePlan.build(k_store, v_store, device)
+            before = dict(decode.LAUNCHES)
+            paged_decode_attention(
+                q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan, tuning=tuning
+            )
+            launches = {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items()}
             try:
                 us = _bench(
                     lambda: paged_decode_attention(
@@ -432,6 +453,7 @@ def bench_fallback(
                     "graph_us": us,
                     "bytes_read": nbytes,
                     "GBps": nbytes / us / 1e3,
+                    "launches": {k: v for k, v in launches.items() if v},
                 }
             )
         torch.cuda.empty_cache()
@@ -635,12 +657,15 @@ def _table(rows: list[dict]) -> str:
         elif r["kind"] == "fallback":
             lines.append(
                 f"fallback B{r['batch']}x{r['context']} {r['config']:12s} {r['mode']:10s} "
-                f"graph {r['graph_us']:8.1f} us  {r['GBps']:6.0f} GB/s"
+                f"graph {r['graph_us']:8.1f} us  {r['GBps']:6.0f} GB/s {r.get('launches', '')}"
             )
         elif r["kind"] == "rotation":
             lines.append(_rotation_line(r))
         elif r["kind"] in ("correctness", "fallback_check"):
-            lines.append(f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']}")
+            lines.append(
+                f"check {r['case']}: rel err {r['rel_err']:.2e} finite {r['finite']} "
+                f"{r.get('launches', '')}"
+            )
         else:
             lines.append(str(r))
     return "\n".join(lines)
@@ -655,8 +680,9 @@ def main() -> None:
     parser.add_argument(
         "--fallback",
         action="store_true",
-        help="only the INT8 / 16-bit pool check and timings (batch 64 x 16k)",
+        help="only the INT8 / 16-bit pool check and timings (--shapes, default 64x16384)",
     )
+    parser.add_argument("--shapes", help="BxN,... for --fallback")
     parser.add_argument(
         "--rotation",
         action="store_true",
@@ -674,7 +700,13 @@ def main() -> None:
         env.update(torch=torch.__version__, triton=triton.__version__)
         rows = [env, *check_fallback_correctness(dev)]
         print(_table(rows), flush=True)
-        rows += bench_fallback(dev, 64, 16384) + bench_fallback(dev, 17, 16384, ("all-16bit",))
+        for b, n in parse_shapes(args.shapes or "64x16384"):
+            rows += bench_fallback(dev, b, n)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+        if not args.shapes:
+            rows += bench_fallback(dev, 17, 16384, ("all-16bit",))
     else:
         rows = run(dev, sweep=args.sweep, variants=args.variants, full=not args.only_variants)
     if args.json:

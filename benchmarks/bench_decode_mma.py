@@ -72,6 +72,20 @@ CASES = [
     dict(h_q=16, h_kv=1, block=128, lens=[777], gs=(32, 64)),
     dict(h_q=12, h_kv=2, block=128, lens=[513, 4100], page=64, gs=16),
     dict(h_q=32, h_kv=8, block=128, lens=[999, 2500], bits=((8,) + (4,) * 7, (4,) * 8), gs=32),
+    # INT8 sides (the wide build, two halves of byte slots): V only, K + V beside BF16 heads
+    # with softcap, unrotated, smoothed, windowed, GQA 16, pages of 64.
+    dict(h_q=32, h_kv=8, block=128, lens=[1, 999, 4096], bits=((4,) * 8, (8,) + (4,) * 7)),
+    dict(h_q=32, h_kv=8, block=128, lens=[37, 130, 2000], dtype=torch.float16,
+         bits=((8, 8, 16, 4, 4, 4, 4, 4), (8, 4, 4, 16, 4, 4, 4, 4)), kw=dict(softcap=30.0)),
+    dict(h_q=32, h_kv=8, block=1, signs=False, lens=[999, 17], bits=((8,) * 8, (8,) * 8)),
+    dict(h_q=32, h_kv=8, block=128, lens=[1500, 3], smooth=True,
+         bits=((8, 4) * 4, (4, 8) * 4)),
+    dict(h_q=32, h_kv=8, block=64, lens=[300, 5000], bits=((8,) * 8, (4,) * 8),
+         kw=dict(sliding_window=300, num_splits=3)),
+    dict(h_q=16, h_kv=1, block=128, lens=[777], bits=((8,), (8,))),
+    dict(h_q=12, h_kv=2, block=128, lens=[513, 4100], page=64, bits=((8, 4), (4, 8))),
+    dict(h_q=32, h_kv=8, block=128, lens=[999, 2500], bits=((8,) + (4,) * 7, (4,) * 8),
+         gs=(None, 32)),
 ]  # fmt: skip
 # Timed per-group configs (K group, V group) of --groups.
 GROUP_CONFIGS = {

@@ -40,7 +40,7 @@ def main() -> None:
     k_rot = bool(int(sys.argv[1])) if len(sys.argv) > 1 else True
     constexprs = dict(GROUP=4, NH=8, PAGE=16, NT=16, K_ROT=k_rot, K_SMOOTH=False,
                       HAS_WINDOW=False, HAS_SOFTCAP=False, Q_SPLIT=False, DEPTH=1,
-                      K_WPG=16, V_WPG=16)  # fmt: skip
+                      K_WPG=16, V_WPG=16, K_BITS=4, V_BITS=4)  # fmt: skip
     constexprs.update(ast.literal_eval(os.environ.get("EXTRA", "{}")))
     signature, values, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -18,11 +18,12 @@ rotation matrix's columns) and the output is stored through the same channel map
 Both matrix products are transposed, ``s^T = K q^T`` and ``acc^T += V^T P^T``, so their M side
 is 128 (tokens, channels) and Hopper's wgmma runs them; the GQA group (4 heads for Qwen3-8B,
 padded to 16) is the narrow N side. Per-group scales of INT4 heads are read in the same
-permuted order. INT8 and 16-bit fallback heads are launched as their own head groups and read
-in NATURAL channel order (16-byte loads along each row; q and the output follow that side's
-order), 16-bit heads dot in their storage dtype on the GPU, and each group gets its own split
-count, so a lone fallback head still fills the GPU (H100: one INT8 K head costs its layer
-1.16x the plain INT4 layer instead of 3.0x; RESULTS.md).
+permuted order. Fallback heads are launched as their own head groups, each with its own split
+count, so a lone fallback head still fills the GPU. On NVIDIA GPUs INT8 heads (one scale per
+token) run the tensor-core kernel like INT4 ones (decode_mma.py; H200, 64x16k, one INT8 K head:
+1.15x the plain INT4 layer, 1.32x in this kernel). Here 16-bit (and grouped INT8) heads are
+read in NATURAL channel order (16-byte loads along each row; q and the output follow that
+side's order) and dot in their storage dtype on the GPU.
 
 Everything derived from the layer's stores (head groups, rotation matrices in channel order,
 SM count) comes in a ``DecodePlan`` built once per layer; launch parameters come in a
@@ -617,29 +618,31 @@ def _word_aligned(codes: torch.Tensor) -> bool:
     return codes.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in codes.stride()[:3])
 
 
-def _grouped(k_store: SideStore, v_store: SideStore) -> bool:
-    """An INT4 side of this layer has per-group scales (the tensor-core kernel's grouped
-    build: more registers, fewer programs per SM)."""
-    return any(
-        4 in st.pools and st.pools[4].spec.groups_divisor != st.head_dim
-        for st in (k_store, v_store)
-    )
+def _wide(g, k_store: SideStore, v_store: SideStore) -> bool:
+    """A side of head group ``g`` has per-group scales or INT8 codes (the tensor-core kernel's
+    wide build: more registers, fewer programs per SM)."""
+    pools = (k_store.pools[g.k_bits], v_store.pools[g.v_bits])
+    return any(p.spec.bits == 8 or p.spec.groups_divisor != p.spec.head_dim for p in pools)
 
 
 def _mma_applies(plan: DecodePlan, tuning, g, k_store, v_store, group: int, d: int) -> bool:
-    """This INT4 / INT4 head group runs the tensor-core kernel (decode_mma.py)."""
+    """This head group (INT4 or INT8 on each side) runs the tensor-core kernel (decode_mma.py)."""
     global _warned_mma
-    if not (plan.mma_capable and g.k_bits == 4 and g.v_bits == 4 and group <= 16):
+    bits = (g.k_bits, g.v_bits)
+    if not (plan.mma_capable and set(bits) <= {4, 8} and group <= 16):
+        return False
+    if 8 in bits and not tuning.mma_int8:
         return False
     if k_store.page_size % tuning.mma_tokens_per_warp:
         return False  # a warp's tokens must share a page
-    kpool, vpool = k_store.pools[4], v_store.pools[4]
-    # Per-group scales: the kernel dequantizes such a side's codes in registers (groups of
-    # 2-8 words); other sizes, or scales not contiguous by group, go to the Triton kernel.
+    kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
+    # Per-group scales: the kernel dequantizes such an INT4 side's codes in registers (groups
+    # of 2-8 words); other sizes, scales not contiguous by group, or a grouped INT8 side go to
+    # the Triton kernel.
     for pool in (kpool, vpool):
         if pool.spec.groups_divisor != d and not (
-            tuning.mma_groups and pool.spec.groups_divisor in MMA_GROUP_SIZES
-            and pool.scale.stride(-1) == 1
+            pool.spec.bits == 4 and tuning.mma_groups
+            and pool.spec.groups_divisor in MMA_GROUP_SIZES and pool.scale.stride(-1) == 1
         ):  # fmt: skip
             return False
     if not (_word_aligned(kpool.codes) and _word_aligned(vpool.codes)):
@@ -678,7 +681,7 @@ def split_choices(
         if num_splits:
             s = num_splits
         elif m:
-            per_sm = mma_programs_per_sm(group, tuning, _grouped(k_store, v_store))
+            per_sm = mma_programs_per_sm(group, tuning, _wide(g, k_store, v_store))
             s = plan.mma_splits(batch, n, max_len, per_sm, tuning.mma_min_tokens)
         else:
             s = plan.splits(batch, n, max_len)
@@ -751,12 +754,13 @@ def paged_decode_attention(
             LAUNCHES["mma"] += 1
             launch_mma_split(
                 q, kpool, vpool, group, g, block_table, seq_lens, ml, acc,
-                splits=g_splits, page_size=k_store.page_size, k_rot=plan.mma_rot,
+                splits=g_splits, page_size=k_store.page_size,
+                k_rot=plan.mma_rot8 if g.k_bits == 8 else plan.mma_rot,
                 k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
                 softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
                 max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
                 columns=mma_columns(group),
-                maxnreg=mma_register_cap(group, tuning, _grouped(k_store, v_store)),
+                maxnreg=mma_register_cap(group, tuning, _wide(g, k_store, v_store)),
                 depth=tuning.mma_depth,
             )  # fmt: skip
             continue

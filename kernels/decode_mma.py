@@ -1,4 +1,4 @@
-"""Decode attention for INT4 / INT4 heads on the tensor cores without layout conversions (Gluon).
+"""Decode attention for INT4 / INT8 heads on the tensor cores without layout conversions (Gluon).
 
 The Triton kernel (``decode.py``) unpacks INT4 tiles into a blocked layout and lets the
 compiler move them into the MMA operand layout through shared memory: on the H100/H200 that
@@ -39,9 +39,15 @@ slots of a word share one) differ within the MMA's reduction, so such a side's c
 dequantized in registers instead (``_dequant``: 3 instructions per register pair, not 1) and its
 scales are loaded per word beside the codes; 162 registers at a cap of 168, 3 programs per SM.
 
-Scope: both sides INT4 (one scale per token, or per group of 16-64), head_dim 128, GQA groups
-of up to 16 query heads, NVIDIA GPUs (sm_80+; mma.sync). Everything else runs the Triton
-kernel. The twin is
+INT8 sides (fallback heads, one scale per token): a row is 32 words, loaded as two halves of 16
+in the same layouts; each register pair of a half unpacks (prmt + and) into 4 byte slots, fp16
+subnormals code * 2**-24, so the kernel keeps its 8 slots and 8 MMAs per operand, with slot
+4 h + j holding byte j of half h (``_k_chan`` / ``_v_chan``; q and the output follow). Such
+builds hold 150-166 registers at a cap of 168: 3 programs per SM, as the grouped build.
+
+Scope: each side INT4 (one scale per token, or per group of 16-64) or INT8 (per token),
+head_dim 128, GQA groups of up to 16 query heads, NVIDIA GPUs (sm_80+; mma.sync). Everything
+else runs the Triton kernel. The twin is
 ``sawquant.quant.decode.paged_decode_attention_ref``; ``decode.py`` dispatches and merges.
 """
 
@@ -81,6 +87,24 @@ and.b32 $7, x3, 0x00f000f0;
 )
 
 
+# INT8 sides (fallback heads, one scale per token): a register pair's two words -> 4 fp16x2
+# registers, one per byte slot j: (byte j of word a, byte j of word b) as subnormals code * 2**-24
+# (codes up to 255 stay exact: fp16 subnormals reach 1023 * 2**-24). Same prmt as for INT4.
+_PAIR_UNPACK8_ASM = gl.constexpr(
+    """{
+.reg .b32 x0, x1, x2, x3;
+prmt.b32 x0, $4, $5, 0x4400;
+prmt.b32 x1, $4, $5, 0x5511;
+prmt.b32 x2, $4, $5, 0x6622;
+prmt.b32 x3, $4, $5, 0x7733;
+and.b32 $0, x0, 0x00ff00ff;
+and.b32 $1, x1, 0x00ff00ff;
+and.b32 $2, x2, 0x00ff00ff;
+and.b32 $3, x3, 0x00ff00ff;
+}"""
+)
+
+
 @gluon.jit
 def _tanh(x):
     return 1.0 - 2.0 / (gl.exp2(2.8853900817779268 * x) + 1.0)  # 2 / ln 2
@@ -95,6 +119,20 @@ def _unpack(w):
         "=r,=r,=r,=r,=r,=r,=r,=r,r,r",
         [w],
         dtype=(gl.float16,) * 8,
+        is_pure=True,
+        pack=2,
+    )
+
+
+@gluon.jit
+def _unpack8(w):
+    """int32 words of an INT8 side in a fragment layout -> the 4 byte-slot tensors, fp16
+    subnormals, same layout."""
+    return gl.inline_asm_elementwise(
+        _PAIR_UNPACK8_ASM,
+        "=r,=r,=r,=r,r,r",
+        [w],
+        dtype=(gl.float16,) * 4,
         is_pure=True,
         pack=2,
     )
@@ -172,6 +210,26 @@ def _sigma(n):
 
 
 @gluon.jit
+def _k_chan(slot, k, BITS: gl.constexpr):
+    """Channel held by code slot ``slot`` (0-7) at K-operand index k (plans.mma_k_channel):
+    INT4 nibble j of word tau(k); INT8 byte j of word 16 h + tau(k) for slot 4 h + j (a row's
+    32 words are two halves of 16)."""
+    if BITS == 4:
+        return 8 * _tau(k) + slot
+    else:
+        return 64 * (slot >> 2) + 4 * _tau(k) + (slot & 3)
+
+
+@gluon.jit
+def _v_chan(slot, m, BITS: gl.constexpr):
+    """Channel held by code slot ``slot`` at V-operand row m (plans.mma_v_channel)."""
+    if BITS == 4:
+        return 8 * _sigma(m) + slot
+    else:
+        return 64 * (slot >> 2) + 4 * _sigma(m) + (slot & 3)
+
+
+@gluon.jit
 def _k_operand(kw, LK: gl.constexpr):
     """K words [W, NT, word] -> [W, NT, k] with element k = word tau(k): tau's bit
     permutation (k bits 0, 1, 2, 3 -> word bits 0, 2, 3, 1) as a reshape and a permute."""
@@ -226,11 +284,12 @@ def _q_slot(
     DA: gl.constexpr,
     Q_SPLIT: gl.constexpr,
     ODD: gl.constexpr,
+    K_BITS: gl.constexpr,
 ):
-    """q_j^T [W, 16, NH] (C layout, fp16): q's channels 8 tau(k) + j down the rows, rotated
-    (and smoothed) q in fp32 then fp16; ODD: / 16 (an odd slot's subnormal codes come 16x
-    larger; not for per-group K, dequantized in full). Also its column sums in code units
-    (for the per-token K zero-point term)."""
+    """q_j^T [W, 16, NH] (C layout, fp16): q's channels _k_chan(j, k) down the rows, rotated
+    (and smoothed) q in fp32 then fp16; ODD: / 16 (an odd nibble slot's subnormal codes come
+    16x larger; not for per-group K, dequantized in full, nor INT8 K). Also its column sums in
+    code units (for the per-token K zero-point term)."""
     zero = gl.zeros([qhi.shape[0], 16, qhi.shape[2]], gl.float32, MMA)
     if K_ROT:  # j: a slot, or [W, 1, 1] (layout of k_idx_r) a slot per warp
         # ROT's columns 16 j .. 16 j + 15 are the rotation's columns 8 tau(k) + j (permuted by
@@ -243,7 +302,7 @@ def _q_slot(
             qj = qj + mma_v2(r, qlo, zero)
         qj = qj * rot_scale
     else:
-        chan_c = 8 * _tau(k_c) + j  # [1, 16, 1] channel of each row (C layout)
+        chan_c = _k_chan(j, k_c, K_BITS)  # [1, 16, 1] channel of each row (C layout)
         qj = gl.load(Q_ROW + chan_c, mask=q_ok_c, other=0.0).to(gl.float32) + zero
         if K_SMOOTH:
             qj = qj * gl.load(SMOOTH + KVH_OFF + chan_c)
@@ -277,16 +336,19 @@ def _mma_split_kernel(
     GROUP: gl.constexpr, NH: gl.constexpr, PAGE: gl.constexpr, NT: gl.constexpr,
     K_ROT: gl.constexpr, K_SMOOTH: gl.constexpr, HAS_WINDOW: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, Q_SPLIT: gl.constexpr, DEPTH: gl.constexpr,
-    K_WPG: gl.constexpr, V_WPG: gl.constexpr,
+    K_WPG: gl.constexpr, V_WPG: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr,
 ):
     """One (sequence, KV head, context split): writes the same partial state as the Triton
     split kernel (ML = log2-unit max and sum, ACC = unnormalised sum of p v, V's rotated basis,
     natural channel order), so the same merge follows. K_WPG / V_WPG: words (8 channels each)
     per scale group, 16 for one scale per token (codes stay subnormals, scales applied to the
-    MMA results), 2-8 for groups of 16-64 (codes dequantized in registers, _dequant)."""
+    MMA results), 2-8 for groups of 16-64 (codes dequantized in registers, _dequant).
+    K_BITS / V_BITS: 4, or 8 for an INT8 side (one scale per token: a row's 32 words load as
+    two halves of 16, each unpacked into 4 byte slots, so the 8 slots and their MMAs stay)."""
     W: gl.constexpr = gl.num_warps()
     K_GROUPED: gl.constexpr = K_WPG < 16
     V_GROUPED: gl.constexpr = V_WPG < 16
+    K_ODD: gl.constexpr = K_BITS == 4 and not K_GROUPED  # odd nibble slots come 16x larger
     MMA: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     DA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -363,10 +425,11 @@ def _mma_split_kernel(
         q_rot = q_by_t._reinterpret(gl.float16, [2 * W, 16, NH], QR)  # read per slot
         slot_r = 2 * _dim0(W, LR)  # [W, 1, 1]: the even slot each warp rotates
         qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
-                         SMOOTH, slot_r, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False)
+                         SMOOTH, slot_r, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT, False,
+                         K_BITS)
         qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c, q_ok_c,
                          SMOOTH, slot_r + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA, Q_SPLIT,
-                         not K_GROUPED)
+                         K_ODD, K_BITS)
         q_by_t.index(0).store(qa)
         q_by_t.index(1).store(qb)
         q_sum = gl.expand_dims(gl.sum(sa + sb, 0), 0) + gl.zeros([W, NH], gl.float32, SL)
@@ -389,10 +452,10 @@ def _mma_split_kernel(
         for jj in range(4):
             qa, sa = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c,
                              q_ok_c, SMOOTH, 2 * jj, K_ROT, K_SMOOTH, kvh_off, MMA, DA,
-                             Q_SPLIT, False)
+                             Q_SPLIT, False, K_BITS)
             qb, sb = _q_slot(q_row_c, qhi, qlo, ROT, k_rot_scale, k_idx_r, c_idx_r, k_c,
                              q_ok_c, SMOOTH, 2 * jj + 1, K_ROT, K_SMOOTH, kvh_off, MMA, DA,
-                             Q_SPLIT, not K_GROUPED)
+                             Q_SPLIT, K_ODD, K_BITS)
             q_smem.index(2 * jj).store(qa)
             q_smem.index(2 * jj + 1).store(qb)
             q_sum += sa + sb
@@ -440,12 +503,24 @@ def _mma_split_kernel(
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
+    if K_BITS == 8:  # an INT8 row's words 16-31, loaded like words 0-15 beside them
+        nkw2 = _load_words_hi(lo, hi, bt_row, kc32, tw_k, ck, kc_head, PAGE, stride_kcp,
+                              stride_kct)
+    if V_BITS == 8:
+        nvw2 = _load_words_hi(lo, hi, bt_row, vc32, tw_v, cv, vc_head, PAGE, stride_vcp,
+                              stride_vct)
     if DEPTH == 2:
         mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
             lo + BLOCK_N, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
+        if K_BITS == 8:
+            mkw2 = _load_words_hi(lo + BLOCK_N, hi, bt_row, kc32, tw_k, ck, kc_head, PAGE,
+                                  stride_kcp, stride_kct)
+        if V_BITS == 8:
+            mvw2 = _load_words_hi(lo + BLOCK_N, hi, bt_row, vc32, tw_v, cv, vc_head, PAGE,
+                                  stride_vcp, stride_vct)
 
     HEADS_L: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, NH] per-head softmax state
     m_i = gl.full([W, NH], float("-inf"), gl.float32, HEADS_L)
@@ -464,6 +539,10 @@ def _mma_split_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         kw, ks, kz = nkw, nks, nkz
         vw, vs, vz = nvw, nvs, nvz
+        if K_BITS == 8:
+            kw2 = nkw2
+        if V_BITS == 8:
+            vw2 = nvw2
         ok_c = (n0 + off_s) < hi  # [W, NT] tokens of this tile
         if HAS_WINDOW:
             ok_c = ok_c & ((n0 + off_s) >= start)
@@ -471,17 +550,34 @@ def _mma_split_kernel(
         # ---- prefetch DEPTH tiles ahead
         if DEPTH == 2:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
+            if K_BITS == 8:
+                nkw2 = mkw2
+            if V_BITS == 8:
+                nvw2 = mvw2
         n_next = n0 + DEPTH * BLOCK_N
         mkw, mvw, mks, mkz, mvs, mvz = _load_tile(
             n_next, hi, bt_row, kc32, vc32, KS, KZ, VS, VZ, tw_k, tw_v, tw_s,
             n_s, ck, cv, cks, cvs, kc_head, vc_head, ks_head, vs_head,
             PAGE, stride_kcp, stride_kct, stride_vcp, stride_vct, stride_ksp, stride_kst,
             stride_vsp, stride_vst, n_k, word_k, n_v, word_v, K_WPG, V_WPG)
+        if K_BITS == 8:
+            mkw2 = _load_words_hi(n_next, hi, bt_row, kc32, tw_k, ck, kc_head, PAGE,
+                                  stride_kcp, stride_kct)
+        if V_BITS == 8:
+            mvw2 = _load_words_hi(n_next, hi, bt_row, vc32, tw_v, cv, vc_head, PAGE,
+                                  stride_vcp, stride_vct)
         if DEPTH == 1:
             nkw, nvw, nks, nkz, nvs, nvz = mkw, mvw, mks, mkz, mvs, mvz
+            if K_BITS == 8:
+                nkw2 = mkw2
+            if V_BITS == 8:
+                nvw2 = mvw2
 
         # ---- scores s^T = sum_j K_j q_j^T  [W, NT tokens, NH heads]
-        if K_GROUPED:
+        if K_BITS == 8:  # slot 4 h + j: byte j of half h
+            k0, k1, k2, k3 = _unpack8(_k_operand(kw, LK))
+            k4, k5, k6, k7 = _unpack8(_k_operand(kw2, LK))
+        elif K_GROUPED:
             k0, k1, k2, k3, k4, k5, k6, k7 = _dequant(
                 _k_operand(kw, LK), _k_operand(ks, LK), _k_operand(kz, LK))
         else:
@@ -520,7 +616,11 @@ def _mma_split_kernel(
         else:
             z_t = z_t * al + p * vz.to(gl.float32)[:, :, None]
             pv = gl.convert_layout((p * vs.to(gl.float32)[:, :, None]).to(gl.float16), DB)
-            v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(_v_operand(vw, LV))
+            if V_BITS == 8:
+                v0, v1, v2, v3 = _unpack8(_v_operand(vw, LV))
+                v4, v5, v6, v7 = _unpack8(_v_operand(vw2, LV))
+            else:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _unpack(_v_operand(vw, LV))
         a0 = mma_v2(gl.convert_layout(v0, DA, assert_trivial=True), pv, a0 * al)
         a1 = mma_v2(gl.convert_layout(v1, DA, assert_trivial=True), pv, a1 * al)
         a2 = mma_v2(gl.convert_layout(v2, DA, assert_trivial=True), pv, a2 * al)
@@ -550,7 +650,7 @@ def _mma_split_kernel(
     g_o = _dim2(NH, MMA)
     o_ptr = ACC + ((b.to(gl.int64) * num_q_heads + kvh * GROUP + g_o) * num_splits + split) * 128
     w_o = _dim0(W, MMA)
-    o_ptr = o_ptr + 8 * _sigma(m_o) + 0 * w_o  # [W, 16, NH]: only warp 0 stores
+    o_ptr = o_ptr + _v_chan(0, m_o, V_BITS) + 0 * w_o  # [W, 16, NH]: only warp 0 stores
     o_ok = (g_o < GROUP) & (m_o < 16) & (w_o == 0)
     if V_GROUPED:  # dequantized values: no factors, the zero points are in them
         _store_slot(o_ptr + 0, a0 * w3, o_ok)
@@ -561,6 +661,15 @@ def _mma_split_kernel(
         _store_slot(o_ptr + 5, a5 * w3, o_ok)
         _store_slot(o_ptr + 6, a6 * w3, o_ok)
         _store_slot(o_ptr + 7, a7 * w3, o_ok)
+    elif V_BITS == 8:  # every byte slot's codes came as code * 2**-24; slot 4 h + j at 64 h + j
+        _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 1, a1 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 2, a2 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 3, a3 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 64, a4 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 65, a5 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 66, a6 * (w3 * 16777216.0) + wz, o_ok)
+        _store_slot(o_ptr + 67, a7 * (w3 * 16777216.0) + wz, o_ok)
     else:  # even slots' codes came as code * 2**-24, odd ones as code * 2**-20
         _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
         _store_slot(o_ptr + 1, a1 * (w3 * 1048576.0) + wz, o_ok)
@@ -657,6 +766,16 @@ def _load_tile(
 
 
 @gluon.jit
+def _load_words_hi(n, hi, bt_row, c32, tw, cw, c_head, PAGE: gl.constexpr, stride_cp, stride_ct):
+    """Words 16-31 of each row of an INT8 side's tile at token n, in the layout _load_tile
+    loads words 0-15 in (the same page ids, read again: L1 hits)."""
+    t = n + tw
+    pg = gl.load(bt_row + t // PAGE, mask=t < hi, other=0)
+    base = pg.to(gl.int64) * stride_cp + c_head + (t % PAGE) * stride_ct
+    return gl.load(c32 + base + cw + 16)
+
+
+@gluon.jit
 def _store_slot(ptr, x, ok):
     """Sum the warps' [W, 16, 16] contributions and store them from warp 0's slice."""
     tot = gl.sum(x, 0)[None, :, :]
@@ -689,7 +808,7 @@ def launch_mma_split(
     maxnreg=None,
     depth=1,
 ) -> None:
-    """Launch the split kernel for one INT4 / INT4 head group (decode.py's launcher calls this
+    """Launch the split kernel for one INT4 / INT8 head group (decode.py's launcher calls this
     for the groups ``_mma_applies`` accepts; arguments as for the Triton kernel).
     ``columns``: the MMAs' query columns (``plans.mma_columns``: 8, or 16 for GQA 9-16);
     ``maxnreg``: the register cap (``plans.mma_register_cap``). ``page_size`` must be a
@@ -712,6 +831,7 @@ def launch_mma_split(
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         Q_SPLIT=k_smooth is not None or q.dtype.itemsize == 4, DEPTH=depth,
         K_WPG=kpool.spec.groups_divisor // 8, V_WPG=vpool.spec.groups_divisor // 8,
+        K_BITS=kpool.spec.bits, V_BITS=vpool.spec.bits,
         num_warps=NUM_WARPS,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )

@@ -25,7 +25,9 @@ __all__ = [
     "PrefillPlan",
     "channel_order",
     "merge_heads",
+    "mma_k_channel",
     "mma_rotation_columns",
+    "mma_v_channel",
     "mma_word_of_col",
     "mma_word_of_k",
     "next_pow2",
@@ -74,10 +76,28 @@ def mma_word_of_col(n: int) -> int:
     return 2 * (n & 7) + (n >> 3)
 
 
-def mma_rotation_columns(matrix: torch.Tensor) -> torch.Tensor:
-    """[128, 128] -> the same columns in the tensor-core kernel's order: column 16 j + k is
-    ``matrix[:, 8 * mma_word_of_k(k) + j]`` (q's channels of nibble slot j, word order tau)."""
-    order = [8 * mma_word_of_k(k) + j for j in range(8) for k in range(16)]
+def mma_k_channel(slot: int, k: int, bits: int = 4) -> int:
+    """Channel of K (and of q) that code slot ``slot`` (0-7) holds at K-operand index k of the
+    tensor-core decode kernel (its ``_k_chan``). INT4: nibble slot j of word tau(k), channel
+    8 tau(k) + j. INT8: a row's 32 words are two halves of 16, slot 4 h + j is byte j of word
+    16 h + tau(k), channel 64 h + 4 tau(k) + j."""
+    if bits == 4:
+        return 8 * mma_word_of_k(k) + slot
+    return 64 * (slot >> 2) + 4 * mma_word_of_k(k) + (slot & 3)
+
+
+def mma_v_channel(slot: int, m: int, bits: int = 4) -> int:
+    """Channel of V (and of the output) that code slot ``slot`` holds at V-operand row m (its
+    ``_v_chan``): as :func:`mma_k_channel`, with the word order sigma."""
+    if bits == 4:
+        return 8 * mma_word_of_col(m) + slot
+    return 64 * (slot >> 2) + 4 * mma_word_of_col(m) + (slot & 3)
+
+
+def mma_rotation_columns(matrix: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """[128, 128] -> the same columns in the tensor-core kernel's order for a K side of
+    ``bits``: column 16 j + k is ``matrix[:, mma_k_channel(j, k, bits)]``."""
+    order = [mma_k_channel(j, k, bits) for j in range(8) for k in range(16)]
     return matrix[:, torch.tensor(order, device=matrix.device)].contiguous()
 
 
@@ -98,8 +118,9 @@ class DecodeTuning:
     """Launch parameters of the decode kernel. The defaults are what the H100 sweeps in
     benchmarks/RESULTS.md chose; benchmarks pass their own, production never changes them."""
 
-    # Tokens per tile for INT4 / INT4 and INT8 K / INT4 V groups (128 was fastest at the target
-    # shapes; 64 and 256, and 8 warps at 128, were slower). Heads wider than 128 halve it.
+    # Triton kernel: tokens per tile for INT4 / INT4 and INT8 K / INT4 V groups (128 was
+    # fastest at the target shapes; 64 and 256, and 8 warps at 128, were slower). Heads wider
+    # than 128 halve it.
     block_n: int = 128
     # Groups with a 16-bit side or an INT8 V side: their raw tiles are 2-4x larger and the hand
     # prefetch keeps the next K and V tiles in registers; at 128 these builds spill (ptxas,
@@ -109,12 +130,15 @@ class DecodeTuning:
     num_stages: int = 2
     # INT4 unpack through fp16 subnormals (5 instructions a word instead of 11): 1-2 % faster.
     subnormal_unpack: bool = True
-    # INT4 / INT4 head groups run the tensor-core kernel (decode_mma.py) where the plan says
+    # INT4 / INT8 head groups run the tensor-core kernel (decode_mma.py) where the plan says
     # it can; False: the Triton kernel everywhere (benchmarks' A/B).
     mma: bool = True
     # Sides with per-group scales (groups of 16-64) run it too, dequantizing their codes in
     # registers; False: such groups run the Triton kernel (benchmarks' A/B).
     mma_groups: bool = True
+    # INT8 sides with one scale per token (fallback heads) run it too, as two halves of byte
+    # slots; False: such groups run the Triton kernel (benchmarks' A/B).
+    mma_int8: bool = True
     mma_tokens_per_warp: int = 16
     # Register cap for GQA <= 8 groups (8 query columns): 128 lets 4 programs share an SM
     # instead of 3 (ptxas, triton 3.6, sm_90a: 150 registers uncapped and 16 B of prologue
@@ -122,6 +146,9 @@ class DecodeTuning:
     # 64x8k: 202.5 us capped against 269.2 uncapped (RESULTS.md). GQA 9-16 groups (16 columns,
     # 211-219 registers) are never capped. None: no cap.
     mma_maxnreg: int | None = 128
+    # The same for builds with a per-group or an INT8 side (``MMA_WIDE_REGISTERS``): 168, so 3
+    # programs per SM with no spills (at 128 they spill, but INT8 K alone with K rotated).
+    mma_wide_maxnreg: int = 168
     # Tiles of codes in flight per warp (1 or 2): 1 was 2-4 % faster than 2 on the H200 at every
     # shape (150 registers against 168, 3 programs per SM either way).
     mma_depth: int = 1
@@ -178,12 +205,12 @@ def _pow2_splits(want: int, max_context: int) -> int:
 # (8, 1) to 128 and (16, 1) to 211: the programs per SM, which these set and which set the
 # split count, are the same either way, at the default cap of 128).
 MMA_REGISTERS = {(8, 1): 150, (8, 2): 168, (16, 1): 219, (16, 2): 218}
-# The same for builds with a per-group side (their scales are held per word: benchmarks/
-# compile_mma_offline.py, K rotated, groups of 16-64 on both sides): 8 columns 162 at the
-# cap below and no spills (175 uncapped; at 152, 16-24 B of spills; at 128, 112 B), so 3
-# programs per SM; 16 columns 227, uncapped.
-MMA_GROUPED_REGISTERS = {8: 162, 16: 227}
-MMA_GROUPED_MAXNREG = 168
+# The same for "wide" builds, with a per-group or an INT8 side (benchmarks/
+# compile_mma_offline.py, K rotated), the most of any such build at the wide cap of 168:
+# groups of 16-64 on both sides 162 (175 uncapped; at 152, 16-24 B of spills; at 128, 112 B:
+# their scales are held per word); INT8 K 150, INT8 V 155, both 163, INT8 K + grouped V 166;
+# so 3 programs per SM. 16 columns, uncapped: grouped 227, INT8 K 217, both INT8 235.
+MMA_WIDE_REGISTERS = {8: 166, 16: 235}
 
 
 # Group sizes the tensor-core kernel reads besides one scale per token (head_dim 128): a
@@ -196,25 +223,22 @@ def mma_columns(group: int) -> int:
     return 8 if group <= 8 else 16
 
 
-def mma_register_cap(group: int, tuning: DecodeTuning, grouped: bool = False) -> int | None:
+def mma_register_cap(group: int, tuning: DecodeTuning, wide: bool = False) -> int | None:
     """The register cap the tensor-core kernel is built with: the tuning's for 8-column
-    builds (``MMA_GROUPED_MAXNREG`` where a side has per-group scales); 16-column builds
-    (GQA 9-16, 211-227 registers) are never capped."""
+    builds (``mma_wide_maxnreg`` where a side has per-group scales or INT8 codes); 16-column
+    builds (GQA 9-16, 211-235 registers) are never capped."""
     if mma_columns(group) != 8 or tuning.mma_maxnreg is None:
         return None
-    return MMA_GROUPED_MAXNREG if grouped else tuning.mma_maxnreg
+    return tuning.mma_wide_maxnreg if wide else tuning.mma_maxnreg
 
 
-def mma_programs_per_sm(group: int, tuning: DecodeTuning, grouped: bool = False) -> int:
+def mma_programs_per_sm(group: int, tuning: DecodeTuning, wide: bool = False) -> int:
     """Programs of the tensor-core kernel one SM holds (64k registers, 128 threads each)."""
     columns = mma_columns(group)
-    if grouped:
-        regs = MMA_GROUPED_REGISTERS[columns]
-    else:
-        regs = MMA_REGISTERS[(columns, tuning.mma_depth)]
-        cap = mma_register_cap(group, tuning)
-        if cap is not None:
-            regs = min(regs, cap)
+    regs = MMA_WIDE_REGISTERS[columns] if wide else MMA_REGISTERS[(columns, tuning.mma_depth)]
+    cap = mma_register_cap(group, tuning, wide)
+    if cap is not None:
+        regs = min(regs, cap)
     return max(1, 65536 // (-(-regs // 8) * 8 * 128))
 
 
@@ -232,10 +256,11 @@ class DecodePlan:
     v_rot_scale: float
     num_sms: int  # programs per wave: splits are sized from it
     use_asm: bool  # inline PTX unpack (NVIDIA GPUs; the interpreter cannot run it)
-    # The tensor-core kernel (decode_mma.py) can serve this layer's INT4 / INT4 heads: an
+    # The tensor-core kernel (decode_mma.py) can serve this layer's INT4 / INT8 heads: an
     # NVIDIA GPU with mma.sync (sm_80+) and head_dim 128. Its q rotation, columns permuted.
     mma_capable: bool = False
     mma_rot: torch.Tensor | None = None
+    mma_rot8: torch.Tensor | None = None  # the same for INT8 K heads (byte slots)
 
     @classmethod
     def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
@@ -267,6 +292,11 @@ class DecodePlan:
             use_asm=nvidia,
             mma_capable=mma,
             mma_rot=mma_rotation_columns(hk) if mma and hk is not None else None,
+            mma_rot8=(
+                mma_rotation_columns(hk, 8)
+                if mma and hk is not None and 8 in k_store.pools
+                else None
+            ),
         )
 
     def splits(self, batch: int, num_kv_heads: int, max_context: int) -> int:

@@ -39,6 +39,21 @@ def _slot_values(words: torch.Tensor, j: int) -> torch.Tensor:
     return code.float() * (2.0**-24 if j % 2 == 0 else 2.0**-20)
 
 
+def _byte_values(words: torch.Tensor, j: int) -> torch.Tensor:
+    """Byte slot j of int32 words of an INT8 side as the kernel's prmt / and leaves it: the
+    fp16 subnormal code * 2**-24."""
+    code = ((words.long() & 0xFFFFFFFF) >> (8 * j)) & 255
+    return code.float() * 2.0**-24
+
+
+def _code_slot(words: torch.Tensor, bits: int, order: torch.Tensor, j: int) -> torch.Tensor:
+    """Slot j of a side's words [T, 16 or 32] at operand index i (word order ``order``): an
+    INT4 nibble of word order[i], or for INT8 (slot 4 h + j') byte j' of word 16 h + order[i]."""
+    if bits == 4:
+        return _slot_values(words[:, order], j)
+    return _byte_values(words[:, 16 * (j >> 2) + order], j & 3)
+
+
 def _dequant_values(words, pool, pages, head, off, j) -> torch.Tensor:
     """Nibble slot j of int32 words [T, 16] of a per-group pool as the kernel's lop3 / sub /
     fma leaves it: code * scale + zero of each word's group, rounded once to fp16."""
@@ -58,6 +73,9 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
     q_split = k_smooth is not None or q.dtype == torch.float32
     k_grouped = kpool.spec.groups_divisor < 128
     v_grouped = vpool.spec.groups_divisor < 128
+    kb, vb = kpool.spec.bits, vpool.spec.bits
+    k_chan = [torch.tensor([plans.mma_k_channel(j, k, kb) for k in range(16)]) for j in range(8)]
+    v_chan = [torch.tensor([plans.mma_v_channel(j, m, vb) for m in range(16)]) for j in range(8)]
     for b in range(q.shape[0]):
         length = min(int(seq_lens[b]), max_len)
         start = max(length - sliding_window, 0) if sliding_window else 0
@@ -77,10 +95,11 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                     r = k_rot[:, 16 * j : 16 * j + 16].float()
                     qj = (q_hi @ r + q_lo @ r) * k_rot_scale
                 else:
-                    qj = qf[:, 8 * tau + j]
-                qj = (qj / 16 if j % 2 and not k_grouped else qj).half().float()
+                    qj = qf[:, k_chan[j]]
+                odd = kb == 4 and j % 2 and not k_grouped  # codes 16x larger
+                qj = (qj / 16 if odd else qj).half().float()
                 q_slots.append(qj)
-                q_sum += qj.sum(1) * (16 if j % 2 else 1)
+                q_sum += qj.sum(1) * (16 if odd else 1)
             for split in range(splits):
                 lo = base + split * chunk
                 hi = min(lo + chunk, length)
@@ -100,7 +119,7 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                             for j in range(8)) * softmax_scale  # fmt: skip
                 else:
                     ks, kz = (t[pages, kp, off, 0].float() for t in (kpool.scale, kpool.zero))
-                    s = sum(q_slots[j] @ _slot_values(kw[:, tau], j).T for j in range(8))
+                    s = sum(q_slots[j] @ _code_slot(kw, kb, tau, j).T for j in range(8))
                     s = (s * ks * 2.0**24 + kz * q_sum[:, None]) * softmax_scale
                 if softcap is not None:
                     s = softcap * torch.tanh(s / softcap)
@@ -119,15 +138,18 @@ def _emulated_split(q, kpool, vpool, group, heads, block_table, seq_lens, ml, ac
                 vs, vz = (t[pages, vp, off, 0].float() for t in (vpool.scale, vpool.zero))
                 pv = (p * vs).half().float()
                 for j in range(8):
-                    a = pv @ _slot_values(vw[:, sigma], j)  # [G, 16 columns]
-                    out[:, 8 * sigma + j] = a * (2.0**24 if j % 2 == 0 else 2.0**20)
+                    a = pv @ _code_slot(vw, vb, sigma, j)  # [G, 16 columns]
+                    out[:, v_chan[j]] = a * (2.0**20 if vb == 4 and j % 2 else 2.0**24)
                 acc[part] = out + (p * vz).sum(1)[:, None]
 
 
 def _emulating_plan(k_store, v_store) -> DecodePlan:
     plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
-    rot = plans.mma_rotation_columns(plan.k_rot_natural) if plan.k_rot_natural is not None else None
-    return dataclasses.replace(plan, mma_capable=True, mma_rot=rot)
+    nat = plan.k_rot_natural
+    rot, rot8 = (
+        (None, None) if nat is None else (plans.mma_rotation_columns(nat, b) for b in (4, 8))
+    )
+    return dataclasses.replace(plan, mma_capable=True, mma_rot=rot, mma_rot8=rot8)
 
 
 CASES = {
@@ -136,8 +158,15 @@ CASES = {
     "block32-gqa8-fp16-window-softcap": (32, (8, 1), torch.float16, [200], 3, 70, 30.0, {}),
     "no-rotation-fp16": (1, (4, 2), torch.float16, [90, 5], 1, None, None, {}),
     "float32-query-many-splits": (128, (4, 1), torch.float32, [150], 5, None, None, {}),
-    # Centering / smoothing (smoothed q rides as fp16 hi + lo), and INT8 / BF16 heads that
-    # stay with the Triton kernel in the same call.
+    # INT8 sides (fallback heads, per-token scales): K, V or both, beside INT4 groups.
+    "int8-kv-fp16-window-softcap": (32, (8, 2), torch.float16, [200, 70], 3, 70, 30.0,
+                                    {"k_bits": (8, 4), "v_bits": (8, 8)}),
+    "int8-k-unrotated-v8": (1, (4, 2), torch.bfloat16, [90, 5], 2, None, None,
+                            {"k_bits": (8, 8), "v_bits": (4, 8)}),
+    "int8-k-beside-grouped-v": (128, (8, 2), torch.bfloat16, [130, 37], 2, None, None,
+                                {"k_bits": (8, 4), "group_size": (None, 32)}),
+    # Centering / smoothing (smoothed q rides as fp16 hi + lo), and an INT8 K head beside a
+    # BF16 V head that stays with the Triton kernel in the same call.
     # Per-group scales: both sides, or K only / V only (the other per token).
     "groups32-rotated-gqa4": (128, (8, 2), torch.bfloat16, [130, 37], 2, None, None,
                               {"group_size": 32}),
@@ -177,8 +206,10 @@ def test_emulated_mma_kernel_matches_reference(name, monkeypatch):
     mma = decode.LAUNCHES["mma"] - before.get("mma", 0)
     triton_launches = decode.LAUNCHES["triton"] - before.get("triton", 0)
     print(f"launches: mma {mma}, triton {triton_launches}")
-    assert mma == 1  # the INT4 / INT4 group took the tensor-core path
-    assert triton_launches == sum((g.k_bits, g.v_bits) != (4, 4) for g in plan.groups)
+    # every INT4 / INT8 group took the tensor-core path, and only 16-bit sides did not
+    expected = sum({g.k_bits, g.v_bits} <= {4, 8} for g in plan.groups)
+    assert mma == expected >= 1
+    assert triton_launches == len(plan.groups) - expected
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     print(f"relative error vs the twin: {rel:.2e}")
     if dtype != torch.float32:  # float32 torch is exact: the rule does not apply (fp16 MMAs)
@@ -204,6 +235,13 @@ def test_kernel_index_maps_match_the_host():
     cols = plans.mma_rotation_columns(m)
     assert sorted(cols[0].long().tolist()) == list(range(128))
     assert torch.equal(cols[:, 16 * 3 + 5], m[:, 8 * plans.mma_word_of_k(5) + 3])
+    # The 8 code slots of either width cover each of the 128 channels once, on both sides.
+    for bits in (4, 8):
+        for channel in (plans.mma_k_channel, plans.mma_v_channel):
+            got = sorted(channel(j, i, bits) for j in range(8) for i in ks)
+            assert got == list(range(128)), (bits, channel.__name__)
+    cols8 = plans.mma_rotation_columns(m, 8)  # slot 5 = byte 1 of the second half
+    assert torch.equal(cols8[:, 16 * 5 + 3], m[:, 64 + 4 * plans.mma_word_of_k(3) + 1])
 
 
 def test_operand_relabels_realise_the_word_orders():
@@ -268,7 +306,11 @@ def test_dispatch_rules(monkeypatch):
     assert launches(DecodeTuning(mma_min_tokens=0, mma_groups=False), group_size=32) == {
         "triton": 1
     }
-    assert launches(k_bits=(8,)) == {"triton": 1}
+    assert launches(k_bits=(8,)) == {"mma": 1}  # INT8 K, two halves of byte slots
+    assert launches(v_bits=(8,)) == {"mma": 1}
+    assert launches(DecodeTuning(mma_min_tokens=0, mma_int8=False), k_bits=(8,)) == {"triton": 1}
+    assert launches(k_bits=(8,), group_size=32) == {"triton": 1}  # a grouped INT8 side
+    assert launches(k_bits=(16,)) == {"triton": 1}
     assert launches(page_size=8) == {"triton": 1}  # a warp's 16 tokens span two pages
     assert launches(DecodeTuning(mma=False)) == {"triton": 1}
     assert launches(DecodeTuning()) == {"triton": 1}  # 40 tokens < mma_min_tokens
@@ -286,9 +328,11 @@ def test_mma_splits_fill_one_wave():
     assert plans.mma_programs_per_sm(4, DecodeTuning()) == 4
     assert plans.mma_programs_per_sm(8, DecodeTuning(mma_maxnreg=None)) == 3
     assert plans.mma_programs_per_sm(16, DecodeTuning()) == 2
-    assert plans.mma_programs_per_sm(4, DecodeTuning(), grouped=True) == 3  # 162 registers
-    assert plans.mma_register_cap(4, DecodeTuning(), grouped=True) == 168
-    assert plans.mma_register_cap(12, DecodeTuning(), grouped=True) is None
+    assert plans.mma_programs_per_sm(4, DecodeTuning(), wide=True) == 3  # 150-166 registers
+    assert plans.mma_programs_per_sm(12, DecodeTuning(), wide=True) == 2
+    assert plans.mma_programs_per_sm(4, DecodeTuning(mma_wide_maxnreg=128), wide=True) == 4
+    assert plans.mma_register_cap(4, DecodeTuning(), wide=True) == 168
+    assert plans.mma_register_cap(12, DecodeTuning(), wide=True) is None
     plan = dataclasses.replace(_emulating_plan(*build_cache(lens=[16], num_kv_heads=1,
                                head_dim=128, page_size=16, block=1)[:2]), num_sms=132)  # fmt: skip
     got = {(b, n): plan.mma_splits(b, 8, n, 4, 1024)
