@@ -368,16 +368,23 @@ FALLBACK_CONFIGS = {
     "bf16-k-head": ((16,) + (4,) * 7, (4,) * 8),
     "all-16bit": ((16,) * 8, (16,) * 8),
 }
-# "now": INT8 groups in the tensor-core kernel's wide build (3 programs per SM); "int8-triton":
-# INT8 groups in the Triton kernel (every release before it); "wide-cap128": the wide build
-# capped at 128 registers (4 per SM; INT8 K alone compiles without spills there). The older
-# A/B of the fallback tile width is in bench_decode_fallback_h200_2026-12-03.json.
+# "one-stream": INT8 groups in the tensor-core kernel's wide build (3 programs per SM), every
+# group launched after the other; "int8-triton": INT8 groups in the Triton kernel, one stream
+# (every release before 2026-12-04); "now": the defaults, the fallback groups on a side stream
+# overlapping the INT4 group's launch; "forced": that, with no dispatch rule (the tensor-core
+# kernel at any length). (The 2026-12-04 run named these now / int8-triton / concurrent /
+# concurrent-forced: bench_decode_fallback_h200_2026-12-04_streams.json.)
+# The wide build capped at 128 registers (4 programs per SM) was no faster at 64x16k
+# (bench_decode_fallback_h200_2026-12-04_int8.json); the older A/B of the fallback tile width
+# is in bench_decode_fallback_h200_2026-12-03.json.
 FALLBACK_MODES = {
+    "one-stream": DecodeTuning(concurrent_groups=False),
+    "int8-triton": DecodeTuning(mma_int8=False, concurrent_groups=False),
     "now": DEFAULT_DECODE_TUNING,
-    "int8-triton": DecodeTuning(mma_int8=False),
-    "wide-cap128": DecodeTuning(mma_wide_maxnreg=128),
+    "forced": DecodeTuning(mma_min_tokens=0),
 }
-INT8_MODES = ("int8-triton", "wide-cap128")  # only for configs with an INT8 side
+INT8_MODES = ("int8-triton",)  # only for configs with an INT8 side
+ONE_GROUP = ("int4", "all-16bit")  # one head group: nothing to overlap
 
 
 def check_fallback_correctness(device: torch.device) -> list[dict]:
@@ -390,8 +397,7 @@ def check_fallback_correctness(device: torch.device) -> list[dict]:
             args = _quantized_case(device, 32, 8, 128, 128, 16, [1, 999, 4096], dtype, bits=bits)
             ref = paged_decode_attention_ref(*args, softmax_scale=128**-0.5).float()
             # forced: the tensor-core kernel for every group it can take, whatever the length
-            modes = {**FALLBACK_MODES, "forced": DecodeTuning(mma_min_tokens=0)}
-            for mode, tuning in modes.items():
+            for mode, tuning in FALLBACK_MODES.items():
                 for splits in (None, 3):
                     before = dict(decode.LAUNCHES)
                     out = paged_decode_attention(
@@ -408,7 +414,34 @@ def check_fallback_correctness(device: torch.device) -> list[dict]:
                             "launches": {k: v for k, v in launches.items() if v},
                         }
                     )
+                    if tuning.concurrent_groups:  # two streams inside a captured graph
+                        rows.append(_graph_check(args, tuning, splits, out, name, dtype, mode))
     return rows
+
+
+def _graph_check(args, tuning, splits, eager, name, dtype, mode) -> dict:
+    """The same call captured in a CUDA graph and replayed: its output must equal eager's."""
+    plan = DecodePlan.build(args[1], args[2], args[0].device)  # host work: not in a capture
+    call = lambda: paged_decode_attention(  # noqa: E731
+        *args, softmax_scale=128**-0.5, num_splits=splits, tuning=tuning, plan=plan
+    )
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream, as torch's docs ask
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = ((out.float() - eager.float()).norm() / eager.float().norm()).item()
+    return {
+        "kind": "fallback_check",
+        "case": f"{name} {str(dtype)[6:]} {mode} splits={splits} graph-vs-eager",
+        "rel_err": diff,  # against the eager output: 0 when the replay matches it
+        "finite": bool(torch.isfinite(out).all()),
+    }
 
 
 def bench_fallback(
@@ -425,6 +458,8 @@ def bench_fallback(
         nbytes = _decode_bytes(k_store, v_store, batch, ctx, q.numel() * 2)
         for mode, tuning in FALLBACK_MODES.items():
             if mode in INT8_MODES and not name.startswith("int8"):
+                continue
+            if mode != "now" and name in ONE_GROUP:
                 continue
             plan = DecodePlan.build(k_store, v_store, device)
             before = dict(decode.LAUNCHES)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -73,6 +74,14 @@ __all__ = [
 # benchmarks and GPU checks can show which path really ran.
 LAUNCHES: Counter = Counter()
 _warned_mma = False
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # per device: the fallback groups' stream
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,61 +756,84 @@ def paged_decode_attention(
     acc = torch.empty(b, h_q, total_splits, d, dtype=torch.float32, device=device)
     out = torch.empty_like(q)
     block_g = max(16, next_pow2(group))
-    for g, g_splits, g_mma in zip(plan.groups, splits, mma):
-        k_nat, v_nat = g.k_bits != 4, g.v_bits != 4
-        kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
-        if g_mma:
-            LAUNCHES["mma"] += 1
-            launch_mma_split(
-                q, kpool, vpool, group, g, block_table, seq_lens, ml, acc,
-                splits=g_splits, page_size=k_store.page_size,
-                k_rot=plan.mma_rot8 if g.k_bits == 8 else plan.mma_rot,
-                k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
-                softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
-                max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
-                columns=mma_columns(group),
-                maxnreg=mma_register_cap(group, tuning, _wide(g, k_store, v_store)),
-                depth=tuning.mma_depth,
+    side = None
+    if tuning.concurrent_groups and len(plan.groups) > 1 and device.type == "cuda":
+        main = torch.cuda.current_stream(device)
+        side = _side_stream(device)
+        side.wait_stream(main)  # q, the stores and ml / acc are ready (graph capture too)
+        largest = max(range(len(plan.groups)), key=lambda i: plan.groups[i].heads.numel())
+    for i, (g, g_splits, g_mma) in enumerate(zip(plan.groups, splits, mma)):
+        on_side = side is not None and i != largest
+        with torch.cuda.stream(side) if on_side else nullcontext():
+            _launch_group(
+                q, k_store, v_store, block_table, seq_lens, ml, acc, plan, tuning, g, g_splits,
+                g_mma, group, block_g, max_len, total_splits, softmax_scale, sliding_window,
+                softcap,
             )  # fmt: skip
-            continue
-        LAUNCHES["triton"] += 1
-        # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
-        ks = kpool.scale if kpool.scale is not None else kpool.codes
-        kz = kpool.zero if kpool.zero is not None else kpool.codes
-        vs = vpool.scale if vpool.scale is not None else vpool.codes
-        vz = vpool.zero if vpool.zero is not None else vpool.codes
-        # The q rotation with its columns in this group's K channel order ([D, 8 BLOCK_W]).
-        rot = plan.k_rot_natural if k_nat else plan.k_rot
-        subn = tuning.subnormal_unpack
-        # fmt: off
-        _decode_split_kernel[(b, g.heads.numel(), g_splits)](
-            q, kpool.codes, ks, kz, vpool.codes, vs, vz,
-            block_table, seq_lens, g.heads, g.k_index, g.v_index, q if rot is None else rot,
-            q if k_store.smooth is None else k_store.smooth, ml, acc,
-            softmax_scale, plan.k_rot_scale, softcap or 1.0, sliding_window or 0, total_splits,
-            h_q, max_len,
-            q.stride(0), q.stride(1),
-            *kpool.codes.stride()[:3], *ks.stride()[:3],
-            *vpool.codes.stride()[:3], *vs.stride()[:3],
-            block_table.stride(0),
-            GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, PAGE=k_store.page_size,
-            K_BITS=g.k_bits, V_BITS=g.v_bits,
-            K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
-            K_ROT=rot is not None, HAS_WINDOW=sliding_window is not None,
-            HAS_SOFTCAP=softcap is not None,
-            BLOCK_W=plan.block_w, K_WORDS=_word_aligned(kpool.codes),
-            V_WORDS=_word_aligned(vpool.codes), USE_ASM=plan.use_asm,
-            K_SUBN=subn and g.k_bits == 4 and kpool.spec.groups_divisor == d,
-            V_SUBN=subn and g.v_bits == 4 and vpool.spec.groups_divisor == d,
-            K_NAT=k_nat, V_NAT=v_nat,
-            K_DOT16=_dot16(kpool.codes, plan.use_asm),
-            V_DOT16=_dot16(vpool.codes, plan.use_asm),
-            K_SMOOTH=k_store.smooth is not None,
-            BLOCK_N=g.block_n(d, tuning), num_warps=tuning.num_warps,
-            num_stages=tuning.num_stages,
-        )
-        # fmt: on
+    if side is not None:
+        main.wait_stream(side)
     return merge_splits(ml, acc, out, plan, v_store, group, tuning)
+
+
+def _launch_group(
+    q, k_store, v_store, block_table, seq_lens, ml, acc, plan, tuning, g, g_splits, g_mma,
+    group, block_g, max_len, total_splits, softmax_scale, sliding_window, softcap,
+) -> None:  # fmt: skip
+    """The split kernel of one head group: the tensor-core kernel or the Triton one."""
+    b, h_q, d = q.shape
+    k_nat, v_nat = g.k_bits != 4, g.v_bits != 4
+    kpool, vpool = k_store.pools[g.k_bits], v_store.pools[g.v_bits]
+    if g_mma:
+        LAUNCHES["mma"] += 1
+        launch_mma_split(
+            q, kpool, vpool, group, g, block_table, seq_lens, ml, acc,
+            splits=g_splits, page_size=k_store.page_size,
+            k_rot=plan.mma_rot8 if g.k_bits == 8 else plan.mma_rot,
+            k_rot_scale=plan.k_rot_scale, k_smooth=k_store.smooth,
+            softmax_scale=softmax_scale, sliding_window=sliding_window, softcap=softcap,
+            max_len=max_len, num_q_heads=h_q, tokens_per_warp=tuning.mma_tokens_per_warp,
+            columns=mma_columns(group),
+            maxnreg=mma_register_cap(group, tuning, _wide(g, k_store, v_store)),
+            depth=tuning.mma_depth,
+        )  # fmt: skip
+        return
+    LAUNCHES["triton"] += 1
+    # A 16-bit pool has no scale/zero: its codes stand in as (unused) pointers.
+    ks = kpool.scale if kpool.scale is not None else kpool.codes
+    kz = kpool.zero if kpool.zero is not None else kpool.codes
+    vs = vpool.scale if vpool.scale is not None else vpool.codes
+    vz = vpool.zero if vpool.zero is not None else vpool.codes
+    # The q rotation with its columns in this group's K channel order ([D, 8 BLOCK_W]).
+    rot = plan.k_rot_natural if k_nat else plan.k_rot
+    subn = tuning.subnormal_unpack
+    # fmt: off
+    _decode_split_kernel[(b, g.heads.numel(), g_splits)](
+        q, kpool.codes, ks, kz, vpool.codes, vs, vz,
+        block_table, seq_lens, g.heads, g.k_index, g.v_index, q if rot is None else rot,
+        q if k_store.smooth is None else k_store.smooth, ml, acc,
+        softmax_scale, plan.k_rot_scale, softcap or 1.0, sliding_window or 0, total_splits,
+        h_q, max_len,
+        q.stride(0), q.stride(1),
+        *kpool.codes.stride()[:3], *ks.stride()[:3],
+        *vpool.codes.stride()[:3], *vs.stride()[:3],
+        block_table.stride(0),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, PAGE=k_store.page_size,
+        K_BITS=g.k_bits, V_BITS=g.v_bits,
+        K_GS=kpool.spec.groups_divisor, V_GS=vpool.spec.groups_divisor,
+        K_ROT=rot is not None, HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK_W=plan.block_w, K_WORDS=_word_aligned(kpool.codes),
+        V_WORDS=_word_aligned(vpool.codes), USE_ASM=plan.use_asm,
+        K_SUBN=subn and g.k_bits == 4 and kpool.spec.groups_divisor == d,
+        V_SUBN=subn and g.v_bits == 4 and vpool.spec.groups_divisor == d,
+        K_NAT=k_nat, V_NAT=v_nat,
+        K_DOT16=_dot16(kpool.codes, plan.use_asm),
+        V_DOT16=_dot16(vpool.codes, plan.use_asm),
+        K_SMOOTH=k_store.smooth is not None,
+        BLOCK_N=g.block_n(d, tuning), num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
+    )
+    # fmt: on
 
 
 def merge_splits(

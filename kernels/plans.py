@@ -159,6 +159,12 @@ class DecodeTuning:
     # Query heads per program of the split merge (16, 8, 4, 2 or 1); None: ``merge_heads``'s
     # rule. Benchmarks' A/B only.
     merge_heads: int | None = None
+    # A layer's head groups (INT4 and its fallback heads) launch on two CUDA streams, the
+    # largest group on the caller's, the others on a side stream joined before the merge, so a
+    # short fallback launch overlaps the INT4 one instead of following it (H200, one INT8 K
+    # head: 64x16k 441.6 -> 421.8 us, 1x4k 19.7 -> 12.9; never slower; CUDA-graph replays
+    # equal eager calls; RESULTS.md). CUDA only; False: one stream (benchmarks' A/B).
+    concurrent_groups: bool = True
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
