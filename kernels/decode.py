@@ -761,9 +761,8 @@ def paged_decode_attention(
         main = torch.cuda.current_stream(device)
         side = _side_stream(device)
         side.wait_stream(main)  # q, the stores and ml / acc are ready (graph capture too)
-        largest = max(range(len(plan.groups)), key=lambda i: plan.groups[i].heads.numel())
     for i, (g, g_splits, g_mma) in enumerate(zip(plan.groups, splits, mma)):
-        on_side = side is not None and i != largest
+        on_side = side is not None and i != plan.main_group
         with torch.cuda.stream(side) if on_side else nullcontext():
             _launch_group(
                 q, k_store, v_store, block_table, seq_lens, ml, acc, plan, tuning, g, g_splits,

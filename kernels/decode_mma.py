@@ -65,16 +65,23 @@ NUM_WARPS = 4  # each warp walks its own tokens: a program's tile is 4 x tokens_
 K_OPERAND_DIMS = gl.constexpr((0, 1, 4, 2, 3, 5))  # [W, NT, k bits 3..0]
 V_OPERAND_DIMS = gl.constexpr((0, 5, 2, 3, 4, 1))  # [W, m bits 3..0, NT]
 
+
+def _pair_bytes(a: str, b: str) -> str:
+    """PTX shared by the unpacks: x_i = (byte i of word a, -, byte i of word b, -). prmt puts
+    byte i of a in byte 0 and byte i of b in byte 2 (the selector's nibbles 1 and 3 are masked
+    off by the caller)."""
+    return "\n".join(f"prmt.b32 x{i}, {a}, {b}, 0x{4 + i}{4 + i}{i}{i};" for i in range(4))
+
+
 # Two int32 words (a register pair of the fragment) -> 8 fp16x2 registers, one per nibble
 # slot j: (slot j of word a, slot j of word b) as subnormals. prmt puts byte i of a in byte 0
 # and byte i of b in byte 2; the masks keep the low (slot 2i) or high (2i + 1) nibble of each.
 _PAIR_UNPACK_ASM = gl.constexpr(
     """{
 .reg .b32 x0, x1, x2, x3;
-prmt.b32 x0, $8, $9, 0x4400;
-prmt.b32 x1, $8, $9, 0x5511;
-prmt.b32 x2, $8, $9, 0x6622;
-prmt.b32 x3, $8, $9, 0x7733;
+"""
+    + _pair_bytes("$8", "$9")
+    + """
 and.b32 $0, x0, 0x000f000f;
 and.b32 $1, x0, 0x00f000f0;
 and.b32 $2, x1, 0x000f000f;
@@ -93,10 +100,9 @@ and.b32 $7, x3, 0x00f000f0;
 _PAIR_UNPACK8_ASM = gl.constexpr(
     """{
 .reg .b32 x0, x1, x2, x3;
-prmt.b32 x0, $4, $5, 0x4400;
-prmt.b32 x1, $4, $5, 0x5511;
-prmt.b32 x2, $4, $5, 0x6622;
-prmt.b32 x3, $4, $5, 0x7733;
+"""
+    + _pair_bytes("$4", "$5")
+    + """
 and.b32 $0, x0, 0x00ff00ff;
 and.b32 $1, x1, 0x00ff00ff;
 and.b32 $2, x2, 0x00ff00ff;
@@ -150,10 +156,9 @@ _PAIR_DEQUANT_ASM = gl.constexpr(
 .reg .b32 x0, x1, x2, x3, t, mlo, mhi;
 mov.b32 mlo, 0x64006400;
 mov.b32 mhi, 0x54005400;
-prmt.b32 x0, $8, $9, 0x4400;
-prmt.b32 x1, $8, $9, 0x5511;
-prmt.b32 x2, $8, $9, 0x6622;
-prmt.b32 x3, $8, $9, 0x7733;
+"""
+    + _pair_bytes("$8", "$9")
+    + """
 lop3.b32 t, x0, 0x000f000f, 0x64006400, 0xea;
 sub.f16x2 t, t, mlo;
 fma.rn.f16x2 $0, t, $10, $11;
@@ -661,24 +666,15 @@ def _mma_split_kernel(
         _store_slot(o_ptr + 5, a5 * w3, o_ok)
         _store_slot(o_ptr + 6, a6 * w3, o_ok)
         _store_slot(o_ptr + 7, a7 * w3, o_ok)
-    elif V_BITS == 8:  # every byte slot's codes came as code * 2**-24; slot 4 h + j at 64 h + j
-        _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 1, a1 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 2, a2 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 3, a3 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 64, a4 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 65, a5 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 66, a6 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 67, a7 * (w3 * 16777216.0) + wz, o_ok)
-    else:  # even slots' codes came as code * 2**-24, odd ones as code * 2**-20
-        _store_slot(o_ptr + 0, a0 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 1, a1 * (w3 * 1048576.0) + wz, o_ok)
-        _store_slot(o_ptr + 2, a2 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 3, a3 * (w3 * 1048576.0) + wz, o_ok)
-        _store_slot(o_ptr + 4, a4 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 5, a5 * (w3 * 1048576.0) + wz, o_ok)
-        _store_slot(o_ptr + 6, a6 * (w3 * 16777216.0) + wz, o_ok)
-        _store_slot(o_ptr + 7, a7 * (w3 * 1048576.0) + wz, o_ok)
+    else:  # subnormal codes: each slot's factor undone, V's zero-point term added
+        _store_codes(o_ptr, a0, 0, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a1, 1, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a2, 2, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a3, 3, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a4, 4, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a5, 5, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a6, 6, w3, wz, o_ok, V_BITS)
+        _store_codes(o_ptr, a7, 7, w3, wz, o_ok, V_BITS)
 # fmt: on
 
 
@@ -773,6 +769,19 @@ def _load_words_hi(n, hi, bt_row, c32, tw, cw, c_head, PAGE: gl.constexpr, strid
     pg = gl.load(bt_row + t // PAGE, mask=t < hi, other=0)
     base = pg.to(gl.int64) * stride_cp + c_head + (t % PAGE) * stride_ct
     return gl.load(c32 + base + cw + 16)
+
+
+@gluon.jit
+def _store_codes(o_ptr, a, j: gl.constexpr, w3, wz, ok, V_BITS: gl.constexpr):
+    """Slot j of a per-token V side: its codes came as code * 2**-24 (odd INT4 nibble slots
+    code * 2**-20); stored at its channels' offset from slot 0's (_v_chan)."""
+    if V_BITS == 4:
+        off: gl.constexpr = j
+        factor: gl.constexpr = 1048576.0 if j % 2 else 16777216.0
+    else:
+        off: gl.constexpr = 64 * (j // 4) + j % 4
+        factor: gl.constexpr = 16777216.0
+    _store_slot(o_ptr + off, a * (w3 * factor) + wz, ok)
 
 
 @gluon.jit

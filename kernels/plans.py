@@ -267,6 +267,7 @@ class DecodePlan:
     mma_capable: bool = False
     mma_rot: torch.Tensor | None = None
     mma_rot8: torch.Tensor | None = None  # the same for INT8 K heads (byte slots)
+    main_group: int = 0  # the group with the most heads: the others may run beside it
 
     @classmethod
     def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
@@ -289,6 +290,7 @@ class DecodePlan:
             head_dim=d,
             block_w=block_w,
             groups=tuple(groups),
+            main_group=max(range(len(groups)), key=lambda i: groups[i].heads.numel()),
             k_rot=None if hk is None else _permuted_columns(hk, block_w, natural=False),
             k_rot_natural=None if hk is None else _permuted_columns(hk, block_w, natural=True),
             k_rot_scale=k_scale,
