@@ -372,7 +372,11 @@ FALLBACK_CONFIGS = {
 # group launched after the other; "int8-triton": INT8 groups in the Triton kernel, one stream
 # (every release before 2026-12-04); "now": the defaults, the fallback groups on a side stream
 # overlapping the INT4 group's launch; "forced": that, with no dispatch rule (the tensor-core
-# kernel at any length). (The 2026-12-04 run named these now / int8-triton / concurrent /
+# kernel at any length); "side-own": the side-stream groups sized as if alone (before
+# 2026-12-04 21:15 UTC); "side-x1": exactly the main group's splits ("now": up to 4x). Ratios
+# 2 and 8, and the main group sized for all of the layer's heads, lost to 4
+# (bench_decode_fallback_h200_2026-12-04_sidesplits.json, _mainlayer.json).
+# (The 2026-12-04 run named the first four now / int8-triton / concurrent /
 # concurrent-forced: bench_decode_fallback_h200_2026-12-04_streams.json.)
 # The wide build capped at 128 registers (4 programs per SM) was no faster at 64x16k
 # (bench_decode_fallback_h200_2026-12-04_int8.json); the older A/B of the fallback tile width
@@ -382,6 +386,8 @@ FALLBACK_MODES = {
     "int8-triton": DecodeTuning(mma_int8=False, concurrent_groups=False),
     "now": DEFAULT_DECODE_TUNING,
     "forced": DecodeTuning(mma_min_tokens=0),
+    "side-own": DecodeTuning(side_split_ratio=0),
+    "side-x1": DecodeTuning(side_split_ratio=1),
 }
 INT8_MODES = ("int8-triton",)  # only for configs with an INT8 side
 ONE_GROUP = ("int4", "all-16bit")  # one head group: nothing to overlap
@@ -467,6 +473,10 @@ def bench_fallback(
                 q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan, tuning=tuning
             )
             launches = {k: v - before.get(k, 0) for k, v in decode.LAUNCHES.items()}
+            mma, splits = decode.split_choices(
+                plan, k_store, v_store, batch, spec["h_q"] // spec["h_kv"], table.shape[1] * page,
+                tuning=tuning,
+            )  # fmt: skip
             try:
                 us = _bench(
                     lambda: paged_decode_attention(
@@ -489,6 +499,7 @@ def bench_fallback(
                     "bytes_read": nbytes,
                     "GBps": nbytes / us / 1e3,
                     "launches": {k: v for k, v in launches.items() if v},
+                    "groups": [f"{'mma' if m else 'triton'} x{n}" for m, n in zip(mma, splits)],
                 }
             )
         torch.cuda.empty_cache()
@@ -693,6 +704,7 @@ def _table(rows: list[dict]) -> str:
             lines.append(
                 f"fallback B{r['batch']}x{r['context']} {r['config']:12s} {r['mode']:10s} "
                 f"graph {r['graph_us']:8.1f} us  {r['GBps']:6.0f} GB/s {r.get('launches', '')}"
+                f" {r.get('groups', '')}"
             )
         elif r["kind"] == "rotation":
             lines.append(_rotation_line(r))

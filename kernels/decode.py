@@ -681,11 +681,23 @@ def split_choices(
 ) -> tuple[list[bool], list[int]]:
     """Per head group of ``plan``: whether it runs the tensor-core kernel, and its context
     splits (``max_len``: the block table's positions). What the launcher does, for benchmarks
-    and tests to read without launching."""
+    and tests to read without launching. The main group is sized first; the others, when they
+    run beside it on the side stream, within ``tuning.side_split_ratio`` of its splits."""
     d = k_store.head_dim
-    mma, splits = [], []
-    for g in plan.groups:  # each launch fills the GPU on its own: a lone fallback head gets more
+    side = tuning.concurrent_groups and plan.concurrent and tuning.side_split_ratio > 0
+    main = plan.main_group
+    mma, splits = [False] * len(plan.groups), [1] * len(plan.groups)
+    for i in sorted(range(len(plan.groups)), key=lambda i: i != main):  # the main group first
+        g = plan.groups[i]
         n = g.heads.numel()
+        # Beside the main group: no fewer splits than it (its programs no longer than the main
+        # group's), at most side_split_ratio times as many (the merge reads the most splits of
+        # any group for every query head); others: the main group's programs, running at the
+        # same time, so the launch is not latency-bound on its own.
+        bounds, others = None, 0
+        if side and i != main:
+            bounds = (splits[main], tuning.side_split_ratio * splits[main])
+            others = batch * plan.groups[main].heads.numel() * splits[main]
         m = tuning.mma and _mma_applies(plan, tuning, g, k_store, v_store, group, d)
         if num_splits:
             s = num_splits
@@ -694,18 +706,24 @@ def split_choices(
             s = plan.mma_splits(batch, n, max_len, per_sm, tuning.mma_min_tokens)
         else:
             s = plan.splits(batch, n, max_len)
+        s = _within(s, bounds, num_splits)
         # Short programs, or fewer programs than half the SMs (a latency-bound launch, such as
         # 1x4k): the Triton kernel wins (H200: 15.9 against 17.9 us at 1x4k, RESULTS.md).
         if (
             m
             and tuning.mma_min_tokens
-            and (max_len < tuning.mma_min_tokens * s or 2 * batch * n * s < plan.num_sms)
+            and (max_len < tuning.mma_min_tokens * s or 2 * (batch * n * s + others) < plan.num_sms)
         ):
             m = False
-            s = num_splits or plan.splits(batch, n, max_len)
-        mma.append(m)
-        splits.append(int(max(1, s)))
+            s = _within(num_splits or plan.splits(batch, n, max_len), bounds, num_splits)
+        mma[i] = m
+        splits[i] = int(max(1, s))
     return mma, splits
+
+
+def _within(s: int, bounds: tuple[int, int] | None, num_splits: int | None) -> int:
+    """Split count s clamped to a side group's bounds (a caller's num_splits is kept)."""
+    return s if bounds is None or num_splits else min(max(s, bounds[0]), bounds[1])
 
 
 def paged_decode_attention(
@@ -757,7 +775,7 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     block_g = max(16, next_pow2(group))
     side = None
-    if tuning.concurrent_groups and len(plan.groups) > 1 and device.type == "cuda":
+    if tuning.concurrent_groups and plan.concurrent and device.type == "cuda":
         main = torch.cuda.current_stream(device)
         side = _side_stream(device)
         side.wait_stream(main)  # q, the stores and ml / acc are ready (graph capture too)

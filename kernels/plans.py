@@ -165,6 +165,15 @@ class DecodeTuning:
     # head: 64x16k 441.6 -> 421.8 us, 1x4k 19.7 -> 12.9; never slower; CUDA-graph replays
     # equal eager calls; RESULTS.md). CUDA only; False: one stream (benchmarks' A/B).
     concurrent_groups: bool = True
+    # Splits of a group on that side stream: no fewer than the main group's (its programs no
+    # longer), at most this many times as many (the merge reads the most splits of any group
+    # for every query head), and its dispatch rule counts the layer's programs, not its own.
+    # H200, one INT8 K head beside 7 INT4 heads, CUDA-graph us (RESULTS.md): 8x4k 45.0 -> 26.4
+    # (a lone head sized as if alone took 32 Triton splits where the INT4 group took 4),
+    # 64x16k 420.2 -> 414.8, 32x16k 221.8 -> 216.4; at 1 (equal splits) 64x16k took 545.9, the
+    # side programs then longest; 2 and 8 were slower than 4 at 64x16k and 32x16k. 0: each
+    # group sized as if it had the GPU to itself (before; A/B).
+    side_split_ratio: int = 4
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -268,6 +277,7 @@ class DecodePlan:
     mma_rot: torch.Tensor | None = None
     mma_rot8: torch.Tensor | None = None  # the same for INT8 K heads (byte slots)
     main_group: int = 0  # the group with the most heads: the others may run beside it
+    concurrent: bool = False  # a CUDA device and more than one group: two streams possible
 
     @classmethod
     def build(cls, k_store: SideStore, v_store: SideStore, device: torch.device) -> DecodePlan:
@@ -291,6 +301,7 @@ class DecodePlan:
             block_w=block_w,
             groups=tuple(groups),
             main_group=max(range(len(groups)), key=lambda i: groups[i].heads.numel()),
+            concurrent=cuda and len(groups) > 1,
             k_rot=None if hk is None else _permuted_columns(hk, block_w, natural=False),
             k_rot_natural=None if hk is None else _permuted_columns(hk, block_w, natural=True),
             k_rot_scale=k_scale,

@@ -207,10 +207,13 @@ def _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, **lau
     check_close(out, ref.float(), lowp)
 
 
-def test_fallback_groups_with_their_own_split_counts(monkeypatch):
+@pytest.mark.parametrize("side_ratio", [0, 2])
+def test_fallback_groups_with_their_own_split_counts(side_ratio, monkeypatch):
     """INT8 / 16-bit head groups (natural channel order, BLOCK_N 64) next to an INT4 group:
     with automatic splits a lone fallback head gets more splits than the INT4 group, and the
     split slots it leaves unwritten must weigh nothing in the merge (NaN-poisoned workspace).
+    side_ratio 2: the groups sized as beside the main group on a side stream (bounded by its
+    splits; on the CPU they still launch one after the other).
     """
     import dataclasses
 
@@ -223,8 +226,9 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     # A wide block table (4096 positions) lets the split rule go past the 128-token floor.
     table = torch.cat([table, table[:, :1].expand(-1, 256 - table.shape[1])], 1).contiguous()
     plan = DecodePlan.build(k_store, v_store, torch.device("cpu"))
-    plan = dataclasses.replace(plan, num_sms=6)  # 4 programs per "SM": 24 per launch
-    splits = [plan.splits(2, g.heads.numel(), 4096) for g in plan.groups]
+    plan = dataclasses.replace(plan, num_sms=6, concurrent=True)  # 4 programs per "SM"
+    tuning = DecodeTuning(side_split_ratio=side_ratio)
+    splits = decode.split_choices(plan, k_store, v_store, 2, 2, 4096, tuning=tuning)[1]
     print(
         "groups (k_bits, v_bits, heads):",
         [(g.k_bits, g.v_bits, g.heads.tolist()) for g in plan.groups],
@@ -233,7 +237,8 @@ def test_fallback_groups_with_their_own_split_counts(monkeypatch):
     assert len(set(splits)) > 1  # the test covers unequal split counts
     q = (torch.randn(2, 8, 64) * 2).to(torch.float16)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, plan=plan)
+    _check_against_twin(monkeypatch, q, k_store, v_store, table, seq_lens, plan=plan,
+                        tuning=tuning)  # fmt: skip
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 16])

@@ -322,6 +322,35 @@ def test_dispatch_rules(monkeypatch):
     assert launches(DecodeTuning(), lens=(4100, 4100)) == {"mma": 1}  # 4 splits of 1028
 
 
+def test_side_groups_are_sized_against_the_main_group():
+    """On two streams a fallback group gets no fewer splits than the main group and at most
+    side_split_ratio (4) times as many, and its dispatch rule counts the layer's programs. Sized as
+    if alone (ratio 0, or one stream), a lone INT8 head at 8x4k ran 32 Triton splits beside
+    the INT4 group's 4 (132 SMs)."""
+    k_store, v_store, _ = build_cache(lens=[16], num_kv_heads=8, head_dim=128, page_size=16,
+                                      block=128, k_bits=(8,) + (4,) * 7)  # fmt: skip
+    plan = dataclasses.replace(_emulating_plan(k_store, v_store), num_sms=132, concurrent=True)
+    assert [(g.k_bits, g.heads.numel()) for g in plan.groups] == [(4, 7), (8, 1)]
+
+    def choices(batch, context, plan=plan, num_splits=None, **tuning):
+        tune = DecodeTuning(**tuning)
+        return decode.split_choices(plan, k_store, v_store, batch, 4, context,
+                                    num_splits=num_splits, tuning=tune)  # fmt: skip
+
+    assert choices(8, 4096) == ([True, True], [4, 4])
+    assert choices(8, 4096, side_split_ratio=0) == ([True, False], [4, 32])
+    assert choices(8, 4096, concurrent_groups=False) == ([True, False], [4, 32])
+    assert choices(8, 4096, plan=dataclasses.replace(plan, concurrent=False)) == (
+        [True, False], [4, 32]
+    )  # fmt: skip
+    assert choices(64, 16384) == ([True, True], [1, 4])  # at most 4x the main group's
+    assert choices(64, 16384, side_split_ratio=0) == ([True, True], [1, 6])
+    assert choices(64, 16384, side_split_ratio=1) == ([True, True], [1, 1])
+    assert choices(8, 32768) == ([True, True], [9, 32])  # its own sizing, inside the bounds
+    assert choices(1, 4096) == ([False, False], [32, 32])  # latency-bound: the Triton kernel
+    assert choices(8, 4096, num_splits=3) == ([True, True], [3, 3])  # the caller's splits
+
+
 def test_mma_splits_fill_one_wave():
     """Splits fill the SMs' resident program slots once, with programs of >= min_tokens; the
     register estimate gives 4 programs per SM for GQA <= 8 at the default cap, 2 for 9-16."""
