@@ -718,6 +718,52 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_side_sweep(device, batch: int, ctx: int, configs=("int8-k-head", "bf16-k-head")):
+    """Graph time of a layer with one fallback head group as its side-stream group's split
+    count is forced (the main group's as the launcher picks it): where the split rule leaves
+    time. (Enqueuing the side group before the main one, tried on 2026-12-04, won only for a
+    BF16 head at 8x32k and lost 6-7 % at 64x16k and 32x16k: removed.)"""
+    spec, page, rows = QWEN3_8B, 16, []
+    scale = spec["d"] ** -0.5
+    q = torch.randn(batch, spec["h_q"], spec["d"], device=device, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    choose = decode.split_choices
+    for name in configs:
+        kb, vb = FALLBACK_CONFIGS[name]
+        k_store, v_store, table = _random_stores(batch, ctx, spec, page, device, kb, vb)
+        plan = DecodePlan.build(k_store, v_store, device)
+        group = spec["h_q"] // spec["h_kv"]
+        mma, auto = choose(plan, k_store, v_store, batch, group, table.shape[1] * page)
+        side = 1 - plan.main_group
+        variants = [("auto", None, DEFAULT_DECODE_TUNING)]
+        variants += [(f"side={s}", s, DEFAULT_DECODE_TUNING) for s in (1, 2, 4, 8, 16, 32, 64)
+                     if s * 256 <= ctx]  # fmt: skip
+        for label, forced, tuning in variants:
+            splits = list(auto)
+            if forced:
+                splits[side] = forced
+            decode.split_choices = lambda *a, _s=splits, **k: (list(mma), list(_s))
+            try:
+                us = _bench(
+                    lambda: paged_decode_attention(
+                        q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan,
+                        tuning=tuning,
+                    ),
+                    graph=True,
+                )  # fmt: skip
+            finally:
+                decode.split_choices = choose
+            rows.append(
+                {
+                    "kind": "side_sweep", "config": name, "variant": label, "batch": batch,
+                    "context": ctx, "graph_us": us, "splits": splits,
+                    "mma": list(mma),
+                }
+            )  # fmt: skip
+            print(f"side sweep {batch}x{ctx} {name} {label}: {us:.1f} us {splits}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
@@ -729,7 +775,12 @@ def main() -> None:
         action="store_true",
         help="only the INT8 / 16-bit pool check and timings (--shapes, default 64x16384)",
     )
-    parser.add_argument("--shapes", help="BxN,... for --fallback")
+    parser.add_argument("--shapes", help="BxN,... for --fallback / --side-sweep")
+    parser.add_argument(
+        "--side-sweep",
+        action="store_true",
+        help="only the fallback group's forced split counts (--shapes, default 8x16384)",
+    )
     parser.add_argument(
         "--rotation",
         action="store_true",
@@ -739,7 +790,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode needs a CUDA device")
     dev = torch.device("cuda", torch.cuda.current_device())
-    if args.rotation:
+    if args.side_sweep:
+        rows = [{"kind": "env", "device": torch.cuda.get_device_name(dev)}]
+        for b, n in parse_shapes(args.shapes or "8x16384"):
+            rows += bench_side_sweep(dev, b, n)
+    elif args.rotation:
         env = {"kind": "env", "device": torch.cuda.get_device_name(dev)}
         rows = [env, *bench_rotation(dev)]
     elif args.fallback:

@@ -716,6 +716,11 @@ def split_choices(
         ):
             m = False
             s = _within(num_splits or plan.splits(batch, n, max_len), bounds, num_splits)
+        if bounds and not m and not num_splits:
+            # The Triton kernel's splits are powers of two (plan.splits): clamped to 36 at
+            # 8x32k a BF16 head took 168.6 us, at 32 144.0 (H200, RESULTS.md).
+            p2 = 1 << (s.bit_length() - 1)
+            s = p2 if p2 >= bounds[0] else s
         mma[i] = m
         splits[i] = int(max(1, s))
     return mma, splits

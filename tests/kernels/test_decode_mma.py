@@ -349,6 +349,13 @@ def test_side_groups_are_sized_against_the_main_group():
     assert choices(8, 32768) == ([True, True], [9, 32])  # its own sizing, inside the bounds
     assert choices(1, 4096) == ([False, False], [32, 32])  # latency-bound: the Triton kernel
     assert choices(8, 4096, num_splits=3) == ([True, True], [3, 3])  # the caller's splits
+    k_store, v_store, _ = build_cache(lens=[16], num_kv_heads=8, head_dim=128, page_size=16,
+                                      block=128, k_bits=(16,) + (4,) * 7)  # fmt: skip
+    plan = dataclasses.replace(_emulating_plan(k_store, v_store), num_sms=132, concurrent=True)
+    # a BF16 head (Triton kernel): 64 splits alone, clamped to 36, then a power of two
+    assert choices(8, 32768, plan=plan) == ([True, False], [9, 32])
+    assert choices(8, 32768, plan=plan, side_split_ratio=0) == ([True, False], [9, 64])
+    assert choices(64, 16384, plan=plan) == ([True, False], [1, 4])
 
 
 def test_mma_splits_fill_one_wave():
