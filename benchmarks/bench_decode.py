@@ -450,6 +450,16 @@ def _graph_check(args, tuning, splits, eager, name, dtype, mode) -> dict:
     }
 
 
+def _layer_graph_us(q, k_store, v_store, table, lens, scale, plan, tuning=DEFAULT_DECODE_TUNING):
+    """CUDA-graph µs of one decode call over the layer's stores."""
+    return _bench(
+        lambda: paged_decode_attention(
+            q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan, tuning=tuning
+        ),
+        graph=True,
+    )
+
+
 def bench_fallback(
     device: torch.device, batch: int = 64, ctx: int = 16384, configs: tuple | None = None
 ) -> list[dict]:
@@ -478,13 +488,7 @@ def bench_fallback(
                 tuning=tuning,
             )  # fmt: skip
             try:
-                us = _bench(
-                    lambda: paged_decode_attention(
-                        q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan,
-                        tuning=tuning,
-                    ),
-                    graph=True,
-                )  # fmt: skip
+                us = _layer_graph_us(q, k_store, v_store, table, lens, scale, plan, tuning)
             except Exception as err:  # report and go on
                 us = float("nan")
                 print("fallback bench failed", name, mode, repr(err)[:300])
@@ -735,22 +739,14 @@ def bench_side_sweep(device, batch: int, ctx: int, configs=("int8-k-head", "bf16
         group = spec["h_q"] // spec["h_kv"]
         mma, auto = choose(plan, k_store, v_store, batch, group, table.shape[1] * page)
         side = 1 - plan.main_group
-        variants = [("auto", None, DEFAULT_DECODE_TUNING)]
-        variants += [(f"side={s}", s, DEFAULT_DECODE_TUNING) for s in (1, 2, 4, 8, 16, 32, 64)
-                     if s * 256 <= ctx]  # fmt: skip
-        for label, forced, tuning in variants:
+        forced = [s for s in (1, 2, 4, 8, 16, 32, 64) if s * 256 <= ctx]
+        for label, count in [("auto", None), *((f"side={s}", s) for s in forced)]:
             splits = list(auto)
-            if forced:
-                splits[side] = forced
+            if count:
+                splits[side] = count
             decode.split_choices = lambda *a, _s=splits, **k: (list(mma), list(_s))
             try:
-                us = _bench(
-                    lambda: paged_decode_attention(
-                        q, k_store, v_store, table, lens, softmax_scale=scale, plan=plan,
-                        tuning=tuning,
-                    ),
-                    graph=True,
-                )  # fmt: skip
+                us = _layer_graph_us(q, k_store, v_store, table, lens, scale, plan)
             finally:
                 decode.split_choices = choose
             rows.append(

@@ -715,20 +715,24 @@ def split_choices(
             and (max_len < tuning.mma_min_tokens * s or 2 * (batch * n * s + others) < plan.num_sms)
         ):
             m = False
-            s = _within(num_splits or plan.splits(batch, n, max_len), bounds, num_splits)
-        if bounds and not m and not num_splits:
-            # The Triton kernel's splits are powers of two (plan.splits): clamped to 36 at
-            # 8x32k a BF16 head took 168.6 us, at 32 144.0 (H200, RESULTS.md).
-            p2 = 1 << (s.bit_length() - 1)
-            s = p2 if p2 >= bounds[0] else s
+            s = num_splits or plan.splits(batch, n, max_len)
         mma[i] = m
-        splits[i] = int(max(1, s))
+        splits[i] = int(max(1, _within(s, bounds, num_splits, pow2=not m)))
     return mma, splits
 
 
-def _within(s: int, bounds: tuple[int, int] | None, num_splits: int | None) -> int:
-    """Split count s clamped to a side group's bounds (a caller's num_splits is kept)."""
-    return s if bounds is None or num_splits else min(max(s, bounds[0]), bounds[1])
+def _within(
+    s: int, bounds: tuple[int, int] | None, num_splits: int | None, pow2: bool = False
+) -> int:
+    """Split count s clamped to a side group's bounds (a caller's num_splits is kept); pow2:
+    then rounded down to a power of two, not below the lower bound. The Triton kernel's splits
+    are powers of two (plan.splits): clamped to 36 at 8x32k a BF16 head took 168.6 us, at 32
+    144.0 (H200, RESULTS.md)."""
+    if bounds is None or num_splits:
+        return s
+    s = min(max(s, bounds[0]), bounds[1])
+    p2 = 1 << (s.bit_length() - 1)
+    return p2 if pow2 and p2 >= bounds[0] else s
 
 
 def paged_decode_attention(
